@@ -1,0 +1,274 @@
+"""Policy-gradient objectives: GMPO (geometric mean) and GRPO (arithmetic mean), one interface.
+
+Every function here is pure: tensors in, ``(loss, metrics)`` out. No ``torch.distributed``, no config objects.
+
+Shapes
+    logprobs, old_logprobs, mask : (B, T)  per-token log-probs of the sampled response tokens; mask is 1 on
+                                           response tokens and 0 on padding (any dtype; nonzero = valid).
+    advantages                   : (B,)    one advantage per sequence (GMPO is a sequence-level method).
+
+GMPO (arXiv 2507.20673), per token t of sequence i::
+
+    delta_t  = logprobs_t - old_logprobs_t
+    delta'_t = min(delta_t, +clip_high)   if A_i > 0      (clip only from above)
+               max(delta_t, -clip_low)    if A_i < 0      (clip only from below)
+               0                          if A_i == 0     (no gradient, no overflow)
+    w_i      = exp( sum_t m_t delta'_t / sum_t m_t )      (geometric mean of the clipped token ratios)
+    loss     = sum_i ( -A_i * w_i ) / normalizer          (normalizer = B unless given)
+
+``clip_low``/``clip_high`` are in log space: 0.4 means the token ratio range [e^-0.4, e^0.4].
+
+GRPO: the PPO-clip token objective ``max(-A r_t, -A clip(r_t, 1 - clip_low, 1 + clip_high))`` with
+``r_t = exp(delta_t)``; here ``clip_low``/``clip_high`` are ratio-space epsilons (default 0.2).
+
+Both accept ``normalizer``: when a global batch is split into micro-batches and ranks, pass the *global* count
+(sequences for GMPO and ``seq_mean_token_mean``, valid tokens for ``token_mean``) so that summing the micro-batch
+gradients gives exactly the gradient of the global mean. Sequences without a single valid token contribute 0.
+
+Metrics are floats; all are computed under ``no_grad`` and moved to the host with a single synchronisation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+
+Metrics = dict[str, float]
+LossAgg = Literal["token_mean", "seq_mean_token_mean"]
+
+
+def _as_bool_mask(mask: torch.Tensor) -> torch.Tensor:
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+def _check_shapes(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor):
+    if logprobs.dim() != 2:
+        raise ValueError(f"logprobs must be (B, T), got shape {tuple(logprobs.shape)}")
+    if old_logprobs.shape != logprobs.shape or mask.shape != logprobs.shape:
+        raise ValueError(
+            f"logprobs {tuple(logprobs.shape)}, old_logprobs {tuple(old_logprobs.shape)} and mask "
+            f"{tuple(mask.shape)} must have the same (B, T) shape"
+        )
+    if advantages.shape != logprobs.shape[:1]:
+        raise ValueError(
+            f"advantages must be one value per sequence, shape ({logprobs.shape[0]},), got {tuple(advantages.shape)}"
+        )
+
+
+def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimator of KL(pi || ref) for tokens sampled from pi: exp(ref - logp) - (ref - logp) - 1 >= 0."""
+    log_ratio = (ref_logprobs - logprobs).clamp(-20.0, 20.0)
+    return torch.exp(log_ratio) - log_ratio - 1.0
+
+
+def _masked_seq_mean(x: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Per-sequence mean of x over valid tokens; 0 for sequences with no valid token."""
+    return torch.where(mask, x, 0.0).sum(-1) / lengths.clamp(min=1)
+
+
+def _regularisers(
+    per_token_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    lengths: torch.Tensor,
+    ref_logprobs: torch.Tensor | None,
+    kl_coef: float,
+    entropy: torch.Tensor | None,
+    entropy_coef: float,
+    reduce: Callable[[torch.Tensor], torch.Tensor],
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """KL-to-reference penalty and entropy bonus, reduced with the objective's own aggregation."""
+    extra = per_token_logprobs.new_zeros(())
+    stats: dict[str, torch.Tensor] = {}
+    if ref_logprobs is not None:
+        kl = k3_kl(per_token_logprobs, ref_logprobs.to(per_token_logprobs.dtype))
+        kl_term = reduce(kl)
+        if kl_coef:
+            extra = extra + kl_coef * kl_term
+        stats["kl_ref"] = kl_term.detach()
+    if entropy is not None:
+        ent_term = reduce(entropy.float())
+        if entropy_coef:
+            extra = extra - entropy_coef * ent_term
+        stats["entropy"] = ent_term.detach()
+    return extra, stats
+
+
+@torch.no_grad()
+def _ratio_metrics(delta: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Token and sequence log-ratio ranges plus approx KL(old || new) (k3, token mean)."""
+    big = torch.finfo(delta.dtype).max
+    any_valid = mask.any()
+    valid_seq = lengths > 0
+    seq_log_ratio = _masked_seq_mean(delta, mask, lengths)
+    zero = delta.new_zeros(())
+    n_tok = mask.sum().clamp(min=1)
+    approx_kl = torch.where(mask, torch.expm1(delta.clamp(max=20.0)) - delta, 0.0).sum() / n_tok
+    return {
+        "ratio/token_log_ratio_min": torch.where(any_valid, torch.where(mask, delta, big).min(), zero),
+        "ratio/token_log_ratio_max": torch.where(any_valid, torch.where(mask, delta, -big).max(), zero),
+        "ratio/seq_log_ratio_min": torch.where(any_valid, torch.where(valid_seq, seq_log_ratio, big).min(), zero),
+        "ratio/seq_log_ratio_max": torch.where(any_valid, torch.where(valid_seq, seq_log_ratio, -big).max(), zero),
+        "ratio/seq_log_ratio_mean": seq_log_ratio[valid_seq].sum() / valid_seq.sum().clamp(min=1),
+        "ratio/approx_kl": approx_kl,
+    }
+
+
+def _finish(metrics: dict[str, torch.Tensor]) -> Metrics:
+    keys = list(metrics)
+    values = torch.stack([metrics[k].detach().float().reshape(()) for k in keys]).tolist()  # one host sync
+    return dict(zip(keys, values, strict=True))
+
+
+def gmpo_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float = 0.4,
+    clip_high: float = 0.4,
+    *,
+    normalizer: float | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    entropy: torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
+) -> tuple[torch.Tensor, Metrics]:
+    """Geometric-Mean Policy Optimization loss (see module docstring for the exact formula).
+
+    Args:
+        logprobs: (B, T) log-probs of the response tokens under the policy being trained (carries grad).
+        old_logprobs: (B, T) log-probs under the policy that sampled them (no grad needed).
+        advantages: (B,) sequence advantages.
+        mask: (B, T) 1 for response tokens, 0 for padding.
+        clip_low: log-space clip for A < 0 (delta is clipped below at -clip_low).
+        clip_high: log-space clip for A > 0 (delta is clipped above at +clip_high).
+        normalizer: divide the summed sequence losses by this (the global number of sequences when the batch is
+            split across micro-batches/ranks); default: B.
+        ref_logprobs: (B, T) reference-policy log-probs; enables the k3 KL metric and, with kl_coef > 0, the
+            penalty ``kl_coef * mean_i(masked token mean of k3)``. Paper setting: no KL.
+        kl_coef: weight of the KL penalty.
+        entropy: (B, T) per-token entropy of the policy; reported, and with entropy_coef > 0 subtracted.
+        entropy_coef: weight of the entropy bonus.
+
+    Returns:
+        (loss, metrics): a scalar loss tensor and a dict of float metrics.
+    """
+    _check_shapes(logprobs, old_logprobs, advantages, mask)
+    mask = _as_bool_mask(mask)
+    logprobs32 = logprobs.float()
+    adv = advantages.detach().float()
+    lengths = mask.sum(-1)
+    n_seq = float(normalizer) if normalizer is not None else float(logprobs.shape[0])
+
+    delta = torch.where(mask, logprobs32 - old_logprobs.detach().float(), 0.0)
+    pos = (adv > 0)[:, None]
+    neg = (adv < 0)[:, None]
+    clipped = torch.where(pos, delta.clamp(max=clip_high), torch.where(neg, delta.clamp(min=-clip_low), 0.0))
+    seq_log_w = _masked_seq_mean(clipped, mask, lengths)
+    weight = torch.exp(seq_log_w)
+    per_seq = torch.where(lengths > 0, -adv * weight, 0.0)
+    loss = per_seq.sum() / n_seq
+
+    def seq_reduce(x: torch.Tensor) -> torch.Tensor:
+        return _masked_seq_mean(x, mask, lengths).sum() / n_seq
+
+    extra, reg_stats = _regularisers(
+        logprobs32, mask, lengths, ref_logprobs, kl_coef, entropy, entropy_coef, seq_reduce
+    )
+    loss = loss + extra
+
+    with torch.no_grad():
+        n_tok = mask.sum().clamp(min=1)
+        stats = {
+            "loss/policy": per_seq.sum() / n_seq,
+            "ratio/clip_frac_upper": (mask & pos & (delta > clip_high)).sum() / n_tok,
+            "ratio/clip_frac_lower": (mask & neg & (delta < -clip_low)).sum() / n_tok,
+            **_ratio_metrics(delta, mask, lengths),
+            "ratio/seq_weight_mean": weight[lengths > 0].sum() / (lengths > 0).sum().clamp(min=1),
+            "adv/zero_frac": (adv == 0).float().mean(),
+            **{f"loss/{k}" if k == "kl_ref" else f"actor/{k}": v for k, v in reg_stats.items()},
+        }
+    return loss, _finish(stats)
+
+
+def grpo_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    *,
+    loss_agg: LossAgg = "token_mean",
+    normalizer: float | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    entropy: torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
+) -> tuple[torch.Tensor, Metrics]:
+    """GRPO / PPO-clip token objective, same interface as :func:`gmpo_loss`.
+
+    ``clip_low``/``clip_high`` are ratio-space epsilons: the token ratio is clipped to
+    [1 - clip_low, 1 + clip_high] (defaults 0.2/0.2; DAPO's clip-higher uses clip_high=0.28).
+
+    ``loss_agg``:
+        ``token_mean`` (default, as verl/EasyR1/DAPO): sum over all valid tokens / number of valid tokens
+            (``normalizer`` = global valid-token count when split into micro-batches).
+        ``seq_mean_token_mean`` (the original GRPO paper): per-sequence token mean, then mean over sequences
+            (``normalizer`` = global sequence count).
+    """
+    _check_shapes(logprobs, old_logprobs, advantages, mask)
+    if loss_agg not in ("token_mean", "seq_mean_token_mean"):
+        raise ValueError(f"loss_agg must be 'token_mean' or 'seq_mean_token_mean', got {loss_agg!r}")
+    mask = _as_bool_mask(mask)
+    logprobs32 = logprobs.float()
+    adv = advantages.detach().float()[:, None]
+    lengths = mask.sum(-1)
+
+    delta = torch.where(mask, logprobs32 - old_logprobs.detach().float(), 0.0)
+    ratio = torch.exp(delta.clamp(max=20.0))
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    per_token = torch.maximum(unclipped, clipped)
+
+    if loss_agg == "token_mean":
+        denom = float(normalizer) if normalizer is not None else mask.sum().clamp(min=1)
+
+        def reduce(x: torch.Tensor) -> torch.Tensor:
+            return torch.where(mask, x, 0.0).sum() / denom
+    else:
+        n_seq = float(normalizer) if normalizer is not None else float(logprobs.shape[0])
+
+        def reduce(x: torch.Tensor) -> torch.Tensor:
+            return _masked_seq_mean(x, mask, lengths).sum() / n_seq
+
+    policy = reduce(per_token)
+    extra, reg_stats = _regularisers(logprobs32, mask, lengths, ref_logprobs, kl_coef, entropy, entropy_coef, reduce)
+    loss = policy + extra
+
+    with torch.no_grad():
+        n_tok = mask.sum().clamp(min=1)
+        pos, neg = adv > 0, adv < 0
+        stats = {
+            "loss/policy": policy.detach(),
+            "ratio/clip_frac_upper": (mask & pos & (ratio > 1.0 + clip_high)).sum() / n_tok,
+            "ratio/clip_frac_lower": (mask & neg & (ratio < 1.0 - clip_low)).sum() / n_tok,
+            **_ratio_metrics(delta, mask, lengths),
+            "adv/zero_frac": (advantages.detach() == 0).float().mean(),
+            **{f"loss/{k}" if k == "kl_ref" else f"actor/{k}": v for k, v in reg_stats.items()},
+        }
+    return loss, _finish(stats)
+
+
+PolicyLossFn = Callable[..., tuple[torch.Tensor, Metrics]]
+POLICY_LOSSES: dict[str, PolicyLossFn] = {"gmpo": gmpo_loss, "grpo": grpo_loss}
+
+
+def get_policy_loss(name: str) -> PolicyLossFn:
+    """Look up an objective by name ('gmpo' or 'grpo')."""
+    try:
+        return POLICY_LOSSES[name]
+    except KeyError:
+        raise ValueError(f"unknown objective {name!r}; choose one of {sorted(POLICY_LOSSES)}") from None

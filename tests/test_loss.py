@@ -1,0 +1,306 @@
+"""GMPO/GRPO loss: hand-computed cases, float64 references, gradients, padding and dtype behaviour."""
+
+import math
+
+import pytest
+import torch
+
+from mm_gmpo.loss import get_policy_loss, gmpo_loss, grpo_loss, k3_kl
+
+
+def ref_gmpo(logp, old, adv, mask, c_low=0.4, c_high=0.4):
+    """Direct loop implementation of the GMPO formula in float64 (from the paper / design doc)."""
+    total = 0.0
+    for i in range(logp.shape[0]):
+        num, den = 0.0, 0.0
+        for t in range(logp.shape[1]):
+            if mask[i, t]:
+                d = logp[i, t] - old[i, t]
+                if adv[i] > 0:
+                    d = torch.minimum(d, torch.tensor(c_high, dtype=d.dtype))
+                elif adv[i] < 0:
+                    d = torch.maximum(d, torch.tensor(-c_low, dtype=d.dtype))
+                else:
+                    d = d * 0
+                num = num + d
+                den += 1
+        if den == 0:
+            continue
+        total = total + (-adv[i] * torch.exp(num / den))
+    return total / logp.shape[0]
+
+
+def ref_grpo(logp, old, adv, mask, eps_low=0.2, eps_high=0.2, agg="token_mean"):
+    per_seq, all_tok = [], []
+    for i in range(logp.shape[0]):
+        toks = []
+        for t in range(logp.shape[1]):
+            if mask[i, t]:
+                r = torch.exp(logp[i, t] - old[i, t])
+                toks.append(torch.maximum(-adv[i] * r, -adv[i] * torch.clamp(r, 1 - eps_low, 1 + eps_high)))
+        all_tok += toks
+        per_seq.append(sum(toks) / max(len(toks), 1) if toks else torch.zeros((), dtype=logp.dtype))
+    if agg == "token_mean":
+        return sum(all_tok) / len(all_tok)
+    return sum(per_seq) / len(per_seq)
+
+
+def random_batch(B=6, T=9, seed=0, dtype=torch.float64, scale=0.5):
+    g = torch.Generator().manual_seed(seed)
+    old = -torch.rand(B, T, generator=g, dtype=dtype) * 3
+    logp = (old + torch.randn(B, T, generator=g, dtype=dtype) * scale).requires_grad_(True)
+    adv = torch.randn(B, generator=g, dtype=dtype)
+    adv[0] = 0.0
+    lengths = torch.randint(1, T + 1, (B,), generator=g)
+    mask = (torch.arange(T)[None, :] < lengths[:, None]).to(dtype)
+    return logp, old, adv, mask
+
+
+# ---------------------------------------------------------------- hand-computed GMPO cases
+
+
+def test_gmpo_positive_advantage_unclipped():
+    logp = torch.tensor([[0.1, -0.2]], requires_grad=True)
+    old = torch.zeros(1, 2)
+    loss, m = gmpo_loss(logp, old, torch.tensor([2.0]), torch.ones(1, 2))
+    # w = exp((0.1 - 0.2)/2) ; loss = -2 w
+    assert loss.item() == pytest.approx(-2 * math.exp(-0.05), rel=1e-6)
+    assert m["ratio/clip_frac_upper"] == 0 and m["ratio/clip_frac_lower"] == 0
+
+
+def test_gmpo_positive_advantage_clipped_above_only():
+    logp = torch.tensor([[1.0, -1.0]], requires_grad=True)
+    loss, m = gmpo_loss(logp, torch.zeros(1, 2), torch.tensor([1.0]), torch.ones(1, 2))
+    # A>0: min(1.0, 0.4) = 0.4 ; -1.0 is NOT clipped from below -> mean = -0.3
+    assert loss.item() == pytest.approx(-math.exp(-0.3), rel=1e-6)
+    assert m["ratio/clip_frac_upper"] == pytest.approx(0.5)
+    assert m["ratio/clip_frac_lower"] == 0.0
+    loss.backward()
+    assert logp.grad[0, 0].item() == 0.0  # clipped token: zero gradient
+    assert logp.grad[0, 1].item() == pytest.approx(-math.exp(-0.3) * 0.5, rel=1e-6)
+
+
+def test_gmpo_negative_advantage_clipped_below_only():
+    logp = torch.tensor([[1.0, -1.0]], requires_grad=True)
+    loss, m = gmpo_loss(logp, torch.zeros(1, 2), torch.tensor([-1.0]), torch.ones(1, 2))
+    # A<0: max(1.0, -0.4) = 1.0 (NOT clipped from above), max(-1.0, -0.4) = -0.4 -> mean 0.3
+    assert loss.item() == pytest.approx(math.exp(0.3), rel=1e-6)
+    assert m["ratio/clip_frac_lower"] == pytest.approx(0.5)
+    assert m["ratio/clip_frac_upper"] == 0.0
+    loss.backward()
+    assert logp.grad[0, 1].item() == 0.0
+    assert logp.grad[0, 0].item() == pytest.approx(math.exp(0.3) * 0.5, rel=1e-6)
+
+
+def test_gmpo_asymmetric_clip_values():
+    logp = torch.tensor([[1.0], [-1.0]])
+    loss, _ = gmpo_loss(logp, torch.zeros(2, 1), torch.tensor([1.0, -1.0]), torch.ones(2, 1), clip_low=0.1, clip_high=0.3)
+    assert loss.item() == pytest.approx((-math.exp(0.3) + math.exp(-0.1)) / 2, rel=1e-6)
+
+
+def test_gmpo_zero_advantage_contributes_nothing():
+    logp = torch.tensor([[500.0, 300.0]], requires_grad=True)  # exp(400) overflows fp32 unless A=0 zeroes delta
+    loss, m = gmpo_loss(logp, torch.zeros(1, 2), torch.tensor([0.0]), torch.ones(1, 2))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.all(logp.grad == 0)
+    assert m["adv/zero_frac"] == 1.0
+
+
+def test_gmpo_geometric_not_arithmetic_mean():
+    logp = torch.tensor([[0.3, -0.3]])
+    loss, _ = gmpo_loss(logp, torch.zeros(1, 2), torch.tensor([1.0]), torch.ones(1, 2))
+    assert loss.item() == pytest.approx(-1.0, abs=1e-7)  # exp(mean(0.3, -0.3)) = 1, arithmetic would be cosh(0.3)
+    loss_g, _ = grpo_loss(logp, torch.zeros(1, 2), torch.tensor([1.0]), torch.ones(1, 2), clip_low=10, clip_high=10)
+    assert loss_g.item() == pytest.approx(-math.cosh(0.3), rel=1e-6)
+
+
+def test_gmpo_padding_ignored_even_if_garbage():
+    logp = torch.tensor([[0.1, float("nan"), float("-inf")]], requires_grad=True)
+    old = torch.tensor([[0.0, 5.0, float("-inf")]])
+    loss, m = gmpo_loss(logp, old, torch.tensor([1.0]), torch.tensor([[1, 0, 0]]))
+    assert loss.item() == pytest.approx(-math.exp(0.1), rel=1e-6)
+    loss.backward()
+    assert torch.isfinite(logp.grad).all()
+    assert all(math.isfinite(v) for v in m.values())
+
+
+def test_gmpo_empty_sequence_no_nan():
+    logp = torch.zeros(2, 3, requires_grad=True)
+    mask = torch.tensor([[0, 0, 0], [1, 1, 0]])
+    loss, m = gmpo_loss(logp, torch.zeros(2, 3), torch.tensor([1.0, 1.0]), mask)
+    assert loss.item() == pytest.approx(-0.5)  # only the second sequence counts, divided by B = 2
+    loss.backward()
+    assert torch.isfinite(logp.grad).all()
+    assert all(math.isfinite(v) for v in m.values())
+    loss_all_empty, m2 = gmpo_loss(logp, torch.zeros(2, 3), torch.tensor([1.0, 1.0]), torch.zeros(2, 3))
+    assert loss_all_empty.item() == 0.0 and all(math.isfinite(v) for v in m2.values())
+
+
+def test_gmpo_metrics_values():
+    logp = torch.tensor([[0.5, -0.2, 9.0], [-0.7, 0.1, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    _, m = gmpo_loss(logp, torch.zeros(2, 3), torch.tensor([1.0, -1.0]), mask)
+    assert m["ratio/token_log_ratio_max"] == pytest.approx(0.5)  # the 9.0 is padding
+    assert m["ratio/token_log_ratio_min"] == pytest.approx(-0.7)
+    assert m["ratio/seq_log_ratio_max"] == pytest.approx(0.15)
+    assert m["ratio/seq_log_ratio_min"] == pytest.approx(-0.2)
+    assert m["ratio/seq_log_ratio_mean"] == pytest.approx((0.15 - 0.2) / 2)
+    assert m["ratio/clip_frac_upper"] == pytest.approx(1 / 5)  # 0.5 > 0.4 with A > 0
+    assert m["ratio/clip_frac_lower"] == pytest.approx(1 / 5)  # -0.7 < -0.4 with A < 0
+    deltas = torch.tensor([0.5, -0.2, -0.7, 0.1, 0.0], dtype=torch.float64)
+    assert m["ratio/approx_kl"] == pytest.approx((torch.exp(deltas) - 1 - deltas).mean().item(), rel=1e-5)
+
+
+# ---------------------------------------------------------------- float64 references and gradients
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("clips", [(0.4, 0.4), (0.2, 0.3)])
+def test_gmpo_matches_float64_reference_value_and_grad(seed, clips):
+    logp, old, adv, mask = random_batch(seed=seed)
+    loss, _ = gmpo_loss(logp, old, adv, mask, clip_low=clips[0], clip_high=clips[1])
+    (grad,) = torch.autograd.grad(loss, logp)
+    ref = ref_gmpo(logp, old, adv, mask, *clips)
+    (ref_grad,) = torch.autograd.grad(ref, logp)
+    # the implementation computes in fp32, the reference in fp64
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("agg", ["token_mean", "seq_mean_token_mean"])
+def test_grpo_matches_float64_reference_value_and_grad(seed, agg):
+    logp, old, adv, mask = random_batch(seed=seed)
+    loss, _ = grpo_loss(logp, old, adv, mask, clip_low=0.2, clip_high=0.28, loss_agg=agg)
+    (grad,) = torch.autograd.grad(loss, logp)
+    ref = ref_grpo(logp, old, adv, mask, 0.2, 0.28, agg)
+    (ref_grad,) = torch.autograd.grad(ref, logp)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_wrong_clip_side_would_be_detected():
+    """Sanity of the reference itself: symmetric clipping gives a different answer on a tailored batch."""
+    logp = torch.tensor([[1.0, -1.0], [1.0, -1.0]], dtype=torch.float64)
+    old = torch.zeros(2, 2, dtype=torch.float64)
+    adv = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    mask = torch.ones(2, 2)
+    ours, _ = gmpo_loss(logp, old, adv, mask)
+    symmetric = (-torch.exp(torch.tensor(0.0)) + torch.exp(torch.tensor(0.0))) / 2  # both sides clipped
+    assert abs(ours.item() - symmetric.item()) > 0.1
+    assert ours.item() == pytest.approx(ref_gmpo(logp, old, adv, mask).item(), rel=1e-6)
+
+
+def test_gmpo_padding_length_invariance():
+    logp, old, adv, mask = random_batch(seed=3, T=7)
+    loss, m = gmpo_loss(logp, old, adv, mask)
+    pad = 11
+    logp_p = torch.cat([logp.detach(), torch.randn(logp.shape[0], pad, dtype=logp.dtype)], 1).requires_grad_(True)
+    old_p = torch.cat([old, torch.randn(old.shape[0], pad, dtype=old.dtype)], 1)
+    mask_p = torch.cat([mask, torch.zeros(mask.shape[0], pad)], 1)
+    loss_p, m_p = gmpo_loss(logp_p, old_p, adv, mask_p)
+    assert loss_p.item() == pytest.approx(loss.item(), rel=1e-6)
+    assert m_p == pytest.approx(m, rel=1e-6)
+    (g,) = torch.autograd.grad(loss, logp)
+    (g_p,) = torch.autograd.grad(loss_p, logp_p)
+    torch.testing.assert_close(g_p[:, :7], g)
+    assert torch.all(g_p[:, 7:] == 0)
+
+
+def test_grpo_padding_length_invariance():
+    logp, old, adv, mask = random_batch(seed=4, T=5)
+    for agg in ("token_mean", "seq_mean_token_mean"):
+        loss, _ = grpo_loss(logp, old, adv, mask, loss_agg=agg)
+        logp_p = torch.cat([logp, torch.full((logp.shape[0], 4), 7.0, dtype=logp.dtype)], 1)
+        old_p = torch.cat([old, torch.zeros(old.shape[0], 4, dtype=old.dtype)], 1)
+        mask_p = torch.cat([mask, torch.zeros(mask.shape[0], 4)], 1)
+        loss_p, _ = grpo_loss(logp_p, old_p, adv, mask_p, loss_agg=agg)
+        assert loss_p.item() == pytest.approx(loss.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("fn", [gmpo_loss, grpo_loss])
+def test_bf16_inputs_match_fp32_within_bf16_tolerance(fn):
+    logp, old, adv, mask = random_batch(B=16, T=32, seed=7, dtype=torch.float32, scale=0.3)
+    loss32, _ = fn(logp, old, adv, mask)
+    loss16, m16 = fn(logp.detach().bfloat16(), old.bfloat16(), adv.bfloat16(), mask)
+    # bf16 has 8 mantissa bits: inputs are rounded to ~0.4% relative; the loss is an average of O(1) terms
+    scale = adv.abs().mean().item()
+    assert abs(loss16.item() - loss32.item()) < 2e-2 * scale
+    assert loss16.dtype == torch.float32 and all(math.isfinite(v) for v in m16.values())
+
+
+def test_micro_batch_normalizer_sums_to_full_batch():
+    logp, old, adv, mask = random_batch(B=8, T=6, seed=5)
+    full, _ = gmpo_loss(logp, old, adv, mask)
+    (g_full,) = torch.autograd.grad(full, logp)
+    parts = [gmpo_loss(logp[s], old[s], adv[s], mask[s], normalizer=8)[0] for s in (slice(0, 3), slice(3, 8))]
+    total = parts[0] + parts[1]
+    (g_parts,) = torch.autograd.grad(total, logp)
+    assert total.item() == pytest.approx(full.item(), rel=1e-6)
+    torch.testing.assert_close(g_parts, g_full)
+
+    n_tok = float(mask.sum())
+    full_g, _ = grpo_loss(logp, old, adv, mask)
+    parts_g = sum(grpo_loss(logp[s], old[s], adv[s], mask[s], normalizer=n_tok)[0] for s in (slice(0, 5), slice(5, 8)))
+    assert parts_g.item() == pytest.approx(full_g.item(), rel=1e-6)
+
+
+# ---------------------------------------------------------------- GRPO specifics
+
+
+def test_grpo_clip_sides():
+    logp = torch.tensor([[math.log(1.5), math.log(0.5)]], requires_grad=True)
+    old = torch.zeros(1, 2)
+    loss, m = grpo_loss(logp, old, torch.tensor([1.0]), torch.ones(1, 2))
+    # A>0: token 0 ratio 1.5 -> clipped to 1.2 (zero grad); token 1 ratio 0.5 -> min objective keeps 0.5
+    assert loss.item() == pytest.approx(-(1.2 + 0.5) / 2, rel=1e-6)
+    assert m["ratio/clip_frac_upper"] == pytest.approx(0.5) and m["ratio/clip_frac_lower"] == 0
+    loss.backward()
+    assert logp.grad[0, 0].item() == 0.0
+    assert logp.grad[0, 1].item() == pytest.approx(-0.5 / 2, rel=1e-6)
+
+    logp2 = torch.tensor([[math.log(1.5), math.log(0.5)]], requires_grad=True)
+    loss2, m2 = grpo_loss(logp2, old, torch.tensor([-1.0]), torch.ones(1, 2))
+    assert loss2.item() == pytest.approx((1.5 + 0.8) / 2, rel=1e-6)
+    assert m2["ratio/clip_frac_lower"] == pytest.approx(0.5) and m2["ratio/clip_frac_upper"] == 0
+
+
+def test_grpo_bad_agg():
+    logp, old, adv, mask = random_batch()
+    with pytest.raises(ValueError, match="loss_agg"):
+        grpo_loss(logp, old, adv, mask, loss_agg="sum")
+
+
+# ---------------------------------------------------------------- KL, entropy, interface
+
+
+def test_k3_kl_nonnegative_and_zero_at_equal():
+    a = torch.randn(100, dtype=torch.float64)
+    b = torch.randn(100, dtype=torch.float64)
+    assert torch.all(k3_kl(a, b) >= 0)
+    assert torch.all(k3_kl(a, a) == 0)
+
+
+@pytest.mark.parametrize("name", ["gmpo", "grpo"])
+def test_kl_and_entropy_terms_off_by_default_and_add_when_on(name):
+    fn = get_policy_loss(name)
+    logp, old, adv, mask = random_batch(seed=2)
+    ref = old + 0.3
+    ent = torch.rand_like(old)
+    base, _ = fn(logp, old, adv, mask)
+    same, m = fn(logp, old, adv, mask, ref_logprobs=ref, entropy=ent)
+    assert same.item() == pytest.approx(base.item())  # coefficients default to 0
+    assert m["loss/kl_ref"] > 0 and m["actor/entropy"] > 0
+    with_terms, _ = fn(logp, old, adv, mask, ref_logprobs=ref, kl_coef=0.1, entropy=ent, entropy_coef=0.01)
+    expected = base.item() + 0.1 * m["loss/kl_ref"] - 0.01 * m["actor/entropy"]
+    assert with_terms.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_shape_errors_are_clear():
+    with pytest.raises(ValueError, match="advantages must be one value per sequence"):
+        gmpo_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, 3))
+    with pytest.raises(ValueError, match="same"):
+        grpo_loss(torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(2), torch.ones(2, 3))
+    with pytest.raises(ValueError, match="unknown objective"):
+        get_policy_loss("ppo2")
