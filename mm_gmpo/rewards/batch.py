@@ -1,0 +1,169 @@
+"""``score_batch``: many responses at once, in worker processes with a hard per-item time limit.
+
+Each item already runs under a SIGALRM deadline inside :func:`score`. Some work cannot be interrupted by a signal
+(a C-level big-integer power inside sympy, say), so with ``workers > 0`` items run in separate processes and a
+worker that makes no progress for ``timeout_s + grace_s`` is killed and replaced; its item scores 0 and the rest
+of its chunk is re-queued. Workers are started once (``forkserver``: safe after CUDA and threads) and reused.
+"""
+
+from __future__ import annotations
+
+import atexit
+import multiprocessing as mp
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+from mm_gmpo.rewards.score import DEFAULT_DEADLINE_S, RewardScore, score
+
+ZERO = RewardScore(overall=0.0, accuracy=0.0, format=0.0)
+
+
+def _worker_main(conn: Connection) -> None:
+    while True:
+        try:
+            chunk = conn.recv()
+        except (EOFError, OSError):
+            return
+        for idx, kwargs in chunk:
+            conn.send((idx, score(**kwargs)))
+
+
+@dataclass
+class _Worker:
+    process: Any
+    conn: Connection
+    pending: deque = field(default_factory=deque)  # item indices sent and not yet answered
+    last_progress: float = 0.0
+
+
+class RewardPool:
+    """A fixed set of scoring processes. Use :func:`score_batch`; this is its engine."""
+
+    def __init__(self, workers: int) -> None:
+        self._ctx = mp.get_context("forkserver")
+        self.workers = [self._spawn() for _ in range(workers)]
+
+    def _spawn(self) -> _Worker:
+        parent, child = self._ctx.Pipe()
+        proc = self._ctx.Process(target=_worker_main, args=(child,), daemon=True)
+        proc.start()
+        child.close()
+        return _Worker(proc, parent)
+
+    def _replace(self, w: _Worker) -> None:
+        w.process.kill()
+        w.process.join(timeout=5)
+        w.conn.close()
+        self.workers[self.workers.index(w)] = self._spawn()
+
+    def map(self, items: list[dict], hard_timeout_s: float, chunk: int = 16) -> tuple[list[RewardScore], int]:
+        results: list[RewardScore | None] = [None] * len(items)
+        todo = deque(range(len(items)))
+        killed = 0
+        while todo or any(w.pending for w in self.workers):
+            for w in self.workers:
+                if not w.pending and todo:
+                    take = [todo.popleft() for _ in range(min(chunk, len(todo)))]
+                    w.pending.extend(take)
+                    w.last_progress = time.monotonic()
+                    w.conn.send([(i, items[i]) for i in take])
+            busy = [w for w in self.workers if w.pending]
+            ready = wait([w.conn for w in busy], timeout=0.05)
+            for w in busy:
+                if w.conn in ready:
+                    try:
+                        while w.conn.poll():
+                            idx, res = w.conn.recv()
+                            results[idx] = res
+                            w.pending.remove(idx)
+                            w.last_progress = time.monotonic()
+                    except (EOFError, OSError):  # worker died (e.g. out of memory): its item scores 0
+                        results[w.pending.popleft()] = ZERO
+                        todo.extendleft(reversed(w.pending))
+                        w.pending.clear()
+                        self._replace(w)
+                        killed += 1
+                elif time.monotonic() - w.last_progress > hard_timeout_s:
+                    results[w.pending.popleft()] = ZERO
+                    todo.extendleft(reversed(w.pending))
+                    w.pending.clear()
+                    self._replace(w)
+                    killed += 1
+        return [r if r is not None else ZERO for r in results], killed
+
+    def close(self) -> None:
+        for w in self.workers:
+            w.conn.close()
+            w.process.kill()
+        self.workers = []
+
+
+_POOL: RewardPool | None = None
+
+
+def _pool(workers: int) -> RewardPool:
+    global _POOL
+    if _POOL is None or len(_POOL.workers) != workers:
+        if _POOL is not None:
+            _POOL.close()
+        _POOL = RewardPool(workers)
+        atexit.register(_POOL.close)
+    return _POOL
+
+
+def score_batch(
+    responses: list[str],
+    ground_truths: list[str],
+    *,
+    task: str | list[str],
+    choices: list[list[str] | None] | None = None,
+    choice_values: list[list[float] | None] | None = None,
+    format_weight: float = 0.1,
+    format_pattern: str | None = None,
+    timeout_s: float | None = DEFAULT_DEADLINE_S,
+    workers: int | None = None,
+    grace_s: float = 1.0,
+) -> tuple[list[RewardScore], dict[str, float]]:
+    """Score many responses; same semantics as :func:`score`, item i uses ``ground_truths[i]``, ``choices[i]``.
+
+    Args:
+        task: one task for all items, or one per item.
+        workers: scoring processes; 0 scores in this process (SIGALRM deadline only); default min(2, cpus).
+        grace_s: extra time past ``timeout_s`` before a stuck worker is killed.
+
+    Returns:
+        (scores, metrics) with mean overall/accuracy/format, the number of items killed for time, and seconds.
+    """
+    n = len(responses)
+    if len(ground_truths) != n:
+        raise ValueError(f"{n} responses but {len(ground_truths)} ground truths")
+    tasks = [task] * n if isinstance(task, str) else list(task)
+    choices = choices if choices is not None else [None] * n
+    choice_values = choice_values if choice_values is not None else [None] * n
+    if not (len(tasks) == len(choices) == len(choice_values) == n):
+        raise ValueError("task, choices and choice_values must have one entry per response")
+    items = [
+        dict(response=r, ground_truth=g, task=t, choices=c, choice_values=v, format_weight=format_weight,
+             format_pattern=format_pattern, timeout_s=timeout_s)
+        for r, g, t, c, v in zip(responses, ground_truths, tasks, choices, choice_values, strict=True)
+    ]
+    workers = min(2, os.cpu_count() or 1) if workers is None else workers
+    t0 = time.perf_counter()
+    if workers <= 0 or n == 0:
+        scores, killed = [score(**it) for it in items], 0
+    else:
+        scores, killed = _pool(workers).map(items, hard_timeout_s=(timeout_s or 0.0) + grace_s)
+    elapsed = time.perf_counter() - t0
+    denom = max(n, 1)
+    metrics = {
+        "reward/overall": sum(s["overall"] for s in scores) / denom,
+        "reward/accuracy": sum(s["accuracy"] for s in scores) / denom,
+        "reward/format": sum(s["format"] for s in scores) / denom,
+        "reward/killed_for_time": float(killed),
+        "timing/reward_s": elapsed,
+    }
+    return scores, metrics

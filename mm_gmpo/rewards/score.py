@@ -1,0 +1,142 @@
+"""The reward contract: ``score(response, ground_truth, task=..., choices=...) -> RewardScore``.
+
+``overall = (1 - format_weight) * accuracy + format_weight * format``; every value in [0, 1]; never raises.
+Malformed, truncated, empty or adversarial responses score 0 accuracy.
+
+Tasks
+    ``math``        MATH / GSM8K / AIME: ground truth is a plain answer or a solution containing ``\\boxed{}``.
+    ``geometry3k``  ground truth is the answer text (HF ``hiyouga/geometry3k``) or a choice letter plus ``choices``
+                    (Inter-GPS layout; ``choice_values`` = its ``precise_value``). A response is correct when it
+                    names the right letter, the right choice text, or a number within 1% (relative) of the right
+                    choice's value that is closer to it than to any other choice. Naming a wrong choice scores 0.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TypedDict
+
+from mm_gmpo.rewards.extract import (
+    LETTERS,
+    extract_answer,
+    extract_boxed,
+    extract_choice_letter,
+    has_think_then_boxed,
+    letter_of,
+)
+from mm_gmpo.rewards.math_equiv import DeadlineExceeded, deadline, math_equal, numeric_value
+
+TASKS = ("math", "geometry3k")
+DEFAULT_DEADLINE_S = 1.5
+GEO_REL_TOL = 0.01
+
+
+class RewardScore(TypedDict):
+    overall: float
+    accuracy: float
+    format: float
+
+
+def _gold_from_solution(ground_truth: str) -> str:
+    boxed = extract_boxed(ground_truth) if "\\boxed" in ground_truth or "\\fbox" in ground_truth else None
+    if boxed is not None:
+        return boxed
+    gt = ground_truth.strip()
+    if "####" in gt:  # raw GSM8K solution
+        gt = gt.rsplit("####", 1)[1].strip()
+    return gt
+
+
+def _format_ok(response: str, format_pattern: str | None) -> bool:
+    if format_pattern is None:
+        return has_think_then_boxed(response)
+    return re.fullmatch(format_pattern, response.strip(), re.DOTALL) is not None
+
+
+def _math_accuracy(response: str, ground_truth: str) -> bool:
+    pred = extract_answer(response)
+    return pred is not None and math_equal(pred, _gold_from_solution(ground_truth))
+
+
+def _geometry_accuracy(
+    response: str, ground_truth: str, choices: list[str] | None, choice_values: list[float | str] | None
+) -> bool:
+    if not choices:
+        return _math_accuracy(response, ground_truth)
+    n = len(choices)
+    gt = ground_truth.strip()
+    if len(gt) == 1 and gt in LETTERS[:n]:
+        gold_idx = LETTERS.index(gt)
+    else:
+        matches = [i for i, c in enumerate(choices) if math_equal(gt, c)]
+        if not matches:  # the ground truth is not one of the choices: grade as free-form
+            return _math_accuracy(response, gt)
+        gold_idx = matches[0]
+
+    pred = extract_answer(response)
+    if pred is None:  # free-text letter only: "the answer is (B)" / bare final letter
+        letter = extract_choice_letter(response, n)
+        return letter is not None and LETTERS.index(letter) == gold_idx
+    letter = letter_of(pred, n)
+    if letter is not None:
+        return LETTERS.index(letter) == gold_idx
+    named = [i for i, c in enumerate(choices) if math_equal(pred, c)]
+    if named:
+        return named == [gold_idx]
+    value = numeric_value(pred)
+    if value is None:
+        return False
+    if choice_values and len(choice_values) == n:  # Inter-GPS precise_value: numbers, or text for text choices
+        values = [float(v) if isinstance(v, int | float) else numeric_value(str(v)) for v in choice_values]
+    else:
+        values = [numeric_value(c) for c in choices]
+    if values[gold_idx] is None:
+        return False
+    dist = [abs(value - v) if v is not None else float("inf") for v in values]
+    nearest = min(range(n), key=dist.__getitem__)
+    gold_val = values[gold_idx]
+    return nearest == gold_idx and dist[gold_idx] <= GEO_REL_TOL * abs(gold_val) and dist.count(dist[gold_idx]) == 1
+
+
+def score(
+    response: str,
+    ground_truth: str,
+    *,
+    task: str,
+    choices: list[str] | None = None,
+    choice_values: list[float | str] | None = None,
+    format_weight: float = 0.1,
+    format_pattern: str | None = None,
+    timeout_s: float | None = DEFAULT_DEADLINE_S,
+) -> RewardScore:
+    """Score one response. Never raises; anything that goes wrong (or takes longer than timeout_s) scores 0.
+
+    Args:
+        response: the model's full response text.
+        ground_truth: answer text, solution with ``\\boxed{}``, or (geometry3k) a choice letter.
+        task: 'math' or 'geometry3k'.
+        choices: multiple-choice texts in letter order (geometry3k).
+        choice_values: numeric values of the choices (Inter-GPS ``precise_value``); computed if absent.
+        format_weight: w in ``overall = (1 - w) * accuracy + w * format`` (EasyR1: 0.1; paper text setting: 0).
+        format_pattern: a regex the whole (stripped) response must fullmatch (DOTALL); default:
+            ``<think>...</think>`` then a final ``\\boxed{}``, checked in linear time.
+        timeout_s: per-item deadline for math-verify work (main thread only).
+    """
+    if task not in TASKS:
+        raise ValueError(f"unknown reward task {task!r}; choose one of {TASKS}")  # a caller bug, not model output
+    if not isinstance(response, str) or not isinstance(ground_truth, str):
+        return RewardScore(overall=0.0, accuracy=0.0, format=0.0)
+    accuracy = fmt = 0.0
+    try:
+        with deadline(timeout_s):
+            if format_weight:
+                fmt = float(_format_ok(response, format_pattern))
+            if task == "math":
+                ok = _math_accuracy(response, ground_truth)
+            else:
+                ok = _geometry_accuracy(response, ground_truth, choices, choice_values)
+            accuracy = float(ok)
+    except (DeadlineExceeded, Exception, RecursionError):
+        accuracy = 0.0
+    overall = (1.0 - format_weight) * accuracy + format_weight * fmt
+    return RewardScore(overall=overall, accuracy=accuracy, format=fmt)
