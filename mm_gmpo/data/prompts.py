@@ -1,0 +1,94 @@
+"""The typed prompt every loader produces and every consumer (trainer, evaluator) reads."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from PIL import Image
+
+TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "templates"
+OnBadSample = Literal["error", "skip"]
+
+
+class DataError(ValueError):
+    """Bad input data: the message names the file (or dataset row) and the field, and what to do."""
+
+
+@dataclass
+class Prompt:
+    """One problem, ready to render for a VLM or text LM.
+
+    messages: chat messages; image positions are ``{"type": "image"}`` items in user content, in the order of
+        ``images``. ``ground_truth``/``choices``/``choice_values`` go to the reward unchanged; ``choices`` is None
+        when the prompt does not show them. ``metadata`` carries e.g. problem types for per-type eval tables.
+    """
+
+    id: str
+    task: str
+    messages: list[dict[str, Any]]
+    images: list[Image.Image]
+    ground_truth: str
+    choices: list[str] | None = None
+    choice_values: list[float | str] | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_images(self) -> int:
+        return len(self.images)
+
+
+@dataclass
+class SkipReport:
+    """What a loader dropped in ``on_bad_sample='skip'`` mode, with a reason per item."""
+
+    skipped: list[str] = field(default_factory=list)
+
+    def add(self, where: str, why: str) -> None:
+        self.skipped.append(f"{where}: {why}")
+
+    def warn(self, source: str) -> None:
+        if self.skipped:
+            head = "; ".join(self.skipped[:3])
+            warnings.warn(f"{source}: skipped {len(self.skipped)} bad sample(s) ({head}{' ...' if len(self.skipped) > 3 else ''})",
+                          stacklevel=3)
+
+
+@functools.lru_cache(maxsize=16)
+def _template(name: str):
+    import jinja2
+
+    path = TEMPLATE_DIR / f"{name}.jinja"
+    if not path.exists():
+        options = sorted(p.stem for p in TEMPLATE_DIR.glob("*.jinja"))
+        raise DataError(f"prompt template {name!r} not found in {TEMPLATE_DIR}; choose one of {options}")
+    env = jinja2.Environment(keep_trailing_newline=False, undefined=jinja2.StrictUndefined, autoescape=False)
+    return env.from_string(path.read_text())
+
+
+def render_question(template: str, problem: str, choices: list[str] | None = None) -> str:
+    """Render the user text of a prompt with a template from ``mm_gmpo/templates/`` (e.g. 'think_boxed')."""
+    letters = "ABCDEFGH"
+    lettered = [f"{letters[i]}. {c}" for i, c in enumerate(choices)] if choices else None
+    return _template(template).render(content=problem.strip(), choices=lettered).strip()
+
+
+def system_prompt(template: str) -> str | None:
+    """An optional system prompt that goes with a template (file ``<template>.system.txt``)."""
+    path = TEMPLATE_DIR / f"{template}.system.txt"
+    return path.read_text().strip() if path.exists() else None
+
+
+def build_messages(text: str, n_images: int, template: str) -> list[dict[str, Any]]:
+    """Chat messages: optional system prompt, then one user turn with the images first and the text after."""
+    content: list[dict[str, Any]] = [{"type": "image"} for _ in range(n_images)]
+    content.append({"type": "text", "text": text})
+    messages: list[dict[str, Any]] = []
+    sys = system_prompt(template)
+    if sys:
+        messages.append({"role": "system", "content": sys})
+    messages.append({"role": "user", "content": content if n_images else text})
+    return messages
