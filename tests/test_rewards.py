@@ -118,6 +118,11 @@ GEO_CHOICE_CASES = [
     (2552, "\\boxed{AD and BE}", 1),
     (2552, "\\boxed{C}", 1),
     (2552, "\\boxed{B}", 0),
+    (2748, "\\boxed{\\angle 3 \\cong \\angle Z}", 1),  # relation choices: exact text beats loose math equality
+    (2748, "\\boxed{\\angle 1 \\cong \\angle 3}", 0),
+    (2833, "\\boxed{18}", 1),  # choices 9 12 18 18 (C and D identical), answer C
+    (2833, "\\boxed{D}", 1),
+    (2833, "\\boxed{12}", 0),
 ]
 
 ADVERSARIAL = [

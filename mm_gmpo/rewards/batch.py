@@ -17,12 +17,15 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
+from mm_gmpo.rewards.math_equiv import warm_up
 from mm_gmpo.rewards.score import DEFAULT_DEADLINE_S, RewardScore, score
 
 ZERO = RewardScore(overall=0.0, accuracy=0.0, format=0.0)
 
 
 def _worker_main(conn: Connection) -> None:
+    warm_up()
+    conn.send("ready")
     while True:
         try:
             chunk = conn.recv()
@@ -45,14 +48,27 @@ class RewardPool:
 
     def __init__(self, workers: int) -> None:
         self._ctx = mp.get_context("forkserver")
-        self.workers = [self._spawn() for _ in range(workers)]
+        self.workers = [self._start() for _ in range(workers)]
+        for w in self.workers:
+            self._await_ready(w)
 
-    def _spawn(self) -> _Worker:
+    def _start(self) -> _Worker:
         parent, child = self._ctx.Pipe()
         proc = self._ctx.Process(target=_worker_main, args=(child,), daemon=True)
         proc.start()
         child.close()
         return _Worker(proc, parent)
+
+    @staticmethod
+    def _await_ready(w: _Worker, timeout_s: float = 120.0) -> None:
+        """Workers import sympy/math-verify before taking work, so no item's clock pays for it."""
+        if not w.conn.poll(timeout_s) or w.conn.recv() != "ready":
+            raise RuntimeError(f"reward worker did not start within {timeout_s:.0f} s")
+
+    def _spawn(self) -> _Worker:
+        w = self._start()
+        self._await_ready(w)
+        return w
 
     def _replace(self, w: _Worker) -> None:
         w.process.kill()

@@ -78,6 +78,14 @@ def _parse(text: str):
     return parse(wrapped, parsing_timeout=None)
 
 
+@functools.cache
+def warm_up() -> None:
+    """Import math-verify and run one parse/verify, once per process, outside any item's deadline."""
+    from math_verify import verify
+
+    verify(_parse("\\frac{1}{2}"), _parse("0.5"), timeout_seconds=None)
+
+
 def math_equal(pred: str, gold: str) -> bool:
     """True when ``pred`` and ``gold`` are the same mathematical answer. Call inside :func:`deadline`."""
     if not pred or len(pred) > MAX_ANSWER_CHARS:

@@ -24,7 +24,7 @@ from mm_gmpo.rewards.extract import (
     has_think_then_boxed,
     letter_of,
 )
-from mm_gmpo.rewards.math_equiv import DeadlineExceeded, deadline, math_equal, numeric_value
+from mm_gmpo.rewards.math_equiv import DeadlineExceeded, deadline, math_equal, normalize, numeric_value, warm_up
 
 TASKS = ("math", "geometry3k")
 DEFAULT_DEADLINE_S = 1.5
@@ -73,16 +73,24 @@ def _geometry_accuracy(
             return _math_accuracy(response, gt)
         gold_idx = matches[0]
 
+    # choices textually identical to the gold one (Inter-GPS has a few duplicated choices) count as gold
+    gold_norm = normalize(choices[gold_idx])
+    gold_set = {i for i, c in enumerate(choices) if normalize(c) == gold_norm}
+
     pred = extract_answer(response)
     if pred is None:  # free-text letter only: "the answer is (B)" / bare final letter
         letter = extract_choice_letter(response, n)
-        return letter is not None and LETTERS.index(letter) == gold_idx
+        return letter is not None and LETTERS.index(letter) in gold_set
     letter = letter_of(pred, n)
     if letter is not None:
-        return LETTERS.index(letter) == gold_idx
-    named = [i for i, c in enumerate(choices) if math_equal(pred, c)]
+        return LETTERS.index(letter) in gold_set
+    # a choice named by its text: exact (normalised) text first, math-verify equivalence otherwise
+    pred_norm = normalize(pred)
+    named = {i for i, c in enumerate(choices) if normalize(c) == pred_norm}
+    if not named:
+        named = {i for i, c in enumerate(choices) if math_equal(pred, c)}
     if named:
-        return named == [gold_idx]
+        return named <= gold_set
     value = numeric_value(pred)
     if value is None:
         return False
@@ -93,9 +101,8 @@ def _geometry_accuracy(
     if values[gold_idx] is None:
         return False
     dist = [abs(value - v) if v is not None else float("inf") for v in values]
-    nearest = min(range(n), key=dist.__getitem__)
-    gold_val = values[gold_idx]
-    return nearest == gold_idx and dist[gold_idx] <= GEO_REL_TOL * abs(gold_val) and dist.count(dist[gold_idx]) == 1
+    nearest = {i for i in range(n) if dist[i] == min(dist)}
+    return nearest <= gold_set and dist[gold_idx] <= GEO_REL_TOL * abs(values[gold_idx])
 
 
 def score(
@@ -127,6 +134,7 @@ def score(
     if not isinstance(response, str) or not isinstance(ground_truth, str):
         return RewardScore(overall=0.0, accuracy=0.0, format=0.0)
     accuracy = fmt = 0.0
+    warm_up()  # first-call imports (sympy, math-verify's grammar) must not eat the item's deadline
     try:
         with deadline(timeout_s):
             if format_weight:
