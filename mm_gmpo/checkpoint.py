@@ -1,0 +1,183 @@
+"""Checkpoints that a crash or kill can never corrupt, and that resume on a different number of ranks.
+
+Layout under ``<run>/checkpoints/``::
+
+    step_00000012/            a finished checkpoint (only ever appears by an atomic rename)
+        model_optim/          torch.distributed.checkpoint shards of model + optimizer (any world size can load)
+        trainer_state.json    step, LR-scheduler state, data position, config echo
+        rng/rank_<r>.pt       per-rank RNG states (torch, cuda, python, numpy)
+    .tmp_step_00000013/       a checkpoint being written; ignored and cleaned up on the next save
+    latest                    text file naming the newest finished checkpoint (replaced atomically)
+
+A kill during a save leaves only a ``.tmp_`` folder behind: the last finished checkpoint is untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mm_gmpo import distributed
+
+STEP_PREFIX = "step_"
+
+
+@dataclass
+class TrainerState:
+    """What besides weights and optimizer a resumed run needs to continue exactly."""
+
+    step: int = 0
+    data_position: dict[str, Any] = field(default_factory=dict)  # e.g. {"epoch": 1, "index": 40, "seed": 0}
+    scheduler: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:
+        pass
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def finished_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Finished checkpoints, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    done = [p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX)
+            and (p / "trainer_state.json").exists()]
+    return sorted(done, key=lambda p: int(p.name[len(STEP_PREFIX):]))
+
+
+def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
+    """The newest finished checkpoint, or None."""
+    done = finished_checkpoints(Path(ckpt_dir))
+    return done[-1] if done else None
+
+
+def save_checkpoint(
+    ckpt_dir: str | Path,
+    policy: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    state: TrainerState,
+    *,
+    keep_last: int = 2,
+) -> Path:
+    """Write a checkpoint atomically (all ranks call this); returns the finished path."""
+    ckpt_dir = Path(ckpt_dir)
+    name = f"{STEP_PREFIX}{state.step:08d}"
+    final = ckpt_dir / name
+    tmp = ckpt_dir / f".tmp_{name}"
+    if distributed.rank() == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        for stale in ckpt_dir.glob(".tmp_*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        (tmp / "rng").mkdir(parents=True)
+    distributed.barrier()
+
+    distributed.save_sharded(tmp / "model_optim", policy, optimizer)
+    torch.save(_rng_state(), tmp / "rng" / f"rank_{distributed.rank()}.pt")
+    distributed.barrier()
+    if distributed.rank() == 0:
+        if scheduler is not None:
+            state.scheduler = scheduler.state_dict()
+        _atomic_write_text(tmp / "trainer_state.json", json.dumps(asdict(state), indent=2, default=str))
+        _fsync_dir(tmp)
+        if final.exists():  # re-saving the same step: keep the old one until the new one is complete
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(ckpt_dir)
+        _atomic_write_text(ckpt_dir / "latest", name + "\n")
+        for old in finished_checkpoints(ckpt_dir)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier()
+    return final
+
+
+def load_checkpoint(
+    path: str | Path,
+    policy: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+) -> TrainerState:
+    """Restore model, optimizer, scheduler and this rank's RNG; works on any world size.
+
+    A rank with no saved RNG state (resuming on more ranks than were saved) keeps its own seeding.
+    """
+    path = Path(path)
+    if not (path / "trainer_state.json").exists():
+        raise FileNotFoundError(f"{path}: not a finished checkpoint (no trainer_state.json)")
+    distributed.load_sharded(path / "model_optim", policy, optimizer)
+    raw = json.loads((path / "trainer_state.json").read_text())
+    state = TrainerState(**raw)
+    if scheduler is not None and state.scheduler:
+        scheduler.load_state_dict(state.scheduler)
+    rng_file = path / "rng" / f"rank_{distributed.rank()}.pt"
+    if rng_file.exists():
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    return state
+
+
+def export_hf(policy: nn.Module, out_dir: str | Path, processor=None) -> Path | None:
+    """Write an HF-format folder (safetensors + config + processor) that transformers and vLLM load directly.
+
+    All ranks call this (the full state dict is gathered); rank 0 writes, through a temp folder renamed at the end.
+    """
+    out_dir = Path(out_dir)
+    sd = distributed.full_model_state_dict(policy)
+    if distributed.rank() == 0:
+        tmp = out_dir.with_name(f".tmp_{out_dir.name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model = policy.model
+        sd = {k: v.to(model.config.dtype if isinstance(model.config.dtype, torch.dtype) else v.dtype) for k, v in
+              sd.items()}
+        model.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
+        if processor is not None:
+            processor.save_pretrained(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    distributed.barrier()
+    return out_dir if distributed.rank() == 0 else None

@@ -1,0 +1,227 @@
+"""All distributed code of mm_gmpo: process group, FSDP2 sharding, collectives, sharded state dicts.
+
+Everything also works in a single process without ``torchrun`` (world size 1, no process group).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(backend: str | None = None, timeout_s: int = 1800) -> DistInfo:
+    """Start the process group when launched by torchrun (NCCL on GPU, gloo on CPU); a no-op otherwise."""
+    if "RANK" not in os.environ and not dist.is_initialized():
+        device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        return DistInfo(0, 1, 0, device)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and backend != "gloo"
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend or ("nccl" if use_cuda else "gloo"),
+                                timeout=datetime.timedelta(seconds=timeout_s),
+                                device_id=device if use_cuda else None)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(values: list[float], device: torch.device | None = None) -> list[float]:
+    """Sum floats over ranks (one collective for the whole list)."""
+    if not dist.is_initialized():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device or _comm_device())
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_reduce_max(value: float, device: torch.device | None = None) -> float:
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device or _comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def all_reduce_mean_metrics(metrics: dict[str, float], device: torch.device | None = None) -> dict[str, float]:
+    """Average a metrics dict over ranks (min/max keys take the min/max)."""
+    if not dist.is_initialized():
+        return dict(metrics)
+    keys = sorted(metrics)
+    dev = device or _comm_device()
+    vals = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=dev)
+    mean = vals.clone()
+    dist.all_reduce(mean)
+    mean /= dist.get_world_size()
+    lo, hi = vals.clone(), vals.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    out = {}
+    for i, k in enumerate(keys):
+        out[k] = lo[i].item() if k.endswith("_min") else hi[i].item() if k.endswith("_max") else mean[i].item()
+    return out
+
+
+def broadcast_object(obj, src: int = 0):
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def _comm_device() -> torch.device:
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+# ---------------------------------------------------------------- FSDP2
+
+
+def _decoder_layers(model: nn.Module) -> list[nn.Module]:
+    lm = getattr(model.model, "language_model", model.model)
+    return list(lm.layers)
+
+
+def _vision_blocks(model: nn.Module) -> list[nn.Module]:
+    visual = getattr(model.model, "visual", None)
+    return list(visual.blocks) if visual is not None else []
+
+
+def parallelize(
+    policy: nn.Module,
+    *,
+    param_dtype: torch.dtype | None = torch.bfloat16,
+    reduce_dtype: torch.dtype | None = torch.float32,
+    reshard_after_forward: bool = True,
+    cpu_offload: bool = False,
+    activation_checkpointing: bool = True,
+    freeze_vision: bool = False,
+) -> nn.Module:
+    """Shard a :class:`mm_gmpo.policy.Policy` with FSDP2 (``fully_shard``) in place and return it.
+
+    One FSDP unit per decoder layer and per vision block, one for the vision tower (patch embed + merger), and the
+    root (embeddings, final norm, LM head; tied weights stay in one unit). Parameters are cast to ``param_dtype``
+    for compute with gradients reduced in ``reduce_dtype``; ``cpu_offload`` keeps sharded parameters and optimizer
+    state on the CPU. Works with world size 1 too (the same code path as multi-GPU).
+    """
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    model = policy.model
+    if freeze_vision:
+        visual = getattr(model.model, "visual", None)
+        if visual is not None:
+            visual.requires_grad_(False)
+    if activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if not dist.is_initialized():
+        # fully_shard needs a device mesh; a single process gets a 1-rank group of its own
+        _init_single_process_group()
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    kw = {"mp_policy": mp}
+    if cpu_offload:
+        kw["offload_policy"] = CPUOffloadPolicy()
+    for block in _vision_blocks(model):
+        fully_shard(block, reshard_after_forward=reshard_after_forward, **kw)
+    visual = getattr(model.model, "visual", None)
+    if visual is not None:
+        fully_shard(visual, reshard_after_forward=reshard_after_forward, **kw)
+    for layer in _decoder_layers(model):
+        fully_shard(layer, reshard_after_forward=reshard_after_forward, **kw)
+    fully_shard(policy, reshard_after_forward=reshard_after_forward, **kw)
+    return policy
+
+
+def _init_single_process_group() -> None:
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    dist.init_process_group("gloo", rank=0, world_size=1)
+
+
+def clip_grad_norm(params, max_norm: float) -> float:
+    """Global gradient-norm clipping over (possibly sharded DTensor) parameters; returns the pre-clip norm."""
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return 0.0
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm=max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+# ---------------------------------------------------------------- state dicts and checkpoints
+
+
+def full_model_state_dict(policy: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole (unsharded) HF-model state dict on CPU, on rank 0 (empty dict on other ranks)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    inner = policy.model
+    sd = get_model_state_dict(inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return sd if rank() == 0 else {}
+
+
+def save_sharded(path: Path, policy: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """Model and optimizer state with torch.distributed.checkpoint: every rank writes its shards."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(policy, optimizer if optimizer is not None else [])
+    state = {"model": model_sd}
+    if optimizer is not None:
+        state["optim"] = optim_sd
+    dcp.save(state, checkpoint_id=str(path))
+
+
+def load_sharded(path: Path, policy: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """Load a :func:`save_sharded` checkpoint into this (possibly differently sharded) policy and optimizer."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(policy, optimizer if optimizer is not None else [])
+    state = {"model": model_sd}
+    if optimizer is not None:
+        state["optim"] = optim_sd
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(policy, optimizer if optimizer is not None else [], model_state_dict=state["model"],
+                   optim_state_dict=state.get("optim", {}))

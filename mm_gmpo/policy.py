@@ -1,0 +1,291 @@
+"""The policy: a Qwen2.5-VL (or text-only causal LM) wrapped so one forward gives per-token response log-probs.
+
+No distributed code here: ``mm_gmpo.distributed.parallelize`` shards a :class:`Policy` with FSDP2.
+
+Layout of a :class:`PolicyBatch` (verl-style): ``input_ids`` is ``[left-padded prompt (P) | right-padded
+response (R)]``; ``response_mask`` is (B, R); log-probs come back as (B, R), aligned with the sampler's
+log-probs and the loss mask. The language-model head is applied in chunks of ``chunk_size`` response tokens, each
+under activation checkpointing, so (tokens x 152k vocab) fp32 logits never exist at once, in forward or backward.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+ASSETS = Path(__file__).resolve().parent / "assets" / "qwen2_5_vl"
+MODEL_CONFIGS = {"qwen2_5_vl_3b": ASSETS / "configs" / "qwen2_5_vl_3b_instruct.json",
+                 "qwen2_5_vl_7b": ASSETS / "configs" / "qwen2_5_vl_7b_instruct.json"}
+
+
+# ---------------------------------------------------------------- batches
+
+
+@dataclass
+class PolicyBatch:
+    """Token ids and vision inputs of B (prompt, response) pairs. See module docstring for the layout.
+
+    images_per_sample lets a batch be split: sample i owns images
+    ``sum(images_per_sample[:i]) : sum(images_per_sample[:i+1])`` of image_grid_thw, and their patches.
+    """
+
+    input_ids: torch.Tensor  # (B, P + R) long
+    attention_mask: torch.Tensor  # (B, P + R) long
+    response_mask: torch.Tensor  # (B, R) float/bool
+    pixel_values: torch.Tensor | None = None  # (sum of patches, C * T * p * p)
+    image_grid_thw: torch.Tensor | None = None  # (n_images, 3)
+    images_per_sample: list[int] = field(default_factory=list)
+
+    @property
+    def batch_size(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def response_width(self) -> int:
+        return self.response_mask.shape[1]
+
+    def n_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+    def select(self, idx: list[int]) -> PolicyBatch:
+        """The sub-batch of samples ``idx`` (vision inputs sliced to match), trimmed of all-padding columns."""
+        ids = torch.as_tensor(idx, dtype=torch.long)
+        pv = grid = None
+        per = [self.images_per_sample[i] for i in idx] if self.images_per_sample else []
+        if self.image_grid_thw is not None and self.images_per_sample:
+            img_start = [0]
+            for n in self.images_per_sample:
+                img_start.append(img_start[-1] + n)
+            patches = self.image_grid_thw.prod(-1)
+            patch_start = torch.cat([patches.new_zeros(1), patches.cumsum(0)])
+            img_idx = [j for i in idx for j in range(img_start[i], img_start[i + 1])]
+            grid = self.image_grid_thw[img_idx] if img_idx else None
+            if img_idx:
+                pv = torch.cat([self.pixel_values[int(patch_start[j]):int(patch_start[j + 1])] for j in img_idx])
+        sub = PolicyBatch(self.input_ids[ids], self.attention_mask[ids], self.response_mask[ids], pv, grid, per)
+        return sub.trim()
+
+    def trim(self) -> PolicyBatch:
+        """Drop prompt columns that are padding for every sample and response columns past the longest response."""
+        P = self.input_ids.shape[1] - self.response_width
+        prompt_used = self.attention_mask[:, :P].any(0).nonzero()
+        first = int(prompt_used[0]) if len(prompt_used) else P
+        resp_used = self.response_mask.bool().any(0).nonzero()
+        r_len = int(resp_used[-1]) + 1 if len(resp_used) else 1
+        keep = slice(first, P + r_len)
+        return replace(self, input_ids=self.input_ids[:, keep], attention_mask=self.attention_mask[:, keep],
+                       response_mask=self.response_mask[:, :r_len])
+
+    def to(self, device: torch.device | str) -> PolicyBatch:
+        def mv(t):
+            return None if t is None else t.to(device, non_blocking=True)
+
+        return replace(self, input_ids=mv(self.input_ids), attention_mask=mv(self.attention_mask),
+                       response_mask=mv(self.response_mask), pixel_values=mv(self.pixel_values),
+                       image_grid_thw=mv(self.image_grid_thw))
+
+
+def collate(
+    prompt_ids: list[list[int]],
+    response_ids: list[list[int]],
+    *,
+    pad_id: int,
+    pixel_values: list[torch.Tensor | None] | None = None,
+    image_grid_thw: list[torch.Tensor | None] | None = None,
+) -> PolicyBatch:
+    """Build a PolicyBatch: prompts left-padded, responses right-padded; per-sample vision inputs concatenated."""
+    B = len(prompt_ids)
+    if len(response_ids) != B:
+        raise ValueError(f"{B} prompts but {len(response_ids)} responses")
+    P = max(len(p) for p in prompt_ids)
+    R = max(max((len(r) for r in response_ids), default=1), 1)
+    input_ids = torch.full((B, P + R), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, P + R), dtype=torch.long)
+    resp_mask = torch.zeros((B, R), dtype=torch.float32)
+    for i, (p, r) in enumerate(zip(prompt_ids, response_ids, strict=True)):
+        input_ids[i, P - len(p):P] = torch.as_tensor(p, dtype=torch.long)
+        attn[i, P - len(p):P] = 1
+        if r:
+            input_ids[i, P:P + len(r)] = torch.as_tensor(r, dtype=torch.long)
+            attn[i, P:P + len(r)] = 1
+            resp_mask[i, :len(r)] = 1
+    pv = grid = None
+    per: list[int] = []
+    if pixel_values is not None and image_grid_thw is not None:
+        per = [0 if g is None else int(g.shape[0]) for g in image_grid_thw]
+        pvs = [x for x in pixel_values if x is not None]
+        grids = [g for g in image_grid_thw if g is not None]
+        pv = torch.cat(pvs) if pvs else None
+        grid = torch.cat(grids) if grids else None
+    return PolicyBatch(input_ids, attn, resp_mask, pv, grid, per)
+
+
+def split_by_token_budget(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Group sample indices into micro-batches whose padded size (count x longest) stays within max_tokens.
+
+    Samples are sorted by length (longest first) so similar lengths share a micro-batch and padding is small;
+    a single sample longer than the budget gets a micro-batch of its own.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    cur: list[int] = []
+    cur_max = 0
+    for i in order:
+        new_max = max(cur_max, lengths[i])
+        if cur and new_max * (len(cur) + 1) > max_tokens:
+            groups.append(cur)
+            cur, new_max = [], lengths[i]
+        cur.append(i)
+        cur_max = new_max
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+# ---------------------------------------------------------------- models
+
+
+def model_config(source: str | Path | dict, **overrides):
+    """A transformers config from a bundled name ('qwen2_5_vl_3b'/'qwen2_5_vl_7b'), a config.json, or a dict.
+
+    ``overrides`` set top-level text fields (hidden_size, num_hidden_layers, ...) and, through ``vision=dict``,
+    vision fields.
+    """
+    from transformers import AutoConfig
+
+    if isinstance(source, dict):
+        raw = dict(source)
+    else:
+        path = MODEL_CONFIGS.get(str(source), Path(source))
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.exists():
+            return AutoConfig.from_pretrained(str(source))  # a hub name
+        raw = json.loads(path.read_text())
+    vision = overrides.pop("vision", None)
+    raw.update(overrides)
+    if vision:
+        raw["vision_config"] = {**raw.get("vision_config", {}), **vision}
+    model_type = raw.get("model_type")
+    cls = AutoConfig.for_model(model_type).__class__
+    return cls.from_dict(raw)
+
+
+def tiny_qwen2_5_vl_config(hidden_size: int = 64, layers: int = 2, vision_depth: int = 2):
+    """A Qwen2.5-VL config shaped like the real 3B (real vocab and special tokens) but tiny, for CPU tests.
+
+    head_dim = 32 so mrope_section = [4, 6, 6] (must sum to head_dim / 2); vision out_hidden_size = text hidden.
+    """
+    return model_config(
+        "qwen2_5_vl_3b", hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=layers,
+        num_attention_heads=hidden_size // 32, num_key_value_heads=1,
+        rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]},
+        vision=dict(depth=vision_depth, hidden_size=32, intermediate_size=64, num_heads=2,
+                    out_hidden_size=hidden_size, fullatt_block_indexes=[vision_depth - 1]),
+    )
+
+
+def build_model(
+    source: str | Path,
+    *,
+    random_init: bool = False,
+    config=None,
+    dtype: torch.dtype = torch.bfloat16,
+    attn_implementation: str = "sdpa",
+    seed: int = 0,
+) -> nn.Module:
+    """A transformers model: pretrained weights from a path/hub name, or random weights from a config.
+
+    Random-initialised models are for speed and plumbing checks only.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    cfg = config if config is not None else model_config(source)
+    is_vlm = hasattr(cfg, "vision_config")
+    auto = AutoModelForImageTextToText if is_vlm else AutoModelForCausalLM
+    if random_init:
+        torch.manual_seed(seed)
+        cfg._attn_implementation = attn_implementation
+        model = auto.from_config(cfg, dtype=dtype, attn_implementation=attn_implementation)
+    else:
+        model = auto.from_pretrained(str(source), dtype=dtype, attn_implementation=attn_implementation)
+    return model
+
+
+def _chunk_logprobs(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                    temperature: float, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = F.linear(h, weight, bias).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    lse = torch.logsumexp(logits, dim=-1)
+    logp = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
+    if with_entropy:
+        probs = torch.softmax(logits, dim=-1)
+        ent = lse - (probs * logits).sum(-1)
+    else:
+        ent = logp.new_zeros(())
+    return logp, ent
+
+
+def token_logprobs(
+    hidden: torch.Tensor,
+    head: nn.Linear,
+    targets: torch.Tensor,
+    *,
+    chunk_size: int = 1024,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(targets) for hidden states (N, H) under ``head``, in chunks; each chunk recomputed in backward."""
+    outs, ents = [], []
+    use_ckpt = torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad)
+    for s in range(0, hidden.shape[0], chunk_size):
+        args = (hidden[s:s + chunk_size], head.weight, head.bias, targets[s:s + chunk_size], temperature, with_entropy)
+        if use_ckpt:
+            lp, ent = checkpoint(_chunk_logprobs, *args, use_reentrant=False)
+        else:
+            lp, ent = _chunk_logprobs(*args)
+        outs.append(lp)
+        ents.append(ent)
+    if not outs:
+        return hidden.new_zeros(0, dtype=torch.float32), None
+    return torch.cat(outs), (torch.cat(ents) if with_entropy else None)
+
+
+class Policy(nn.Module):
+    """``forward(batch) -> (logprobs (B, R) fp32, entropy (B, R) or None)`` for a transformers causal (V)LM."""
+
+    def __init__(self, model: nn.Module, *, chunk_size: int = 1024):
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+
+    @property
+    def is_vlm(self) -> bool:
+        return hasattr(self.model.config, "vision_config")
+
+    def forward(self, batch: PolicyBatch, *, temperature: float = 1.0,
+                with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        kwargs = {}
+        if batch.pixel_values is not None:
+            kwargs = {"pixel_values": batch.pixel_values, "image_grid_thw": batch.image_grid_thw}
+        out = self.model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
+                               **kwargs)
+        R = batch.response_width
+        P = batch.input_ids.shape[1] - R
+        hidden = out.last_hidden_state[:, P - 1:P - 1 + R]  # position t predicts token t + 1
+        targets = batch.input_ids[:, P:P + R]
+        sel = batch.response_mask.bool()
+        lp_flat, ent_flat = token_logprobs(hidden[sel], self.model.lm_head, targets[sel], chunk_size=self.chunk_size,
+                                           temperature=temperature, with_entropy=with_entropy)
+        logprobs = torch.zeros(sel.shape, dtype=torch.float32, device=hidden.device).masked_scatter(sel, lp_flat)
+        entropy = None
+        if ent_flat is not None:
+            entropy = torch.zeros(sel.shape, dtype=torch.float32, device=hidden.device).masked_scatter(sel, ent_flat)
+        return logprobs, entropy

@@ -1,0 +1,152 @@
+"""The update stage: optimizer, LR schedule and one policy update over a batch of rollouts.
+
+Loss normalisation is global: the loss of every micro-batch on every rank is divided by the *global* count
+(sequences for GMPO and ``seq_mean_token_mean``, valid tokens for GRPO ``token_mean``) and multiplied by the
+world size to undo FSDP's gradient averaging, so the accumulated gradient equals the gradient of the loss of the
+whole global batch, whatever the micro-batch split and the number of ranks.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mm_gmpo import distributed
+from mm_gmpo.loss import PolicyLossFn
+from mm_gmpo.policy import PolicyBatch, split_by_token_budget
+
+
+@dataclass
+class UpdateBatch:
+    """Everything the update needs for B sampled responses (this rank's share)."""
+
+    batch: PolicyBatch
+    old_logprobs: torch.Tensor  # (B, R)
+    advantages: torch.Tensor  # (B,)
+    ref_logprobs: torch.Tensor | None = None  # (B, R)
+
+    def select(self, idx: list[int]) -> UpdateBatch:
+        sub = self.batch.select(idx)
+        R = sub.response_width
+        ref = None if self.ref_logprobs is None else self.ref_logprobs[idx, :R]
+        return UpdateBatch(sub, self.old_logprobs[idx, :R], self.advantages[idx], ref)
+
+
+def build_optimizer(policy: nn.Module, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999),
+                    eps: float = 1e-8) -> torch.optim.Optimizer:
+    """AdamW over trainable parameters (no decay on biases and norms); fused kernels on CUDA."""
+    decay, no_decay = [], []
+    for name, p in policy.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = all(p.is_cuda for p in decay + no_decay) and len(decay + no_decay) > 0
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, *, schedule: str, warmup_steps: int, total_steps: int,
+                    min_lr_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup, then constant or cosine decay to ``min_lr_ratio`` x lr."""
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"lr schedule must be 'constant' or 'cosine', got {schedule!r}")
+
+    def factor(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def policy_update(
+    policy: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: UpdateBatch,
+    loss_fn: PolicyLossFn,
+    *,
+    loss_kwargs: dict | None = None,
+    normalize_by: str = "sequences",
+    max_tokens_per_micro_batch: int = 8192,
+    max_grad_norm: float = 1.0,
+    with_entropy: bool = False,
+    device: torch.device | None = None,
+) -> dict[str, float]:
+    """One optimizer step over ``data`` (split into micro-batches by token budget); returns averaged metrics.
+
+    ``normalize_by``: 'sequences' (GMPO, GRPO seq_mean_token_mean) or 'tokens' (GRPO token_mean).
+    """
+    t0 = time.perf_counter()
+    loss_kwargs = dict(loss_kwargs or {})
+    B = data.batch.batch_size
+    local_tokens = float(data.batch.response_mask.sum())
+    global_seqs, global_tokens = distributed.all_reduce_sum([float(B), local_tokens], device)
+    normalizer = global_seqs if normalize_by == "sequences" else global_tokens
+    scale = float(distributed.world_size())  # undo FSDP's mean over ranks: we normalise globally ourselves
+
+    lengths = data.batch.attention_mask.sum(-1).tolist()
+    groups = split_by_token_budget([int(n) for n in lengths], max_tokens_per_micro_batch)
+    # every rank must run the same number of forward/backward passes (FSDP collectives)
+    n_micro = int(distributed.all_reduce_max(float(len(groups)), device))
+    groups += [[] for _ in range(n_micro - len(groups))]
+
+    policy.train()
+    optimizer.zero_grad(set_to_none=True)
+    sums: dict[str, float] = defaultdict(float)  # loss/*: already globally normalised, so they add up
+    extremes: dict[str, float] = {}
+    weighted: dict[str, float] = defaultdict(float)  # everything else: token-weighted mean
+    weight = 0.0
+    for idx in groups:
+        empty = not idx
+        mb = data.select(idx if idx else [0])
+        if device is not None:
+            mb = UpdateBatch(mb.batch.to(device), mb.old_logprobs.to(device), mb.advantages.to(device),
+                             None if mb.ref_logprobs is None else mb.ref_logprobs.to(device))
+        logprobs, entropy = policy(mb.batch, with_entropy=with_entropy)
+        loss, m = loss_fn(logprobs, mb.old_logprobs, mb.advantages, mb.batch.response_mask, normalizer=normalizer,
+                          ref_logprobs=mb.ref_logprobs, entropy=entropy, **loss_kwargs)
+        if empty:  # a padding pass that keeps ranks in step: contributes no gradient
+            loss = loss * 0.0
+        (loss * scale).backward()
+        if empty:
+            continue
+        sums["loss/total"] += loss.item()
+        w = float(mb.batch.response_mask.sum())
+        weight += w
+        for k, v in m.items():
+            if k.startswith("loss/"):
+                sums[k] += v
+            elif k.endswith("_min"):
+                extremes[k] = min(extremes.get(k, v), v)
+            elif k.endswith("_max"):
+                extremes[k] = max(extremes.get(k, v), v)
+            else:
+                weighted[k] += v * w
+
+    grad_norm = distributed.clip_grad_norm(policy.parameters(), max_grad_norm)
+    if math.isfinite(grad_norm):
+        optimizer.step()
+        skipped = 0.0
+    else:  # never apply a NaN/inf update; the step is reported and skipped
+        optimizer.zero_grad(set_to_none=True)
+        skipped = 1.0
+    keys = sorted(sums)
+    metrics = dict(zip(keys, distributed.all_reduce_sum([sums[k] for k in keys], device), strict=True))
+    local = {k: v / max(weight, 1.0) for k, v in weighted.items()} | extremes
+    metrics |= distributed.all_reduce_mean_metrics(local, device)
+    metrics.update({
+        "actor/grad_norm": grad_norm,
+        "actor/skipped_step": skipped,
+        "actor/lr": optimizer.param_groups[0]["lr"],
+        "actor/micro_batches": float(n_micro),
+        "timing/update_s": time.perf_counter() - t0,
+    })
+    return metrics
