@@ -59,10 +59,10 @@ def load_processor(path: str | Path = DEFAULT_PROCESSOR_DIR):
 
     p = str(path)
     local = Path(p)
-    if local.is_dir() and (local / "preprocessor_config.json").exists():
-        return AutoProcessor.from_pretrained(p)
     if local.is_dir():
-        return AutoTokenizer.from_pretrained(p)
+        # transformers 5 writes processor_config.json; older exports and hub folders preprocessor_config.json
+        vision = any((local / f).exists() for f in ("preprocessor_config.json", "processor_config.json"))
+        return AutoProcessor.from_pretrained(p) if vision else AutoTokenizer.from_pretrained(p)
     try:  # hub name: a VLM has a vision_config
         cfg = AutoConfig.from_pretrained(p)
         return AutoProcessor.from_pretrained(p) if hasattr(cfg, "vision_config") else AutoTokenizer.from_pretrained(p)

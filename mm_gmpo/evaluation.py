@@ -1,0 +1,254 @@
+"""Evaluation: generate -> score -> generations.jsonl -> report, resumable, one code path for every benchmark.
+
+Every number in the report is recomputed from ``generations.jsonl`` (one line per sample: id, sample, prompt,
+response, extracted answer, correct, ...), so any figure can be traced to its samples, and an interrupted run
+resumes by skipping the ids already written.
+
+Metrics
+    accuracy (mean@k)  mean over problems of the fraction of correct samples (= greedy pass@1 when n=1, T=0)
+    pass@k             fraction of problems with at least one correct sample
+    format_rate        fraction of samples in the required format
+    mean_response_tokens, truncated_rate (hit max_tokens)
+    by_type            accuracy per value of each metadata list field (Geometry3K problem_type_graph/goal)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from mm_gmpo.data.processing import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, encode_prompt
+from mm_gmpo.data.prompts import Prompt
+from mm_gmpo.rewards import extract_answer, score_batch
+from mm_gmpo.rollout.base import RolloutEngine, SamplingParams
+
+TYPE_FIELDS = ("problem_type_graph", "problem_type_goal", "level", "subject")
+
+
+@dataclass
+class EvalReport:
+    dataset: str
+    n_problems: int
+    n_samples: int
+    accuracy: float
+    pass_at_k: float
+    format_rate: float
+    mean_response_tokens: float
+    truncated_rate: float
+    k: int
+    by_type: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    sampling: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_markdown(self) -> str:
+        lines = [
+            f"## {self.dataset}",
+            "",
+            "| metric | value |",
+            "|---|---|",
+            f"| problems | {self.n_problems} |",
+            f"| samples per problem (k) | {self.k} |",
+            f"| accuracy (mean@{self.k}) | {100 * self.accuracy:.1f} |",
+            f"| pass@{self.k} | {100 * self.pass_at_k:.1f} |",
+            f"| format compliance | {100 * self.format_rate:.1f} |",
+            f"| mean response tokens | {self.mean_response_tokens:.0f} |",
+            f"| truncated (hit max tokens) | {100 * self.truncated_rate:.1f} |",
+        ]
+        for fname, table in self.by_type.items():
+            lines += ["", f"### by {fname}", "", "| type | problems | accuracy |", "|---|---|---|"]
+            for t, row in sorted(table.items(), key=lambda kv: -kv[1]["n"]):
+                lines.append(f"| {t} | {row['n']:.0f} | {100 * row['accuracy']:.1f} |")
+        return "\n".join(lines) + "\n"
+
+
+def read_generations(path: Path) -> list[dict]:
+    """Records of a generations.jsonl; a torn last line (killed mid-write) is ignored."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a partial last line (a kill mid-write) so that appended records start on a line of their own."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+
+
+def report_from_generations(records: list[dict], dataset: str, sampling: dict | None = None) -> EvalReport:
+    """All report numbers, from generation records only."""
+    by_id: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        by_id[r["id"]].append(r)
+    n = len(by_id)
+    if n == 0:
+        return EvalReport(dataset, 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0, sampling=sampling or {})
+    per_problem = {i: sum(r["correct"] for r in rs) / len(rs) for i, rs in by_id.items()}
+    by_type: dict[str, dict[str, dict[str, float]]] = {}
+    for fname in TYPE_FIELDS:
+        acc: dict[str, list[float]] = defaultdict(list)
+        for i, rs in by_id.items():
+            val = rs[0].get("metadata", {}).get(fname)
+            if val is None or val == -1 or val == "":
+                continue
+            for t in val if isinstance(val, list) else [val]:
+                acc[str(t)].append(per_problem[i])
+        if acc:
+            by_type[fname] = {t: {"n": float(len(v)), "accuracy": sum(v) / len(v)} for t, v in acc.items()}
+    return EvalReport(
+        dataset=dataset,
+        n_problems=n,
+        n_samples=len(records),
+        accuracy=sum(per_problem.values()) / n,
+        pass_at_k=sum(any(r["correct"] for r in rs) for rs in by_id.values()) / n,
+        format_rate=sum(r["format"] for r in records) / len(records),
+        mean_response_tokens=sum(r["response_tokens"] for r in records) / len(records),
+        truncated_rate=sum(r["finish_reason"] == "length" for r in records) / len(records),
+        k=max(len(rs) for rs in by_id.values()),
+        by_type=by_type,
+        sampling=sampling or {},
+    )
+
+
+def evaluate(
+    prompts: Iterable[Prompt],
+    engine: RolloutEngine,
+    processor,
+    out_dir: str | Path,
+    *,
+    dataset: str,
+    sampling: SamplingParams,
+    batch_size: int = 32,
+    min_pixels: int = DEFAULT_MIN_PIXELS,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    format_weight: float = 0.1,
+    progress: bool = True,
+) -> EvalReport:
+    """Generate, score and report; writes generations.jsonl, results.json and results.md under ``out_dir``.
+
+    Resumable: problems whose id is already in generations.jsonl are skipped.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    gen_path = out / "generations.jsonl"
+    _drop_torn_tail(gen_path)
+    done = {r["id"] for r in read_generations(gen_path)}
+    todo = [p for p in prompts if p.id not in done]
+    t0 = time.perf_counter()
+    correct = total = 0
+    bar = tqdm(total=len(todo), desc=f"eval {dataset}", unit="problem", disable=not progress)
+    with open(gen_path, "a") as f:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start:start + batch_size]
+            encs = [encode_prompt(p, processor, min_pixels=min_pixels, max_pixels=max_pixels) for p in chunk]
+            rollouts = engine.generate(encs, sampling)
+            scores, _ = score_batch(
+                [r.text for r in rollouts], [chunk[r.prompt_index].ground_truth for r in rollouts],
+                task=[chunk[r.prompt_index].task for r in rollouts],
+                choices=[chunk[r.prompt_index].choices for r in rollouts],
+                choice_values=[chunk[r.prompt_index].choice_values for r in rollouts],
+                format_weight=format_weight,
+            )
+            for r, s in zip(rollouts, scores, strict=True):
+                p = chunk[r.prompt_index]
+                rec = {
+                    "id": p.id, "sample": r.sample_index, "prompt": encs[r.prompt_index].text,
+                    "response": r.text, "extracted": extract_answer(r.text), "ground_truth": p.ground_truth,
+                    "choices": p.choices, "correct": s["accuracy"] == 1.0, "format": s["format"],
+                    "response_tokens": len(r.response_ids), "finish_reason": r.finish_reason,
+                    "metadata": {k: v for k, v in p.metadata.items() if k in TYPE_FIELDS},
+                }
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                correct += rec["correct"]
+                total += 1
+            f.flush()
+            bar.update(len(chunk))
+            bar.set_postfix(acc=f"{correct / max(total, 1):.3f}")
+    bar.close()
+    report = report_from_generations(read_generations(gen_path), dataset, asdict(sampling))
+    report.seconds = time.perf_counter() - t0
+    (out / "results.json").write_text(json.dumps(asdict(report), indent=2))
+    (out / "results.md").write_text(report.to_markdown())
+    return report
+
+
+def make_engine(backend: str, model: str, *, device: str | None = None, batch_size: int = 16, dtype: str = "auto"):
+    """(engine, processor) for a backend: 'hf' (transformers generate), 'oracle' / 'oracle-wrong' (pipeline checks).
+
+    ``model`` is an HF-format folder (the trainer's export works), a hub name, or 'tiny-random' (a random tiny
+    Qwen2.5-VL with the real tokenizer: plumbing only, its accuracy means nothing).
+    """
+    import torch
+
+    from mm_gmpo.data.processing import load_processor
+
+    if backend in ("oracle", "oracle-wrong"):
+        from mm_gmpo.rollout.oracle import OracleEngine
+
+        proc = load_processor() if model in ("", "tiny-random") else load_processor(model)
+        return OracleEngine("correct" if backend == "oracle" else "wrong"), proc
+    if backend == "vllm":
+        raise SystemExit("--backend vllm is not available yet (tracked in issue 6); use --backend hf")
+    if backend != "hf":
+        raise SystemExit(f"unknown backend {backend!r}; choose hf, oracle or oracle-wrong")
+    from mm_gmpo.policy import build_model, tiny_qwen2_5_vl_config
+    from mm_gmpo.rollout.hf import HFEngine
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch_dtype = {"auto": torch.bfloat16 if dev.type == "cuda" else torch.float32, "bf16": torch.bfloat16,
+                   "fp32": torch.float32}[dtype]
+    if model == "tiny-random":
+        net = build_model("tiny", random_init=True, config=tiny_qwen2_5_vl_config(), dtype=torch_dtype)
+        proc = load_processor()
+    else:
+        net = build_model(model, dtype=torch_dtype)
+        proc = load_processor(model)
+    net.to(dev)
+    return HFEngine(net, getattr(proc, "tokenizer", proc), device=dev, batch_size=batch_size), proc
+
+
+def add_eval_args(ap) -> None:
+    """Arguments shared by the evaluation scripts."""
+    ap.add_argument("--model", required=True, help="HF-format folder (e.g. a trainer export), hub name, or tiny-random")
+    ap.add_argument("--backend", default="hf", choices=["hf", "vllm", "oracle", "oracle-wrong"])
+    ap.add_argument("--n", type=int, default=1, help="samples per problem (k of mean@k / pass@k)")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--max-tokens", type=int, default=2048)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--limit", type=int, default=0, help="evaluate only the first N problems (0 = all)")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--template", default=None, help="prompt template in mm_gmpo/templates (default per dataset)")
+    ap.add_argument("--format-weight", type=float, default=0.1)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--out", default=None, help="output folder (default: eval_out/<dataset>)")
+
+
+def run_cli(args, prompts: list[Prompt], dataset: str, *, min_pixels: int, max_pixels: int) -> EvalReport:
+    engine, proc = make_engine(args.backend, args.model, device=args.device, batch_size=args.batch_size)
+    if args.limit:
+        prompts = prompts[:args.limit]
+    sampling = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
+                              seed=args.seed)
+    out = Path(args.out or Path("eval_out") / dataset.replace("/", "_"))
+    report = evaluate(prompts, engine, proc, out, dataset=dataset, sampling=sampling, batch_size=args.batch_size,
+                      min_pixels=min_pixels, max_pixels=max_pixels, format_weight=args.format_weight)
+    print(report.to_markdown())
+    print(f"wrote {out / 'generations.jsonl'}, {out / 'results.json'}, {out / 'results.md'}")
+    return report

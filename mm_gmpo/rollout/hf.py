@@ -1,0 +1,95 @@
+"""Rollouts with transformers ``generate``: for CPU tests and machines without vLLM (slow on GPU)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from mm_gmpo.data.processing import EncodedPrompt
+from mm_gmpo.policy import collate
+from mm_gmpo.rollout.base import IMAGE_PAD_ID, Rollout, SamplingParams
+
+
+class HFEngine:
+    """Generates with a (non-sharded) transformers model; ``update_weights`` copies tensors into it."""
+
+    def __init__(self, model: nn.Module, tokenizer, *, device: torch.device | str = "cpu", batch_size: int = 16):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        gen = getattr(model, "generation_config", None)
+        eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+        eos = eos if eos is not None else tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+        self.eos_ids |= {tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")}
+        self.eos_ids.discard(None)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 151643
+
+    @torch.no_grad()
+    def generate(self, prompts: list[EncodedPrompt], sampling: SamplingParams) -> list[Rollout]:
+        expanded = [(i, s) for i in range(len(prompts)) for s in range(sampling.n)]
+        out: list[Rollout] = []
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+        self.model.eval()
+        for start in range(0, len(expanded), self.batch_size):
+            chunk = expanded[start:start + self.batch_size]
+            encs = [prompts[i] for i, _ in chunk]
+            t0 = time.perf_counter()
+            batch = collate([e.input_ids for e in encs], [[] for _ in encs], pad_id=self.pad_id,
+                            pixel_values=[e.pixel_values for e in encs], image_grid_thw=[e.image_grid_thw for e in encs])
+            P = batch.input_ids.shape[1] - batch.response_width
+            kwargs = {}
+            if batch.pixel_values is not None:
+                kwargs = {"pixel_values": batch.pixel_values.to(self.device),
+                          "image_grid_thw": batch.image_grid_thw.to(self.device)}
+            greedy = sampling.temperature <= 0
+            res = self.model.generate(
+                input_ids=batch.input_ids[:, :P].to(self.device),
+                attention_mask=batch.attention_mask[:, :P].to(self.device),
+                do_sample=not greedy,
+                temperature=None if greedy else sampling.temperature,
+                top_p=None if greedy else sampling.top_p,
+                top_k=None,
+                max_new_tokens=sampling.max_tokens,
+                eos_token_id=sorted(self.eos_ids),
+                pad_token_id=self.pad_id,
+                suppress_tokens=[IMAGE_PAD_ID],
+                output_scores=True,
+                return_dict_in_generate=True,
+                **kwargs,
+            )
+            seqs = res.sequences[:, P:].cpu()
+            scores = torch.stack(res.scores, 1).float().cpu() if res.scores else None  # (b, steps, V), processed
+            dt = time.perf_counter() - t0
+            for row, (i, s) in enumerate(chunk):
+                ids = seqs[row].tolist()
+                finish = "length"
+                for k, tok in enumerate(ids):
+                    if tok in self.eos_ids:
+                        ids, finish = ids[:k + 1], "stop"
+                        break
+                lps = None
+                if scores is not None and ids:
+                    steps = torch.log_softmax(scores[row, :len(ids)], -1)
+                    lps = steps.gather(-1, torch.tensor(ids)[:, None]).squeeze(-1).tolist()
+                text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                out.append(Rollout(i, s, list(prompts[i].input_ids), ids, text, lps, finish, {"time_s": dt}))
+        return out
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, t in named_tensors:
+                if name in params:
+                    params[name].copy_(t.to(params[name].dtype))
+
+    def sleep(self) -> None:  # nothing to free for an in-process HF model
+        pass
+
+    def wake_up(self) -> None:
+        pass

@@ -1,0 +1,145 @@
+"""Evaluation: oracle 100% / wrong 0% / garbage 0%, report == recomputation from generations.jsonl, resume,
+HF engine on a tiny random model (and on an exported HF folder), sampler log-probs == trainer log-probs."""
+
+import json
+from collections import defaultdict
+
+import pytest
+import torch
+
+from mm_gmpo.data import geometry3k_prompts, load_geometry3k, load_text_math, text_math_prompts
+from mm_gmpo.data.processing import encode_prompt, load_processor
+from mm_gmpo.evaluation import evaluate, make_engine, read_generations
+from mm_gmpo.policy import Policy, build_model, collate, tiny_qwen2_5_vl_config
+from mm_gmpo.rollout.base import SamplingParams
+from mm_gmpo.rollout.hf import HFEngine
+from mm_gmpo.rollout.oracle import OracleEngine
+
+SMALL = {"min_pixels": 3136, "max_pixels": 50_000}
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return load_processor()
+
+
+@pytest.fixture(scope="module")
+def geo_subset():
+    ds = load_geometry3k(split="test").select(range(0, 601, 20))  # 31 problems of all types
+    return ds
+
+
+def recompute(path):
+    """Independent recomputation of the headline numbers from generations.jsonl."""
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    per = defaultdict(list)
+    for r in rows:
+        per[r["id"]].append(r["correct"])
+    acc = sum(sum(v) / len(v) for v in per.values()) / len(per)
+    pass_k = sum(any(v) for v in per.values()) / len(per)
+    fmt = sum(r["format"] for r in rows) / len(rows)
+    return len(per), acc, pass_k, fmt, rows
+
+
+@pytest.mark.parametrize("show_choices", [False, True])
+@pytest.mark.parametrize(("mode", "expected"), [("correct", 1.0), ("wrong", 0.0), ("garbage", 0.0)])
+def test_oracle_backends(tmp_path, processor, geo_subset, show_choices, mode, expected):
+    prompts = list(geometry3k_prompts(geo_subset, show_choices=show_choices))
+    rep = evaluate(prompts, OracleEngine(mode), processor, tmp_path, dataset="geo", progress=False,
+                   sampling=SamplingParams(n=2), **SMALL)
+    assert rep.n_problems == len(prompts) == 31 and rep.k == 2 and rep.n_samples == 62
+    assert rep.accuracy == expected and rep.pass_at_k == expected
+    n, acc, pass_k, fmt, rows = recompute(tmp_path / "generations.jsonl")
+    assert (n, acc, pass_k, fmt) == (rep.n_problems, rep.accuracy, rep.pass_at_k, rep.format_rate)
+    assert json.loads((tmp_path / "results.json").read_text())["accuracy"] == rep.accuracy
+    assert "| accuracy (mean@2) |" in (tmp_path / "results.md").read_text()
+    assert set(rep.by_type) == {"problem_type_graph", "problem_type_goal"}
+    if mode == "correct":
+        assert all(r["extracted"] == r["ground_truth"] for r in rows)
+
+
+def test_per_type_table_matches_recomputation(tmp_path, processor, geo_subset):
+    prompts = list(geometry3k_prompts(geo_subset))
+
+    class HalfOracle(OracleEngine):  # right on even problems, wrong on odd ones
+        def generate(self, encs, sampling):
+            out = super().generate(encs, sampling)
+            for r in out:
+                if r.prompt_index % 2:
+                    r.text = "\\boxed{-1e9}"
+            return out
+
+    rep = evaluate(prompts, HalfOracle("correct"), processor, tmp_path, dataset="geo", progress=False,
+                   sampling=SamplingParams(), **SMALL)
+    _, acc, _, _, rows = recompute(tmp_path / "generations.jsonl")
+    assert 0 < rep.accuracy == acc < 1
+    by_goal = defaultdict(list)
+    for r in rows:
+        for t in r["metadata"]["problem_type_goal"]:
+            by_goal[t].append(r["correct"])
+    for t, v in by_goal.items():
+        assert rep.by_type["problem_type_goal"][t]["accuracy"] == pytest.approx(sum(v) / len(v))
+        assert rep.by_type["problem_type_goal"][t]["n"] == len(v)
+
+
+def test_resume_skips_done_ids_and_ignores_torn_line(tmp_path, processor, geo_subset):
+    prompts = list(geometry3k_prompts(geo_subset))
+    calls = []
+
+    class Counting(OracleEngine):
+        def generate(self, encs, sampling):
+            calls.append(len(encs))
+            return super().generate(encs, sampling)
+
+    evaluate(prompts[:10], Counting(), processor, tmp_path, dataset="geo", progress=False,
+             sampling=SamplingParams(), **SMALL)
+    with open(tmp_path / "generations.jsonl", "a") as f:
+        f.write('{"id": "geometry3k/test/torn", "sam')  # a kill mid-write
+    rep = evaluate(prompts, Counting(), processor, tmp_path, dataset="geo", progress=False,
+                   sampling=SamplingParams(), batch_size=100, **SMALL)
+    assert calls == [10, 21]
+    assert rep.n_problems == 31 and rep.accuracy == 1.0
+    assert len(read_generations(tmp_path / "generations.jsonl")) == 31
+
+
+def test_text_math_oracle(tmp_path, processor):
+    prompts = list(text_math_prompts(load_text_math("math500").select(range(25))))
+    rep = evaluate(prompts, OracleEngine(), processor, tmp_path, dataset="math500", progress=False,
+                   sampling=SamplingParams())
+    assert rep.accuracy == 1.0 and "level" in rep.by_type and "subject" in rep.by_type
+    rep_w = evaluate(prompts, OracleEngine("wrong"), processor, tmp_path / "w", dataset="math500", progress=False,
+                     sampling=SamplingParams())
+    assert rep_w.accuracy == 0.0
+
+
+def test_hf_engine_sampler_logprobs_match_policy(processor, geo_subset):
+    """The HF engine's sampler log-probs (T=1) equal the trainer's log-probs of the same tokens: no mismatch."""
+    model = build_model("t", random_init=True, config=tiny_qwen2_5_vl_config(), dtype=torch.float32, seed=0)
+    engine = HFEngine(model, processor.tokenizer, batch_size=8)
+    encs = [encode_prompt(p, processor, **SMALL) for p in geometry3k_prompts(geo_subset.select(range(3)))]
+    rollouts = engine.generate(encs, SamplingParams(n=2, temperature=1.0, max_tokens=12, seed=0))
+    assert [(r.prompt_index, r.sample_index) for r in rollouts] == [(i, s) for i in range(3) for s in range(2)]
+    assert all(151655 not in r.response_ids for r in rollouts)  # image pad never sampled
+    assert all(r.finish_reason in ("stop", "length") and 0 < len(r.response_ids) <= 12 for r in rollouts)
+    batch = collate([r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts], pad_id=151643,
+                    pixel_values=[encs[r.prompt_index].pixel_values for r in rollouts],
+                    image_grid_thw=[encs[r.prompt_index].image_grid_thw for r in rollouts])
+    with torch.no_grad():
+        lp, _ = Policy(model)(batch)
+    for i, r in enumerate(rollouts):
+        torch.testing.assert_close(lp[i, :len(r.response_ids)], torch.tensor(r.logprobs), rtol=0, atol=1e-4)
+
+
+def test_eval_on_exported_hf_folder(tmp_path, processor, geo_subset):
+    """Any HF-format folder (what the trainer exports) evaluates through the same code path."""
+    model = build_model("t", random_init=True, config=tiny_qwen2_5_vl_config(), dtype=torch.float32, seed=0)
+    model.save_pretrained(tmp_path / "ckpt")
+    processor.save_pretrained(tmp_path / "ckpt")
+    engine, proc = make_engine("hf", str(tmp_path / "ckpt"), device="cpu", batch_size=4)
+    prompts = list(geometry3k_prompts(geo_subset.select(range(2))))
+    rep = evaluate(prompts, engine, proc, tmp_path / "out", dataset="geo", progress=False,
+                   sampling=SamplingParams(n=1, temperature=0.0, max_tokens=6), **SMALL)
+    rows = read_generations(tmp_path / "out" / "generations.jsonl")
+    assert rep.n_problems == 2 and len(rows) == 2
+    assert all(0 < r["response_tokens"] <= 6 for r in rows)
+    assert rep.mean_response_tokens == sum(r["response_tokens"] for r in rows) / 2
