@@ -50,7 +50,7 @@ def local_share(data: UpdateBatch) -> UpdateBatch:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--mode", choices=["step", "train", "resume"], required=True)
+    ap.add_argument("--mode", choices=["step", "train", "resume", "sync"], required=True)
     ap.add_argument("--fsdp", type=int, default=1)
     ap.add_argument("--steps", type=int, default=1)
     ap.add_argument("--save-at", type=int, default=0)
@@ -100,6 +100,28 @@ def main() -> None:
     policy.eval()
     with torch.no_grad():
         lp, _ = policy(make_global_batch(99).batch)
+    if args.mode == "sync":  # every rank: a fresh HF engine with other weights, then sync from the FSDP policy
+        from transformers import AutoTokenizer
+
+        from mm_gmpo.policy import ASSETS
+        from mm_gmpo.rollout.hf import HFEngine
+        from mm_gmpo.weight_sync import sync_weights
+
+        other = build_model("tiny", random_init=True, config=tiny_qwen2_5_vl_config(), dtype=torch.float32, seed=7)
+        engine = HFEngine(other, AutoTokenizer.from_pretrained(ASSETS))
+        probe = make_global_batch(99).batch
+        with torch.no_grad():
+            before, _ = Policy(other)(probe)
+        sync_metrics = sync_weights(policy, engine)
+        with torch.no_grad():
+            after, _ = Policy(other)(probe)
+        gathered = distributed.all_reduce_sum([(after - lp).abs().max().item(), (before - lp).abs().max().item()])
+        if info.rank == 0:
+            torch.save({"after_max_diff_sum": gathered[0], "before_max_diff_sum": gathered[1],
+                        "metrics": sync_metrics, "world_size": info.world_size}, args.out)
+        distributed.barrier()
+        torch.distributed.destroy_process_group() if torch.distributed.is_initialized() else None
+        os._exit(0)
     if args.export:
         from mm_gmpo.data.processing import load_processor
 

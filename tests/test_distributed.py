@@ -117,3 +117,12 @@ def test_interrupted_save_never_replaces_the_last_checkpoint(trained, tmp_path):
     # a step folder without trainer_state.json (not finished) is not a checkpoint either
     (ck / "step_00000004").mkdir()
     assert latest_checkpoint(ck).name == "step_00000002"
+
+
+def test_weight_sync_from_fsdp_policy_into_engine(tmp_path):
+    """After a training step, every rank's engine (other random weights) matches the trainer only after sync."""
+    out = run_worker(2, tmp_path / "sync.pt", "--mode", "sync", "--steps", "1")
+    assert out["world_size"] == 2
+    assert out["before_max_diff_sum"] > 0.1  # the engine really had other weights
+    assert out["after_max_diff_sum"] < 1e-5  # summed over both ranks
+    assert out["metrics"]["perf/weight_sync_tensors"] == 56  # every parameter, the tied head once

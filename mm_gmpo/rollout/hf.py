@@ -82,11 +82,18 @@ class HFEngine:
         return out
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy tensors in by transformers name; an unknown or missing name is an error, never a silent skip."""
         params = dict(self.model.named_parameters())
+        seen = set()
         with torch.no_grad():
             for name, t in named_tensors:
-                if name in params:
-                    params[name].copy_(t.to(params[name].dtype))
+                if name not in params:
+                    raise KeyError(f"weight sync: the engine's model has no parameter {name!r}")
+                params[name].copy_(t.to(device=params[name].device, dtype=params[name].dtype))
+                seen.add(name)
+        missing = set(params) - seen
+        if missing:
+            raise KeyError(f"weight sync left {len(missing)} parameters stale, e.g. {sorted(missing)[:3]}")
 
     def sleep(self) -> None:  # nothing to free for an in-process HF model
         pass
