@@ -30,7 +30,7 @@ def test_sync_makes_engine_match_and_stale_names_fail():
         after, _ = Policy(other)(probe)
     assert torch.equal(after, want)
     assert m["perf/weight_sync_tensors"] == len(list(trainer.named_parameters()))
-    with pytest.raises(KeyError, match="no parameter 'model.bogus'"):
+    with pytest.raises(KeyError, match=r"no parameter 'model\.bogus'"):
         engine.update_weights([("model.bogus", torch.zeros(1))])
     with pytest.raises(KeyError, match="stale"):
         engine.update_weights([("model.language_model.norm.weight", trainer.model.language_model.norm.weight)])
