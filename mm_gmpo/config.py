@@ -1,0 +1,317 @@
+"""Experiment configuration: nested dataclasses, one YAML per experiment, dotted overrides (``key.sub=value``).
+
+Every field has a doc (``python -m mm_gmpo.config`` prints the reference). Unknown keys, wrong types and
+inconsistent settings raise :class:`ConfigError` naming the key and what to change, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem; the message names the key and the fix."""
+
+
+def f(default: Any, doc: str) -> Any:
+    """A config field with its documentation."""
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass
+class ModelConfig:
+    path: str = f("tiny-random", "Policy: an HF folder or hub name (e.g. Qwen/Qwen2.5-VL-7B-Instruct), or "
+                                 "'tiny-random' (random tiny Qwen2.5-VL: plumbing only)")
+    processor: str = f("", "Processor/tokenizer folder or hub name; empty = same as path (bundled for tiny-random)")
+    dtype: str = f("bf16", "Parameter dtype for compute: bf16 or fp32 (use fp32 on CPU)")
+    attn_implementation: str = f("sdpa", "sdpa, or flash_attention_2 when flash-attn is installed")
+    freeze_vision: bool = f(False, "Do not train the vision tower")
+    activation_checkpointing: bool = f(True, "Recompute activations in backward (less memory, ~30% more compute)")
+    logprob_chunk_size: int = f(1024, "Response tokens per chunk of the LM head / log-softmax (memory bound)")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = f("synthetic", "geometry3k, math, or synthetic (the built-in shapes task)")
+    train_source: str = f("", "geometry3k: Inter-GPS folder, parquet, or hub name (hiyouga/geometry3k); "
+                              "math: a name in data/math, a jsonl/parquet path, or a hub name")
+    train_split: str = f("train", "Split of train_source")
+    val_source: str = f("", "Validation source (empty: the committed Geometry3K test split / MATH500)")
+    val_split: str = f("test", "Split of val_source")
+    template: str = f("think_boxed", "Prompt template in mm_gmpo/templates (think_boxed, qwen_math, plain)")
+    show_choices: bool = f(False, "Geometry3K: list the choices in the prompt")
+    levels: list = f([], "MATH levels to keep, e.g. [3, 4, 5]; empty = all")
+    max_prompt_length: int = f(2048, "Prompts longer than this (tokens, images included) are dropped and counted")
+    min_pixels: int = f(262_144, "Images are resized to at least this many pixels (EasyR1: 512*512)")
+    max_pixels: int = f(4_194_304, "... and at most this many (EasyR1: 2048*2048)")
+    on_bad_sample: str = f("error", "error (stop, naming file and field) or skip (drop, count, warn)")
+
+
+@dataclass
+class RolloutConfig:
+    backend: str = f("hf", "hf (transformers generate) or vllm")
+    n: int = f(5, "Samples per prompt (the GRPO/GMPO group size)")
+    temperature: float = f(1.0, "Sampling temperature for training rollouts (> 0)")
+    top_p: float = f(1.0, "Nucleus sampling")
+    max_tokens: int = f(2048, "Maximum response tokens")
+    gpu_memory_utilization: float = f(0.6, "vLLM: fraction of GPU memory for weights + KV cache")
+    tensor_parallel_size: int = f(1, "vLLM: tensor-parallel ranks per engine")
+    enforce_eager: bool = f(False, "vLLM: no CUDA graphs / torch.compile (faster start, slower decode)")
+    tis_cap: float = f(0.0, "Truncated importance sampling cap for the train/inference mismatch; 0 = off")
+
+
+@dataclass
+class AlgorithmConfig:
+    objective: str = f("gmpo", "gmpo (geometric mean) or grpo (arithmetic mean, PPO-clip)")
+    clip_low: float = f(0.4, "gmpo: log-ratio clip below for A < 0 (0.4 = e^-0.4); grpo: ratio epsilon (0.2)")
+    clip_high: float = f(0.4, "gmpo: log-ratio clip above for A > 0; grpo: ratio epsilon (0.2, DAPO 0.28)")
+    loss_agg: str = f("token_mean", "grpo only: token_mean or seq_mean_token_mean (gmpo is per sequence)")
+    normalize_std: bool = f(True, "Divide advantages by the group std (False = Dr. GRPO)")
+    adv_eps: float = f(1e-6, "Added to the group std")
+    kl_coef: float = f(0.0, "k3 KL penalty to the initial policy (the paper uses none)")
+    entropy_coef: float = f(0.0, "Entropy bonus")
+    format_weight: float = f(0.1, "Reward = (1 - w) accuracy + w format (EasyR1: 0.1; paper's text setting: 0)")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = f(1e-6, "AdamW learning rate")
+    weight_decay: float = f(0.01, "AdamW weight decay (not on biases and norms)")
+    betas: list = f([0.9, 0.999], "AdamW betas")
+    max_grad_norm: float = f(1.0, "Global gradient-norm clip; 0 = off")
+    lr_schedule: str = f("constant", "constant or cosine")
+    warmup_steps: int = f(0, "Linear warmup steps")
+    min_lr_ratio: float = f(0.0, "cosine: final lr / lr")
+
+
+@dataclass
+class TrainerConfig:
+    rollout_batch_size: int = f(512, "Prompts per step (each sampled n times)")
+    mini_batch_size: int = f(128, "Prompts per optimizer update; rollout_batch_size / mini_batch_size updates per step")
+    ppo_epochs: int = f(1, "Passes over each rollout batch")
+    max_tokens_per_micro_batch: int = f(16_384, "Token budget of one forward/backward (dynamic micro-batching)")
+    total_steps: int = f(0, "Steps to train; 0 = epochs x (train size / rollout_batch_size)")
+    epochs: int = f(15, "Epochs over the train set when total_steps is 0")
+    seed: int = f(1, "Seed for data order, sampling and initialisation")
+    cpu_offload: bool = f(False, "FSDP2: keep sharded params and optimizer state on the CPU")
+    output_dir: str = f("runs/default", "Run folder: checkpoints, metrics.jsonl, TensorBoard, plots")
+    save_every: int = f(20, "Checkpoint every N steps (and at the end); 0 = only at the end")
+    keep_last: int = f(2, "Finished checkpoints to keep")
+    eval_every: int = f(5, "Validate every N steps; 0 = never")
+    resume: str = f("auto", "auto (latest checkpoint in output_dir if any), none, or a checkpoint path")
+    export_hf: bool = f(True, "Write an HF-format copy (safetensors + processor) at the end")
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = f(True, "Write TensorBoard event files")
+    wandb: bool = f(False, "Log to Weights & Biases (when installed)")
+    wandb_project: str = f("mm_gmpo", "W&B project")
+    run_name: str = f("", "Run name (default: the output_dir name)")
+    sample_generations: int = f(4, "Generations (with image ids) written per eval")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+CHOICES = {
+    "model.dtype": ("bf16", "fp32"),
+    "model.attn_implementation": ("sdpa", "flash_attention_2", "eager"),
+    "data.dataset": ("geometry3k", "math", "synthetic"),
+    "data.on_bad_sample": ("error", "skip"),
+    "rollout.backend": ("hf", "vllm"),
+    "algorithm.objective": ("gmpo", "grpo"),
+    "algorithm.loss_agg": ("token_mean", "seq_mean_token_mean"),
+    "optim.lr_schedule": ("constant", "cosine"),
+}
+
+
+# ---------------------------------------------------------------- building from dicts
+
+
+def _hint(key: str, options) -> str:
+    close = difflib.get_close_matches(key, list(options), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _coerce(value: Any, tp: Any, key: str, origin: str) -> Any:
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-6 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+    elif tp is list or typing.get_origin(tp) is list:
+        if isinstance(value, list):
+            return value
+    else:
+        return value
+    name = getattr(tp, "__name__", str(tp))
+    raise ConfigError(f"{key}: expected {name}, got {value!r} ({type(value).__name__}) from {origin}")
+
+
+def _build(cls, raw: dict, prefix: str, origin: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {raw!r} from {origin}")
+    hints = typing.get_type_hints(cls)
+    fields = {fl.name: fl for fl in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(f"{dotted}: no such config key{_hint(key, fields)}; valid keys under "
+                              f"'{prefix.rstrip('.') or 'top level'}': {', '.join(fields)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, f"{dotted}.", origin)
+        else:
+            kwargs[key] = _coerce(value, tp, dotted, origin)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: '{p}' is a value, not a section")
+    node[parts[-1]] = value
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Config from a YAML file (optional) plus ``key.sub=value`` overrides (values parsed as YAML scalars)."""
+    tree: dict = {}
+    origin = "defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file {p} not found")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({e})") from None
+        origin = str(p)
+    cfg = _build(Config, tree, "", origin)  # report file errors as file errors
+    over: dict = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key.sub=value (e.g. optim.lr=1e-6)")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(over, key.strip(), value)
+    if over:
+        cfg = _build(Config, _merge(to_dict(cfg), over), "", "the command line")
+    return cfg
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# ---------------------------------------------------------------- cross-field checks
+
+
+def validate(cfg: Config, world_size: int = 1) -> None:
+    """Raise ConfigError for settings that cannot work together, saying what to change."""
+    for dotted, options in CHOICES.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value not in options:
+            raise ConfigError(f"{dotted}: {value!r} is not one of {', '.join(options)}{_hint(str(value), options)}")
+    t, r, a = cfg.trainer, cfg.rollout, cfg.algorithm
+    if r.n < 1:
+        raise ConfigError(f"rollout.n = {r.n}: need at least 1 sample per prompt (GMPO/GRPO need >= 2 to learn)")
+    if r.temperature <= 0:
+        raise ConfigError("rollout.temperature must be > 0 for training: greedy samples of one prompt are identical, "
+                          "so every group has advantage 0")
+    if t.rollout_batch_size % t.mini_batch_size:
+        raise ConfigError(f"trainer.rollout_batch_size ({t.rollout_batch_size}) must be a multiple of "
+                          f"trainer.mini_batch_size ({t.mini_batch_size}); e.g. set trainer.mini_batch_size="
+                          f"{_divisor_near(t.rollout_batch_size, t.mini_batch_size)}")
+    if (t.mini_batch_size * r.n) % world_size:
+        raise ConfigError(f"trainer.mini_batch_size x rollout.n = {t.mini_batch_size * r.n} samples per update cannot "
+                          f"be split evenly over {world_size} ranks; make it a multiple of {world_size}")
+    if t.rollout_batch_size % world_size:
+        raise ConfigError(f"trainer.rollout_batch_size ({t.rollout_batch_size}) must be a multiple of the number "
+                          f"of ranks ({world_size}) so every rank gets whole prompt groups")
+    if a.objective == "grpo" and not (0 < a.clip_low < 1):
+        raise ConfigError(f"algorithm.clip_low = {a.clip_low}: for grpo it is a ratio epsilon in (0, 1), "
+                          "e.g. 0.2 (0.4 is GMPO's log-space clip)")
+    if a.clip_low <= 0 or a.clip_high <= 0:
+        raise ConfigError("algorithm.clip_low and algorithm.clip_high must be > 0")
+    if not 0 <= a.format_weight <= 1:
+        raise ConfigError(f"algorithm.format_weight = {a.format_weight}: must be within [0, 1]")
+    if cfg.data.min_pixels > cfg.data.max_pixels:
+        raise ConfigError(f"data.min_pixels ({cfg.data.min_pixels}) is larger than data.max_pixels "
+                          f"({cfg.data.max_pixels})")
+    if r.backend == "vllm" and cfg.model.path == "tiny-random":
+        raise ConfigError("rollout.backend=vllm needs a model folder with a config.json; use rollout.backend=hf "
+                          "with model.path=tiny-random")
+    if t.max_tokens_per_micro_batch < 1:
+        raise ConfigError("trainer.max_tokens_per_micro_batch must be >= 1")
+
+
+def _divisor_near(n: int, target: int) -> int:
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    return min(divisors, key=lambda d: abs(d - target))
+
+
+def reference() -> str:
+    """A markdown table of every key, its default and its doc."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for section in dataclasses.fields(Config):
+        for fl in dataclasses.fields(section.type if isinstance(section.type, type) else
+                                     typing.get_type_hints(Config)[section.name]):
+            default = fl.default if fl.default is not dataclasses.MISSING else fl.default_factory()
+            rows.append(f"| `{section.name}.{fl.name}` | `{default}` | {fl.metadata.get('doc', '')} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(reference())
+
