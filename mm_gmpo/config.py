@@ -21,9 +21,7 @@ class ConfigError(ValueError):
 
 
 def f(default: Any, doc: str) -> Any:
-    """A config field with its documentation."""
-    if isinstance(default, list | dict):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"doc": doc})
+    """A config field with its documentation (immutable defaults; lists use field(default_factory=...))."""
     return field(default=default, metadata={"doc": doc})
 
 
@@ -49,7 +47,7 @@ class DataConfig:
     val_split: str = f("test", "Split of val_source")
     template: str = f("think_boxed", "Prompt template in mm_gmpo/templates (think_boxed, qwen_math, plain)")
     show_choices: bool = f(False, "Geometry3K: list the choices in the prompt")
-    levels: list = f([], "MATH levels to keep, e.g. [3, 4, 5]; empty = all")
+    levels: list = field(default_factory=list, metadata={"doc": "MATH levels to keep, e.g. [3, 4, 5]; empty = all"})
     max_prompt_length: int = f(2048, "Prompts longer than this (tokens, images included) are dropped and counted")
     min_pixels: int = f(262_144, "Images are resized to at least this many pixels (EasyR1: 512*512)")
     max_pixels: int = f(4_194_304, "... and at most this many (EasyR1: 2048*2048)")
@@ -86,7 +84,7 @@ class AlgorithmConfig:
 class OptimConfig:
     lr: float = f(1e-6, "AdamW learning rate")
     weight_decay: float = f(0.01, "AdamW weight decay (not on biases and norms)")
-    betas: list = f([0.9, 0.999], "AdamW betas")
+    betas: list = field(default_factory=lambda: [0.9, 0.999], metadata={"doc": "AdamW betas"})
     max_grad_norm: float = f(1.0, "Global gradient-norm clip; 0 = off")
     lr_schedule: str = f("constant", "constant or cosine")
     warmup_steps: int = f(0, "Linear warmup steps")
