@@ -201,27 +201,26 @@ def full_model_state_dict(policy: nn.Module) -> dict[str, torch.Tensor]:
     return sd if rank() == 0 else {}
 
 
-def save_sharded(path: Path, policy: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
-    """Model and optimizer state with torch.distributed.checkpoint: every rank writes its shards."""
-    import torch.distributed.checkpoint as dcp
+def _dcp_state(policy: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_sd, optim_sd = get_state_dict(policy, optimizer if optimizer is not None else [])
-    state = {"model": model_sd}
-    if optimizer is not None:
-        state["optim"] = optim_sd
-    dcp.save(state, checkpoint_id=str(path))
+    return {"model": model_sd, "optim": optim_sd} if optimizer is not None else {"model": model_sd}
+
+
+def save_sharded(path: Path, policy: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """Model and optimizer state with torch.distributed.checkpoint: every rank writes its shards."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(_dcp_state(policy, optimizer), checkpoint_id=str(path))
 
 
 def load_sharded(path: Path, policy: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
     """Load a :func:`save_sharded` checkpoint into this (possibly differently sharded) policy and optimizer."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    model_sd, optim_sd = get_state_dict(policy, optimizer if optimizer is not None else [])
-    state = {"model": model_sd}
-    if optimizer is not None:
-        state["optim"] = optim_sd
+    state = _dcp_state(policy, optimizer)
     dcp.load(state, checkpoint_id=str(path))
     set_state_dict(policy, optimizer if optimizer is not None else [], model_state_dict=state["model"],
                    optim_state_dict=state.get("optim", {}))
