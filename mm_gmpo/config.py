@@ -64,7 +64,6 @@ class RolloutConfig:
     gpu_memory_utilization: float = f(0.6, "vLLM: fraction of GPU memory for weights + KV cache")
     tensor_parallel_size: int = f(1, "vLLM: tensor-parallel ranks per engine")
     enforce_eager: bool = f(False, "vLLM: no CUDA graphs / torch.compile (faster start, slower decode)")
-    tis_cap: float = f(0.0, "Truncated importance sampling cap for the train/inference mismatch; 0 = off")
 
 
 @dataclass
@@ -107,6 +106,7 @@ class TrainerConfig:
     eval_every: int = f(5, "Validate every N steps; 0 = never")
     resume: str = f("auto", "auto (latest checkpoint in output_dir if any), none, or a checkpoint path")
     export_hf: bool = f(True, "Write an HF-format copy (safetensors + processor) at the end")
+    reward_workers: int = f(2, "Reward scoring processes per rank (0 = in the training process)")
 
 
 @dataclass
@@ -290,6 +290,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if r.backend == "vllm" and cfg.model.path == "tiny-random":
         raise ConfigError("rollout.backend=vllm needs a model folder with a config.json; use rollout.backend=hf "
                           "with model.path=tiny-random")
+    if a.kl_coef > 0:
+        raise ConfigError("algorithm.kl_coef > 0 needs a reference policy, which the trainer does not build yet; "
+                          "set algorithm.kl_coef=0 (the GMPO paper uses no KL)")
     if t.max_tokens_per_micro_batch < 1:
         raise ConfigError("trainer.max_tokens_per_micro_batch must be >= 1")
 

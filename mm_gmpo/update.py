@@ -37,6 +37,28 @@ class UpdateBatch:
         return UpdateBatch(sub, self.old_logprobs[idx, :R], self.advantages[idx], ref)
 
 
+def _micro_groups(batch: PolicyBatch, max_tokens: int, device) -> list[list[int]]:
+    """Token-budget micro-batches, padded with empty groups so every rank runs the same number of passes."""
+    lengths = [int(n) for n in batch.attention_mask.sum(-1).tolist()]
+    groups = split_by_token_budget(lengths, max_tokens)
+    n_micro = int(distributed.all_reduce_max(float(len(groups)), device))
+    return groups + [[] for _ in range(n_micro - len(groups))]
+
+
+@torch.no_grad()
+def compute_logprobs(policy: nn.Module, batch: PolicyBatch, *, max_tokens_per_micro_batch: int = 8192,
+                     temperature: float = 1.0, device: torch.device | None = None) -> torch.Tensor:
+    """(B, R) log-probs of the responses under the current policy, micro-batched (the 'old log-probs' stage)."""
+    policy.eval()
+    out = torch.zeros(batch.response_mask.shape, dtype=torch.float32)
+    for idx in _micro_groups(batch, max_tokens_per_micro_batch, device):
+        mb = batch.select(idx if idx else [0])
+        lp, _ = policy(mb.to(device) if device is not None else mb, temperature=temperature)
+        if idx:
+            out[idx, :lp.shape[1]] = lp.float().cpu()
+    return out
+
+
 def build_optimizer(policy: nn.Module, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999),
                     eps: float = 1e-8) -> torch.optim.Optimizer:
     """AdamW over trainable parameters (no decay on biases and norms); fused kernels on CUDA."""
@@ -78,6 +100,7 @@ def policy_update(
     max_tokens_per_micro_batch: int = 8192,
     max_grad_norm: float = 1.0,
     with_entropy: bool = False,
+    temperature: float = 1.0,
     device: torch.device | None = None,
 ) -> dict[str, float]:
     """One optimizer step over ``data`` (split into micro-batches by token budget); returns averaged metrics.
@@ -92,11 +115,8 @@ def policy_update(
     normalizer = global_seqs if normalize_by == "sequences" else global_tokens
     scale = float(distributed.world_size())  # undo FSDP's mean over ranks: we normalise globally ourselves
 
-    lengths = data.batch.attention_mask.sum(-1).tolist()
-    groups = split_by_token_budget([int(n) for n in lengths], max_tokens_per_micro_batch)
-    # every rank must run the same number of forward/backward passes (FSDP collectives)
-    n_micro = int(distributed.all_reduce_max(float(len(groups)), device))
-    groups += [[] for _ in range(n_micro - len(groups))]
+    groups = _micro_groups(data.batch, max_tokens_per_micro_batch, device)
+    n_micro = len(groups)
 
     policy.train()
     optimizer.zero_grad(set_to_none=True)
@@ -110,7 +130,7 @@ def policy_update(
         if device is not None:
             mb = UpdateBatch(mb.batch.to(device), mb.old_logprobs.to(device), mb.advantages.to(device),
                              None if mb.ref_logprobs is None else mb.ref_logprobs.to(device))
-        logprobs, entropy = policy(mb.batch, with_entropy=with_entropy)
+        logprobs, entropy = policy(mb.batch, with_entropy=with_entropy, temperature=temperature)
         loss, m = loss_fn(logprobs, mb.old_logprobs, mb.advantages, mb.batch.response_mask, normalizer=normalizer,
                           ref_logprobs=mb.ref_logprobs, entropy=entropy, **loss_kwargs)
         if empty:  # a padding pass that keeps ranks in step: contributes no gradient

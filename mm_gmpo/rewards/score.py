@@ -9,6 +9,8 @@ Tasks
                     (Inter-GPS layout; ``choice_values`` = its ``precise_value``). A response is correct when it
                     names the right letter, the right choice text, or a number within 1% (relative) of the right
                     choice's value that is closer to it than to any other choice. Naming a wrong choice scores 0.
+    ``exact``       the response's first word equals the ground truth, case-insensitively (the built-in
+                    synthetic task; a boxed answer is also accepted).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from mm_gmpo.rewards.extract import (
 )
 from mm_gmpo.rewards.math_equiv import DeadlineExceeded, deadline, math_equal, normalize, numeric_value, warm_up
 
-TASKS = ("math", "geometry3k")
+TASKS = ("math", "geometry3k", "exact")
 DEFAULT_DEADLINE_S = 1.5
 GEO_REL_TOL = 0.01
 
@@ -105,6 +107,13 @@ def _geometry_accuracy(
     return nearest <= gold_set and dist[gold_idx] <= GEO_REL_TOL * abs(values[gold_idx])
 
 
+def _exact_accuracy(response: str, ground_truth: str) -> bool:
+    boxed = extract_answer(response)
+    text = boxed if boxed is not None else response
+    words = re.findall(r"[A-Za-z0-9]+", text[:256])
+    return bool(words) and words[0].lower() == ground_truth.strip().lower()
+
+
 def score(
     response: str,
     ground_truth: str,
@@ -141,6 +150,8 @@ def score(
                 fmt = float(_format_ok(response, format_pattern))
             if task == "math":
                 ok = _math_accuracy(response, ground_truth)
+            elif task == "exact":
+                ok = _exact_accuracy(response, ground_truth)
             else:
                 ok = _geometry_accuracy(response, ground_truth, choices, choice_values)
             accuracy = float(ok)

@@ -22,6 +22,7 @@ class SamplingParams:
     top_p: float = 1.0
     max_tokens: int = 1024
     seed: int | None = None
+    allowed_token_ids: tuple[int, ...] | None = None  # sample only these tokens (the built-in task's answers)
 
 
 @dataclass

@@ -48,6 +48,9 @@ class HFEngine:
                 kwargs = {"pixel_values": batch.pixel_values.to(self.device),
                           "image_grid_thw": batch.image_grid_thw.to(self.device)}
             greedy = sampling.temperature <= 0
+            if sampling.allowed_token_ids:
+                allowed = sorted(set(sampling.allowed_token_ids))  # exactly these (as vLLM's allowed_token_ids)
+                kwargs["prefix_allowed_tokens_fn"] = lambda batch_id, ids, allowed=allowed: allowed
             res = self.model.generate(
                 input_ids=batch.input_ids[:, :P].to(self.device),
                 attention_mask=batch.attention_mask[:, :P].to(self.device),

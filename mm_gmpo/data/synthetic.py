@@ -1,0 +1,58 @@
+"""The built-in task: "What color is the shape?" on small PIL drawings. No download, learnable on a CPU.
+
+Each image is a white 56x56 canvas with one circle, square or triangle in one of four colours, at a random place
+and size. The answer is the colour word. Rollouts for this task restrict sampling to the four answer tokens
+(``answer_token_ids``; vLLM calls the same thing ``allowed_token_ids``) so that a random-initialised tiny model can
+find rewarded answers at all; the policy itself is trained over the full vocabulary. Chance accuracy is 0.25.
+"""
+
+from __future__ import annotations
+
+import random
+
+from PIL import Image, ImageDraw
+
+from mm_gmpo.data.prompts import Prompt, build_messages
+
+COLORS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (30, 70, 220), "yellow": (235, 200, 20)}
+SHAPES = ("circle", "square", "triangle")
+QUESTION = "What color is the shape? Answer with one word: red, green, blue or yellow."
+
+
+def draw(color: str, shape: str, rng: random.Random, size: int = 56) -> Image.Image:
+    img = Image.new("RGB", (size, size), (255, 255, 255))
+    d = ImageDraw.Draw(img)
+    r = rng.randint(size // 4, size // 2 - 2)
+    cx, cy = rng.randint(r, size - r), rng.randint(r, size - r)
+    fill = COLORS[color]
+    if shape == "circle":
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "square":
+        d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    else:
+        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    return img
+
+
+def synthetic_prompts(n: int, seed: int = 0, split: str = "train") -> list[Prompt]:
+    """n prompts, deterministic in (seed, split); colours are balanced."""
+    rng = random.Random(f"{seed}-{split}")
+    out = []
+    colors = list(COLORS)
+    for i in range(n):
+        color = colors[i % len(colors)]
+        shape = rng.choice(SHAPES)
+        out.append(Prompt(
+            id=f"synthetic/{split}/{i}", task="exact", messages=build_messages(QUESTION, 1, "plain"),
+            images=[draw(color, shape, rng)], ground_truth=color, metadata={"shape": shape},
+        ))
+    rng.shuffle(out)
+    return out
+
+
+def answer_token_ids(tokenizer) -> list[int]:
+    """Token ids of the four answers (each a single token in the Qwen2 vocabulary)."""
+    ids = [tokenizer.encode(c, add_special_tokens=False) for c in COLORS]
+    if any(len(x) != 1 for x in ids):
+        raise ValueError(f"the synthetic task needs single-token colour words; this tokenizer gives {ids}")
+    return [x[0] for x in ids]

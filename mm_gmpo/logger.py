@@ -1,0 +1,97 @@
+"""Metrics: console, ``metrics.jsonl``, TensorBoard, W&B (when installed and asked for), and a reward plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+
+class MetricsLogger:
+    """Rank 0 writes; other ranks get a logger that does nothing."""
+
+    def __init__(self, out_dir: str | Path, *, enabled: bool, tensorboard: bool = True, wandb: bool = False,
+                 wandb_project: str = "mm_gmpo", run_name: str = "", config: dict | None = None):
+        self.enabled = enabled
+        self.out = Path(out_dir)
+        self._tb = self._wandb = None
+        if not enabled:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(self.out / "metrics.jsonl", "a")  # noqa: SIM115 (closed in close())
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.out / "tensorboard"))
+            except ImportError:
+                print("tensorboard is not installed: skipping TensorBoard logs")
+        if wandb:
+            try:
+                import wandb as wb
+
+                self._wandb = wb.init(project=wandb_project, name=run_name or self.out.name, config=config or {})
+            except ImportError:
+                print("wandb is not installed (pip install -e '.[wandb]'): skipping W&B")
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        clean = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and math.isfinite(v)}
+        self._jsonl.write(json.dumps({"step": step, "time": time.time(), **clean}) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for k, v in clean.items():
+                self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(clean, step=step)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def plot_training(metrics_path: str | Path, out_png: str | Path,
+                  keys: tuple[str, ...] = ("reward/mean", "reward/accuracy", "ratio/clip_frac_upper",
+                                            "ratio/token_log_ratio_max")) -> Path | None:
+    """Plot the chosen metrics against step (one panel each) into a PNG; None if there is nothing to plot."""
+    rows = read_metrics(metrics_path)
+    keys = tuple(k for k in keys if any(k in r for r in rows))
+    if not rows or not keys:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+    for ax, k in zip(axes[0], keys, strict=True):
+        pts = [(r["step"], r[k]) for r in rows if k in r]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", lw=1)
+        ax.set_title(k)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png

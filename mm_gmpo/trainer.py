@@ -1,0 +1,323 @@
+"""The training loop. ``train(cfg)`` reads top to bottom in data-flow order:
+
+    prompts -> rollout (n per prompt) -> rewards -> group advantages -> old log-probs
+            -> mini-batch GMPO/GRPO updates (FSDP2) -> weight sync -> log / eval / checkpoint
+
+Every rank holds an FSDP2 shard of the policy and a colocated rollout engine with its own full copy of the
+weights (as vLLM does), refreshed by ``sync_weights`` after each step. Each rank takes a contiguous slice of the
+step's prompts, so every prompt group lives on one rank and advantages need no communication.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from mm_gmpo import distributed
+from mm_gmpo.advantage import group_advantages
+from mm_gmpo.checkpoint import TrainerState, export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
+from mm_gmpo.config import Config, ConfigError, dump_yaml, to_dict, validate
+from mm_gmpo.data.processing import EncodedPrompt, encode_prompts, load_processor
+from mm_gmpo.data.prompts import Prompt
+from mm_gmpo.logger import MetricsLogger, plot_training
+from mm_gmpo.loss import get_policy_loss
+from mm_gmpo.policy import Policy, PolicyBatch, build_model, collate, model_config, tiny_qwen2_5_vl_config
+from mm_gmpo.rewards import score_batch
+from mm_gmpo.rollout.base import Rollout, SamplingParams
+from mm_gmpo.update import UpdateBatch, build_optimizer, build_scheduler, compute_logprobs, policy_update
+from mm_gmpo.weight_sync import sync_weights
+
+# ---------------------------------------------------------------- stage hand-offs
+
+
+@dataclass
+class RolloutBatch:
+    """What the rollout, reward and advantage stages hand to the update (this rank's share of one step)."""
+
+    prompts: list[EncodedPrompt]
+    rollouts: list[Rollout]  # prompt-major: n samples of prompt 0, then prompt 1, ...
+    rewards: torch.Tensor  # (N,)
+    advantages: torch.Tensor  # (N,)
+    batch: PolicyBatch
+    sampler_logprobs: torch.Tensor  # (N, R), 0 where the engine reports none
+
+
+class PromptSampler:
+    """Deterministic epoch-wise shuffling over a prompt list; its state is the data position in checkpoints."""
+
+    def __init__(self, n_items: int, seed: int):
+        self.n, self.seed, self.epoch, self.index = n_items, seed, 0, 0
+        self._order = self._shuffle()
+
+    def _shuffle(self) -> list[int]:
+        order = list(range(self.n))
+        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+        return order
+
+    def next(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            if self.index >= self.n:
+                self.epoch, self.index = self.epoch + 1, 0
+                self._order = self._shuffle()
+            take = min(k - len(out), self.n - self.index)
+            out += self._order[self.index:self.index + take]
+            self.index += take
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "n": self.n}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("n", self.n) != self.n:
+            raise ConfigError(f"the checkpoint's dataset had {state['n']} prompts, this one has {self.n}: "
+                              "resume with the same data, or start a new output_dir")
+        self.epoch, self.index = state["epoch"], state["index"]
+        self._order = self._shuffle()
+
+
+# ---------------------------------------------------------------- setup helpers
+
+
+def load_prompts(cfg: Config, split: str) -> list[Prompt]:
+    """Train or validation prompts for the configured dataset."""
+    d = cfg.data
+    if d.dataset == "synthetic":
+        from mm_gmpo.data.synthetic import synthetic_prompts
+
+        return synthetic_prompts(512 if split == "train" else 64, seed=cfg.trainer.seed, split=split)
+    source = d.train_source if split == "train" else d.val_source
+    which = d.train_split if split == "train" else d.val_split
+    if d.dataset == "geometry3k":
+        from mm_gmpo.data.geometry3k import geometry3k_prompts, load_geometry3k
+
+        ds = load_geometry3k(source, which, on_bad_sample=d.on_bad_sample) if source else load_geometry3k(split=which)
+        return list(geometry3k_prompts(ds, template=d.template, show_choices=d.show_choices))
+    from mm_gmpo.data.text_math import load_text_math, text_math_prompts
+
+    ds = load_text_math(source or "math500", split=which, levels=d.levels or None, on_bad_sample=d.on_bad_sample)
+    return list(text_math_prompts(ds, template=d.template))
+
+
+def _model_cfg(cfg: Config):
+    return tiny_qwen2_5_vl_config() if cfg.model.path == "tiny-random" else model_config(cfg.model.path)
+
+
+def _build(cfg: Config, dtype: torch.dtype, seed: int):
+    random_init = cfg.model.path == "tiny-random"
+    return build_model(cfg.model.path, random_init=random_init, config=_model_cfg(cfg) if random_init else None,
+                       dtype=dtype, attn_implementation=cfg.model.attn_implementation, seed=seed)
+
+
+def _make_engine(cfg: Config, processor, device: torch.device):
+    if cfg.rollout.backend == "vllm":
+        raise ConfigError("rollout.backend=vllm: the vLLM engine is not available yet (issue 6); use rollout.backend=hf")
+    from mm_gmpo.rollout.hf import HFEngine
+
+    dtype = torch.bfloat16 if cfg.model.dtype == "bf16" else torch.float32
+    model = _build(cfg, dtype, seed=cfg.trainer.seed).to(device)  # weights are replaced by the first sync
+    return HFEngine(model, getattr(processor, "tokenizer", processor), device=device,
+                    batch_size=max(16, cfg.rollout.n * 4))
+
+
+def _peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak of the GPU for MFU (H100 SXM 989 TFLOP/s, H200 the same, A100 312); None if unknown."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peak in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("L40S", 362e12)):
+        if key in name:
+            return peak
+    return None
+
+
+# ---------------------------------------------------------------- stages
+
+
+def rollout_stage(engine, prompts: list[EncodedPrompt], sampling: SamplingParams, pad_id: int) -> tuple[list, PolicyBatch, torch.Tensor]:
+    rollouts = engine.generate(prompts, sampling)
+    batch = collate([r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts], pad_id=pad_id,
+                    pixel_values=[prompts[r.prompt_index].pixel_values for r in rollouts],
+                    image_grid_thw=[prompts[r.prompt_index].image_grid_thw for r in rollouts])
+    sampler_lp = torch.zeros(batch.response_mask.shape)
+    for i, r in enumerate(rollouts):
+        if r.logprobs:
+            sampler_lp[i, :len(r.logprobs)] = torch.tensor(r.logprobs)
+    return rollouts, batch, sampler_lp
+
+
+def reward_stage(prompts: list[EncodedPrompt], rollouts: list[Rollout], cfg: Config) -> tuple[torch.Tensor, dict]:
+    ps = [prompts[r.prompt_index].prompt for r in rollouts]
+    scores, metrics = score_batch([r.text for r in rollouts], [p.ground_truth for p in ps], task=[p.task for p in ps],
+                                  choices=[p.choices for p in ps], choice_values=[p.choice_values for p in ps],
+                                  format_weight=cfg.algorithm.format_weight, workers=cfg.trainer.reward_workers)
+    return torch.tensor([s["overall"] for s in scores]), metrics
+
+
+def mismatch_metrics(sampler_lp: torch.Tensor, trainer_lp: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """|log p_sampler - log p_trainer| over response tokens: the train/inference mismatch."""
+    m = mask.bool()
+    if not m.any() or not (sampler_lp[m] != 0).any():
+        return {}
+    d = (sampler_lp - trainer_lp)[m].abs()
+    return {"rollout/logprob_diff_mean": d.mean().item(), "rollout/logprob_diff_max": d.max().item()}
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def train(cfg: Config) -> dict[str, float]:
+    info = distributed.init_distributed()
+    validate(cfg, world_size=info.world_size)
+    t, r, a = cfg.trainer, cfg.rollout, cfg.algorithm
+    torch.manual_seed(t.seed)  # the same initial weights on every rank
+    out = Path(t.output_dir)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(dump_yaml(cfg))
+    log = MetricsLogger(out, enabled=info.is_main, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
+                        wandb_project=cfg.logging.wandb_project, run_name=cfg.logging.run_name, config=to_dict(cfg))
+
+    # data
+    processor = load_processor(cfg.model.processor or (cfg.model.path if cfg.model.path != "tiny-random" else
+                                                       Path(__file__).parent / "assets" / "qwen2_5_vl"))
+    tokenizer = getattr(processor, "tokenizer", processor)
+    train_prompts = load_prompts(cfg, "train")
+    sampler = PromptSampler(len(train_prompts), seed=t.seed)
+    total_steps = t.total_steps or max(1, t.epochs * len(train_prompts) // t.rollout_batch_size)
+    allowed = None
+    if cfg.data.dataset == "synthetic":
+        from mm_gmpo.data.synthetic import answer_token_ids
+
+        allowed = tuple(answer_token_ids(tokenizer))
+
+    # policy (FSDP2), optimizer, engine
+    compute_dtype = torch.bfloat16 if cfg.model.dtype == "bf16" else None
+    policy = Policy(_build(cfg, torch.float32, seed=t.seed), chunk_size=cfg.model.logprob_chunk_size)
+    policy.to(info.device)
+    distributed.parallelize(policy, param_dtype=compute_dtype, reduce_dtype=torch.float32,
+                            activation_checkpointing=cfg.model.activation_checkpointing,
+                            cpu_offload=t.cpu_offload, freeze_vision=cfg.model.freeze_vision)
+    optimizer = build_optimizer(policy, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+                                betas=tuple(cfg.optim.betas))
+    n_updates = total_steps * t.ppo_epochs * (t.rollout_batch_size // t.mini_batch_size)
+    scheduler = build_scheduler(optimizer, schedule=cfg.optim.lr_schedule, warmup_steps=cfg.optim.warmup_steps,
+                                total_steps=n_updates, min_lr_ratio=cfg.optim.min_lr_ratio)
+    loss_fn = get_policy_loss(a.objective)
+    loss_kwargs = {"clip_low": a.clip_low, "clip_high": a.clip_high, "kl_coef": a.kl_coef,
+                   "entropy_coef": a.entropy_coef}
+    if a.objective == "grpo":
+        loss_kwargs["loss_agg"] = a.loss_agg
+    normalize_by = "tokens" if a.objective == "grpo" and a.loss_agg == "token_mean" else "sequences"
+    engine = _make_engine(cfg, processor, info.device)
+
+    # resume
+    state = TrainerState()
+    ckpt_dir = out / "checkpoints"
+    resume_from = latest_checkpoint(ckpt_dir) if t.resume == "auto" else (None if t.resume == "none" else
+                                                                          Path(t.resume))
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, policy, optimizer, scheduler)
+        sampler.load_state_dict(state.data_position)
+        if info.is_main:
+            print(f"resumed from {resume_from} at step {state.step}")
+    sync_weights(policy, engine)
+
+    per_rank = t.rollout_batch_size // info.world_size
+    n_mini = t.rollout_batch_size // t.mini_batch_size
+    sampling = SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens,
+                              allowed_token_ids=allowed)
+    bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", disable=not info.is_main)
+    last: dict[str, float] = {}
+    for step in range(state.step + 1, total_steps + 1):
+        timings: dict[str, float] = {}
+        t_step = time.perf_counter()
+
+        # 1. prompts: the same global batch on every rank; this rank's contiguous slice
+        idx = sampler.next(t.rollout_batch_size)[info.rank * per_rank:(info.rank + 1) * per_rank]
+        t0 = time.perf_counter()
+        encoded, data_metrics = encode_prompts([train_prompts[i] for i in idx], processor,
+                                               max_prompt_length=cfg.data.max_prompt_length,
+                                               min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
+        timings["timing/prompts_s"] = time.perf_counter() - t0
+
+        # 2. rollout
+        t0 = time.perf_counter()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(t.seed * 100_003 + step * 101 + info.rank)
+            rollouts, batch, sampler_lp = rollout_stage(engine, encoded, sampling, tokenizer.pad_token_id)
+        timings["timing/rollout_s"] = time.perf_counter() - t0
+
+        # 3. rewards, 4. group advantages
+        t0 = time.perf_counter()
+        rewards, reward_metrics = reward_stage(encoded, rollouts, cfg)
+        advantages, adv_metrics = group_advantages(rewards, r.n, normalize_std=a.normalize_std, eps=a.adv_eps)
+        timings["timing/reward_s"] = time.perf_counter() - t0
+
+        # 5. old log-probs (the policy that sampled, as the trainer computes it)
+        t0 = time.perf_counter()
+        old_lp = compute_logprobs(policy, batch, max_tokens_per_micro_batch=t.max_tokens_per_micro_batch,
+                                  temperature=r.temperature, device=info.device)
+        timings["timing/old_logprob_s"] = time.perf_counter() - t0
+        ref_lp = None  # kl_coef > 0 needs a reference policy (not yet built): see validate()
+
+        # 6. mini-batch updates
+        t0 = time.perf_counter()
+        data = UpdateBatch(batch, old_lp, advantages, ref_lp)
+        n_local = batch.batch_size
+        update_metrics: dict[str, float] = {}
+        for _ in range(t.ppo_epochs):
+            order = torch.randperm(n_local, generator=torch.Generator().manual_seed(step)).tolist()
+            for k in range(n_mini):
+                part = order[k * n_local // n_mini:(k + 1) * n_local // n_mini]
+                update_metrics = policy_update(policy, optimizer, data.select(part), loss_fn, loss_kwargs=loss_kwargs,
+                                               normalize_by=normalize_by,
+                                               max_tokens_per_micro_batch=t.max_tokens_per_micro_batch,
+                                               max_grad_norm=cfg.optim.max_grad_norm, temperature=r.temperature,
+                                               with_entropy=True, device=info.device)
+                scheduler.step()
+        timings["timing/update_s"] = time.perf_counter() - t0
+
+        # 7. weight sync
+        sync_metrics = sync_weights(policy, engine)
+
+        # 8. log / checkpoint
+        timings["timing/step_s"] = time.perf_counter() - t_step
+        tokens = distributed.all_reduce_sum([float(batch.n_tokens()) * t.ppo_epochs], info.device)[0]
+        perf = {"perf/update_tokens_per_s": tokens / max(timings["timing/update_s"], 1e-9)}
+        peak = _peak_flops(info.device)
+        if peak:
+            n_params = sum(p.numel() for p in policy.parameters()) * info.world_size  # sharded count x ranks
+            perf["perf/mfu"] = 6 * n_params * tokens / timings["timing/update_s"] / (peak * info.world_size)
+        resp_len = batch.response_mask.sum(-1)
+        local = {
+            **adv_metrics, "reward/accuracy": reward_metrics["reward/accuracy"],
+            "reward/format": reward_metrics["reward/format"],
+            "rollout/response_len_mean": resp_len.mean().item(),
+            "rollout/truncated_frac": sum(x.finish_reason == "length" for x in rollouts) / len(rollouts),
+            **mismatch_metrics(sampler_lp, old_lp, batch.response_mask), **data_metrics,
+        }
+        metrics = {**distributed.all_reduce_mean_metrics(local, info.device), **update_metrics, **sync_metrics,
+                   **timings, **perf, "train/epoch": float(sampler.epoch)}
+        log.log(step, metrics)
+        last = metrics
+        bar.update(1)
+        bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", acc=f"{metrics['reward/accuracy']:.3f}")
+        state.step = step
+        state.data_position = sampler.state_dict()
+        if (t.save_every and step % t.save_every == 0) or step == total_steps:
+            save_checkpoint(ckpt_dir, policy, optimizer, scheduler, state, keep_last=t.keep_last)
+    bar.close()
+
+    if t.export_hf:
+        export_hf(policy, out / "hf_export", processor=processor)
+    if info.is_main:
+        png = plot_training(out / "metrics.jsonl", out / "training.png")
+        print(f"run folder: {out} (metrics.jsonl, tensorboard/, checkpoints/{', training.png' if png else ''})")
+    log.close()
+    return last
