@@ -64,6 +64,7 @@ class RolloutConfig:
     gpu_memory_utilization: float = f(0.6, "vLLM: fraction of GPU memory for weights + KV cache")
     tensor_parallel_size: int = f(1, "vLLM: tensor-parallel ranks per engine")
     enforce_eager: bool = f(False, "vLLM: no CUDA graphs / torch.compile (faster start, slower decode)")
+    enable_sleep_mode: bool = f(True, "vLLM: sleep (weights to CPU, KV cache freed) while the policy updates")
 
 
 @dataclass
@@ -76,6 +77,8 @@ class AlgorithmConfig:
     adv_eps: float = f(1e-6, "Added to the group std")
     kl_coef: float = f(0.0, "k3 KL penalty to the initial policy (the paper uses none)")
     entropy_coef: float = f(0.0, "Entropy bonus")
+    tis_cap: float = f(0.0, "Truncated importance sampling for the sampler/trainer mismatch: weight min(p_trainer / "
+                            "p_sampler, cap) per token; 0 = off (2.0 is a common cap)")
     format_weight: float = f(0.1, "Reward = (1 - w) accuracy + w format (EasyR1: 0.1; paper's text setting: 0)")
 
 
@@ -295,6 +298,12 @@ def validate(cfg: Config, world_size: int = 1) -> None:
                           "set algorithm.kl_coef=0 (the GMPO paper uses no KL)")
     if t.max_tokens_per_micro_batch < 1:
         raise ConfigError("trainer.max_tokens_per_micro_batch must be >= 1")
+    if a.tis_cap < 0 or 0 < a.tis_cap < 1:
+        raise ConfigError(f"algorithm.tis_cap = {a.tis_cap}: 0 turns truncated importance sampling off; otherwise it "
+                          "is the largest token weight and must be >= 1 (e.g. 2.0)")
+    if r.backend == "vllm" and world_size % r.tensor_parallel_size:
+        raise ConfigError(f"rollout.tensor_parallel_size ({r.tensor_parallel_size}) must divide the number of "
+                          f"ranks ({world_size})")
 
 
 def _divisor_near(n: int, target: int) -> int:

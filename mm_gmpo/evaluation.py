@@ -188,8 +188,9 @@ def evaluate(
     return report
 
 
-def make_engine(backend: str, model: str, *, device: str | None = None, batch_size: int = 16, dtype: str = "auto"):
-    """(engine, processor) for a backend: 'hf' (transformers generate), 'oracle' / 'oracle-wrong' (pipeline checks).
+def make_engine(backend: str, model: str, *, device: str | None = None, batch_size: int = 16, dtype: str = "auto",
+                min_pixels: int | None = None, max_pixels: int | None = None, max_model_len: int | None = None):
+    """(engine, processor) for a backend: 'vllm', 'hf' (transformers generate), 'oracle' / 'oracle-wrong'.
 
     ``model`` is an HF-format folder (the trainer's export works), a hub name, or 'tiny-random' (a random tiny
     Qwen2.5-VL with the real tokenizer: plumbing only, its accuracy means nothing).
@@ -204,9 +205,16 @@ def make_engine(backend: str, model: str, *, device: str | None = None, batch_si
         proc = load_processor() if model in ("", "tiny-random") else load_processor(model)
         return OracleEngine("correct" if backend == "oracle" else "wrong"), proc
     if backend == "vllm":
-        raise SystemExit("--backend vllm is not available yet (tracked in issue 6); use --backend hf")
+        from mm_gmpo.rollout.vllm_engine import VLLMEngine
+
+        if model == "tiny-random":
+            raise SystemExit("--backend vllm needs a model folder or hub name; tiny-random is for --backend hf")
+        engine = VLLMEngine(model, dtype={"auto": "auto", "bf16": "bfloat16", "fp32": "float32"}[dtype],
+                            load_format="auto", enable_sleep_mode=False, gpu_memory_utilization=0.85,
+                            min_pixels=min_pixels, max_pixels=max_pixels, max_model_len=max_model_len)
+        return engine, load_processor(model)
     if backend != "hf":
-        raise SystemExit(f"unknown backend {backend!r}; choose hf, oracle or oracle-wrong")
+        raise SystemExit(f"unknown backend {backend!r}; choose vllm, hf, oracle or oracle-wrong")
     from mm_gmpo.policy import build_model, tiny_qwen2_5_vl_config
     from mm_gmpo.rollout.hf import HFEngine
 
@@ -241,7 +249,8 @@ def add_eval_args(ap) -> None:
 
 
 def run_cli(args, prompts: list[Prompt], dataset: str, *, min_pixels: int, max_pixels: int) -> EvalReport:
-    engine, proc = make_engine(args.backend, args.model, device=args.device, batch_size=args.batch_size)
+    engine, proc = make_engine(args.backend, args.model, device=args.device, batch_size=args.batch_size,
+                               min_pixels=min_pixels, max_pixels=max_pixels, max_model_len=None)
     if args.limit:
         prompts = prompts[:args.limit]
     sampling = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,

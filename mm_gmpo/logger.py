@@ -47,6 +47,20 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.log(clean, step=step)
 
+    def samples(self, step: int, records: list[dict]) -> None:
+        """A few generations per eval (prompt id, image count, answer, reward) into ``samples.jsonl``."""
+        if not self.enabled or not records:
+            return
+        with open(self.out / "samples.jsonl", "a") as f:
+            for rec in records:
+                f.write(json.dumps({"step": step, **rec}) + "\n")
+        if self._wandb is not None:
+            import wandb as wb
+
+            cols = ["step", *records[0]]
+            self._wandb.log({"eval/samples": wb.Table(columns=cols, data=[[step, *r.values()] for r in records])},
+                            step=step)
+
     def close(self) -> None:
         if not self.enabled:
             return
@@ -71,7 +85,7 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def plot_training(metrics_path: str | Path, out_png: str | Path,
-                  keys: tuple[str, ...] = ("reward/mean", "reward/accuracy", "ratio/clip_frac_upper",
+                  keys: tuple[str, ...] = ("reward/mean", "eval/accuracy", "actor/entropy",
                                             "ratio/token_log_ratio_max")) -> Path | None:
     """Plot the chosen metrics against step (one panel each) into a PNG; None if there is nothing to plot."""
     rows = read_metrics(metrics_path)
@@ -86,7 +100,13 @@ def plot_training(metrics_path: str | Path, out_png: str | Path,
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
     for ax, k in zip(axes[0], keys, strict=True):
         pts = [(r["step"], r[k]) for r in rows if k in r]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", lw=1)
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        ax.plot(xs, ys, marker=".", lw=1, alpha=0.5 if len(pts) > 20 else 1.0)
+        if len(pts) > 20:  # a 10-step running mean makes the trend readable
+            w = 10
+            smooth = [sum(ys[max(0, i - w + 1):i + 1]) / len(ys[max(0, i - w + 1):i + 1]) for i in range(len(ys))]
+            ax.plot(xs, smooth, lw=2, color="C1", label="10-step mean")
+            ax.legend(fontsize=7)
         ax.set_title(k)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -25,6 +25,11 @@ Both accept ``normalizer``: when a global batch is split into micro-batches and 
 (sequences for GMPO and ``seq_mean_token_mean``, valid tokens for ``token_mean``) so that summing the micro-batch
 gradients gives exactly the gradient of the global mean. Sequences without a single valid token contribute 0.
 
+Train/inference mismatch: both accept ``is_weights`` (B, T), per-token truncated importance weights
+``min(pi_old / pi_sampler, cap)`` from :func:`truncated_is_weights` (off unless passed). GRPO multiplies each
+token's loss by its weight; GMPO multiplies each sequence's loss by the geometric mean of its tokens' weights,
+the same mean it takes of the policy ratios.
+
 Metrics are floats; all are computed under ``no_grad`` and moved to the host with a single synchronisation.
 """
 
@@ -61,6 +66,28 @@ def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     """Per-token k3 estimator of KL(pi || ref) for tokens sampled from pi: exp(ref - logp) - (ref - logp) - 1 >= 0."""
     log_ratio = (ref_logprobs - logprobs).clamp(-20.0, 20.0)
     return torch.exp(log_ratio) - log_ratio - 1.0
+
+
+def truncated_is_weights(
+    old_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, mask: torch.Tensor, cap: float
+) -> tuple[torch.Tensor, Metrics]:
+    """Per-token truncated importance weights ``min(exp(old - sampler), cap)`` (1 on padding), detached.
+
+    ``old_logprobs``: the trainer's log-probs of the sampled tokens before the update; ``sampler_logprobs``: the
+    rollout engine's (vLLM's) for the same tokens. They differ through kernels and precision; TIS corrects the
+    gradient for sampling from the engine's distribution rather than the trainer's.
+    """
+    if cap <= 0:
+        raise ValueError(f"the TIS cap must be > 0, got {cap}")
+    mask = _as_bool_mask(mask)
+    log_w = torch.where(mask, old_logprobs.detach().float() - sampler_logprobs.detach().float(), 0.0)
+    w = torch.exp(log_w.clamp(max=20.0))
+    n_tok = mask.sum().clamp(min=1)
+    stats = {
+        "rollout/tis_clip_frac": (mask & (w > cap)).sum() / n_tok,
+        "rollout/tis_weight_mean": torch.where(mask, w.clamp(max=cap), 0.0).sum() / n_tok,
+    }
+    return w.clamp(max=cap), _finish(stats)
 
 
 def _masked_seq_mean(x: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -134,6 +161,7 @@ def gmpo_loss(
     kl_coef: float = 0.0,
     entropy: torch.Tensor | None = None,
     entropy_coef: float = 0.0,
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """Geometric-Mean Policy Optimization loss (see module docstring for the exact formula).
 
@@ -151,6 +179,8 @@ def gmpo_loss(
         kl_coef: weight of the KL penalty.
         entropy: (B, T) per-token entropy of the policy; reported, and with entropy_coef > 0 subtracted.
         entropy_coef: weight of the entropy bonus.
+        is_weights: (B, T) truncated importance weights for the train/inference mismatch (see
+            :func:`truncated_is_weights`); each sequence's loss is scaled by their geometric mean. Default: none.
 
     Returns:
         (loss, metrics): a scalar loss tensor and a dict of float metrics.
@@ -169,6 +199,11 @@ def gmpo_loss(
     seq_log_w = _masked_seq_mean(clipped, mask, lengths)
     weight = torch.exp(seq_log_w)
     per_seq = torch.where(lengths > 0, -adv * weight, 0.0)
+    if is_weights is not None:
+        if is_weights.shape != logprobs.shape:
+            raise ValueError(f"is_weights must be (B, T) like logprobs, got {tuple(is_weights.shape)}")
+        log_is = torch.where(mask, is_weights.detach().float().clamp(min=1e-30).log(), 0.0)
+        per_seq = per_seq * torch.exp(_masked_seq_mean(log_is, mask, lengths))
     loss = per_seq.sum() / n_seq
 
     def seq_reduce(x: torch.Tensor) -> torch.Tensor:
@@ -207,6 +242,7 @@ def grpo_loss(
     kl_coef: float = 0.0,
     entropy: torch.Tensor | None = None,
     entropy_coef: float = 0.0,
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """GRPO / PPO-clip token objective, same interface as :func:`gmpo_loss`.
 
@@ -232,6 +268,10 @@ def grpo_loss(
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
     per_token = torch.maximum(unclipped, clipped)
+    if is_weights is not None:
+        if is_weights.shape != logprobs.shape:
+            raise ValueError(f"is_weights must be (B, T) like logprobs, got {tuple(is_weights.shape)}")
+        per_token = per_token * is_weights.detach().float()
 
     if loss_agg == "token_mean":
         denom = float(normalizer) if normalizer is not None else mask.sum().clamp(min=1)

@@ -11,6 +11,7 @@ under activation checkpointing, so (tokens x 152k vocab) fp32 logits never exist
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -191,6 +192,24 @@ def tiny_qwen2_5_vl_config(hidden_size: int = 64, layers: int = 2, vision_depth:
     )
 
 
+def write_model_folder(dest: str | Path, config) -> Path:
+    """A model folder without weights: ``config.json`` plus the bundled tokenizer/processor files.
+
+    What vLLM needs with ``load_format="dummy"`` (benchmarks, GPU tests) and what ``from_pretrained`` needs to
+    build the tokenizer and processor. ``config``: a transformers config or a name accepted by model_config.
+    """
+    import shutil
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    cfg = config if hasattr(config, "to_json_file") else model_config(config)
+    cfg.to_json_file(dest / "config.json")
+    for f in ASSETS.iterdir():
+        if f.is_file() and f.name != "README.md":
+            shutil.copy2(f, dest / f.name)
+    return dest
+
+
 def build_model(
     source: str | Path,
     *,
@@ -241,12 +260,29 @@ def token_logprobs(
     chunk_size: int = 1024,
     temperature: float = 1.0,
     with_entropy: bool = False,
+    allowed_token_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log p(targets) for hidden states (N, H) under ``head``, in chunks; each chunk recomputed in backward."""
+    """log p(targets) for hidden states (N, H) under ``head``, in chunks; each chunk recomputed in backward.
+
+    ``allowed_token_ids``: the distribution is the softmax over these vocabulary rows only, exactly what a
+    sampler restricted to them (vLLM ``allowed_token_ids``) draws from; every target must be one of them.
+    """
+    weight, bias = head.weight, head.bias
+    if allowed_token_ids is not None:
+        allowed = allowed_token_ids.to(targets.device)
+        pos = torch.searchsorted(allowed, targets)
+        ok = (pos < allowed.numel()) & (allowed[pos.clamp(max=allowed.numel() - 1)] == targets)
+        if not bool(ok.all()):
+            bad = targets[~ok][:5].tolist()
+            raise ValueError(f"response tokens {bad} are not in allowed_token_ids: the sampler and the trainer "
+                             "must use the same restriction")
+        weight = weight[allowed.to(weight.device)]
+        bias = None if bias is None else bias[allowed.to(bias.device)]
+        targets = pos
     outs, ents = [], []
     use_ckpt = torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad)
     for s in range(0, hidden.shape[0], chunk_size):
-        args = (hidden[s:s + chunk_size], head.weight, head.bias, targets[s:s + chunk_size], temperature, with_entropy)
+        args = (hidden[s:s + chunk_size], weight, bias, targets[s:s + chunk_size], temperature, with_entropy)
         if use_ckpt:
             lp, ent = checkpoint(_chunk_logprobs, *args, use_reentrant=False)
         else:
@@ -270,8 +306,9 @@ class Policy(nn.Module):
     def is_vlm(self) -> bool:
         return hasattr(self.model.config, "vision_config")
 
-    def forward(self, batch: PolicyBatch, *, temperature: float = 1.0,
-                with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, batch: PolicyBatch, *, temperature: float = 1.0, with_entropy: bool = False,
+                allowed_token_ids: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``allowed_token_ids``: score under the same restricted distribution the sampler used (see token_logprobs)."""
         kwargs = {}
         if batch.pixel_values is not None:
             kwargs = {"pixel_values": batch.pixel_values, "image_grid_thw": batch.image_grid_thw}
@@ -283,7 +320,9 @@ class Policy(nn.Module):
         targets = batch.input_ids[:, P:P + R]
         sel = batch.response_mask.bool()
         lp_flat, ent_flat = token_logprobs(hidden[sel], self.model.lm_head, targets[sel], chunk_size=self.chunk_size,
-                                           temperature=temperature, with_entropy=with_entropy)
+                                           temperature=temperature, with_entropy=with_entropy,
+                                           allowed_token_ids=None if allowed_token_ids is None else
+                                           torch.tensor(sorted(set(allowed_token_ids)), dtype=torch.long))
         logprobs = torch.zeros(sel.shape, dtype=torch.float32, device=hidden.device).masked_scatter(sel, lp_flat)
         entropy = None
         if ent_flat is not None:

@@ -25,7 +25,7 @@ from mm_gmpo.config import Config, ConfigError, dump_yaml, to_dict, validate
 from mm_gmpo.data.processing import EncodedPrompt, encode_prompts, load_processor
 from mm_gmpo.data.prompts import Prompt
 from mm_gmpo.logger import MetricsLogger, plot_training
-from mm_gmpo.loss import get_policy_loss
+from mm_gmpo.loss import get_policy_loss, truncated_is_weights
 from mm_gmpo.policy import Policy, PolicyBatch, build_model, collate, model_config, tiny_qwen2_5_vl_config
 from mm_gmpo.rewards import score_batch
 from mm_gmpo.rollout.base import Rollout, SamplingParams
@@ -115,8 +115,17 @@ def _build(cfg: Config, dtype: torch.dtype, seed: int):
 
 
 def _make_engine(cfg: Config, processor, device: torch.device):
-    if cfg.rollout.backend == "vllm":
-        raise ConfigError("rollout.backend=vllm: the vLLM engine is not available yet (issue 6); use rollout.backend=hf")
+    """The colocated rollout engine of this rank. Its initial weights do not matter: sync_weights runs first."""
+    r = cfg.rollout
+    if r.backend == "vllm":
+        from mm_gmpo.rollout.vllm_engine import VLLMEngine
+
+        return VLLMEngine(cfg.model.path, dtype="bfloat16" if cfg.model.dtype == "bf16" else "float32",
+                          gpu_memory_utilization=r.gpu_memory_utilization,
+                          tensor_parallel_size=r.tensor_parallel_size, enforce_eager=r.enforce_eager,
+                          enable_sleep_mode=r.enable_sleep_mode, load_format="dummy", seed=cfg.trainer.seed,
+                          max_model_len=cfg.data.max_prompt_length + r.max_tokens,
+                          min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
     from mm_gmpo.rollout.hf import HFEngine
 
     dtype = torch.bfloat16 if cfg.model.dtype == "bf16" else torch.float32
@@ -159,6 +168,25 @@ def reward_stage(prompts: list[EncodedPrompt], rollouts: list[Rollout], cfg: Con
     return torch.tensor([s["overall"] for s in scores]), metrics
 
 
+def eval_stage(engine, prompts: list[EncodedPrompt], cfg: Config, sampling: SamplingParams, device) -> tuple[dict, list]:
+    """Greedy answers to this rank's share of the validation prompts; global means and a few sample records."""
+    if prompts:
+        rollouts = engine.generate(prompts, sampling)
+        rewards, m = reward_stage(prompts, rollouts, cfg)
+        sums = [float(rewards.sum()), m["reward/accuracy"] * len(rollouts), float(sum(len(x.response_ids)
+                                                                                       for x in rollouts)),
+                float(len(rollouts))]
+    else:
+        rollouts, rewards, sums = [], torch.zeros(0), [0.0, 0.0, 0.0, 0.0]
+    total_r, total_acc, total_len, n = distributed.all_reduce_sum(sums, device)
+    metrics = {"eval/reward_mean": total_r / max(n, 1), "eval/accuracy": total_acc / max(n, 1),
+               "eval/response_len_mean": total_len / max(n, 1), "eval/prompts": n}
+    samples = [{"id": prompts[x.prompt_index].prompt.id, "images": len(prompts[x.prompt_index].images),
+                "ground_truth": prompts[x.prompt_index].prompt.ground_truth, "response": x.text,
+                "reward": float(rewards[i])} for i, x in enumerate(rollouts[:cfg.logging.sample_generations])]
+    return metrics, samples
+
+
 def mismatch_metrics(sampler_lp: torch.Tensor, trainer_lp: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
     """|log p_sampler - log p_trainer| over response tokens: the train/inference mismatch."""
     m = mask.bool()
@@ -190,6 +218,12 @@ def train(cfg: Config) -> dict[str, float]:
     train_prompts = load_prompts(cfg, "train")
     sampler = PromptSampler(len(train_prompts), seed=t.seed)
     total_steps = t.total_steps or max(1, t.epochs * len(train_prompts) // t.rollout_batch_size)
+    val_encoded: list[EncodedPrompt] = []
+    if t.eval_every:
+        val = load_prompts(cfg, "val")
+        val = val[info.rank::info.world_size]  # each rank answers its share
+        val_encoded, _ = encode_prompts(val, processor, max_prompt_length=cfg.data.max_prompt_length,
+                                        min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
     allowed = None
     if cfg.data.dataset == "synthetic":
         from mm_gmpo.data.synthetic import answer_token_ids
@@ -226,12 +260,14 @@ def train(cfg: Config) -> dict[str, float]:
         sampler.load_state_dict(state.data_position)
         if info.is_main:
             print(f"resumed from {resume_from} at step {state.step}")
-    sync_weights(policy, engine)
+    sync_dtype = torch.bfloat16 if cfg.model.dtype == "bf16" else torch.float32
+    sync_weights(policy, engine, dtype=sync_dtype)
 
     per_rank = t.rollout_batch_size // info.world_size
     n_mini = t.rollout_batch_size // t.mini_batch_size
     sampling = SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens,
                               allowed_token_ids=allowed)
+    greedy = SamplingParams(n=1, temperature=0.0, max_tokens=r.max_tokens, allowed_token_ids=allowed)
     bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", disable=not info.is_main)
     last: dict[str, float] = {}
     for step in range(state.step + 1, total_steps + 1):
@@ -251,6 +287,7 @@ def train(cfg: Config) -> dict[str, float]:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(t.seed * 100_003 + step * 101 + info.rank)
             rollouts, batch, sampler_lp = rollout_stage(engine, encoded, sampling, tokenizer.pad_token_id)
+        engine.sleep()  # vLLM: give the GPU memory to the update
         timings["timing/rollout_s"] = time.perf_counter() - t0
 
         # 3. rewards, 4. group advantages
@@ -262,13 +299,16 @@ def train(cfg: Config) -> dict[str, float]:
         # 5. old log-probs (the policy that sampled, as the trainer computes it)
         t0 = time.perf_counter()
         old_lp = compute_logprobs(policy, batch, max_tokens_per_micro_batch=t.max_tokens_per_micro_batch,
-                                  temperature=r.temperature, device=info.device)
+                                  temperature=r.temperature, allowed_token_ids=allowed, device=info.device)
         timings["timing/old_logprob_s"] = time.perf_counter() - t0
         ref_lp = None  # kl_coef > 0 needs a reference policy (not yet built): see validate()
+        is_w, tis_metrics = None, {}
+        if a.tis_cap > 0:  # correct for sampling from the engine's distribution, not the trainer's
+            is_w, tis_metrics = truncated_is_weights(old_lp, sampler_lp, batch.response_mask, a.tis_cap)
 
         # 6. mini-batch updates
         t0 = time.perf_counter()
-        data = UpdateBatch(batch, old_lp, advantages, ref_lp)
+        data = UpdateBatch(batch, old_lp, advantages, ref_lp, is_w)
         n_local = batch.batch_size
         update_metrics: dict[str, float] = {}
         for _ in range(t.ppo_epochs):
@@ -279,14 +319,21 @@ def train(cfg: Config) -> dict[str, float]:
                                                normalize_by=normalize_by,
                                                max_tokens_per_micro_batch=t.max_tokens_per_micro_batch,
                                                max_grad_norm=cfg.optim.max_grad_norm, temperature=r.temperature,
-                                               with_entropy=True, device=info.device)
+                                               with_entropy=True, allowed_token_ids=allowed, device=info.device)
                 scheduler.step()
         timings["timing/update_s"] = time.perf_counter() - t0
 
-        # 7. weight sync
-        sync_metrics = sync_weights(policy, engine)
+        # 7. weight sync (the engine wakes up first; it must forget everything computed with the old weights)
+        engine.wake_up()
+        sync_metrics = sync_weights(policy, engine, dtype=sync_dtype)
 
-        # 8. log / checkpoint
+        # 8. eval / log / checkpoint
+        eval_metrics: dict[str, float] = {}
+        if t.eval_every and (step % t.eval_every == 0 or step == total_steps):
+            t0 = time.perf_counter()
+            eval_metrics, samples = eval_stage(engine, val_encoded, cfg, greedy, info.device)
+            eval_metrics["timing/eval_s"] = time.perf_counter() - t0
+            log.samples(step, samples)
         timings["timing/step_s"] = time.perf_counter() - t_step
         tokens = distributed.all_reduce_sum([float(batch.n_tokens()) * t.ppo_epochs], info.device)[0]
         perf = {"perf/update_tokens_per_s": tokens / max(timings["timing/update_s"], 1e-9)}
@@ -300,10 +347,10 @@ def train(cfg: Config) -> dict[str, float]:
             "reward/format": reward_metrics["reward/format"],
             "rollout/response_len_mean": resp_len.mean().item(),
             "rollout/truncated_frac": sum(x.finish_reason == "length" for x in rollouts) / len(rollouts),
-            **mismatch_metrics(sampler_lp, old_lp, batch.response_mask), **data_metrics,
+            **mismatch_metrics(sampler_lp, old_lp, batch.response_mask), **tis_metrics, **data_metrics,
         }
         metrics = {**distributed.all_reduce_mean_metrics(local, info.device), **update_metrics, **sync_metrics,
-                   **timings, **perf, "train/epoch": float(sampler.epoch)}
+                   **timings, **perf, **eval_metrics, "train/epoch": float(sampler.epoch)}
         log.log(step, metrics)
         last = metrics
         bar.update(1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,12 +30,24 @@ class UpdateBatch:
     old_logprobs: torch.Tensor  # (B, R)
     advantages: torch.Tensor  # (B,)
     ref_logprobs: torch.Tensor | None = None  # (B, R)
+    is_weights: torch.Tensor | None = None  # (B, R) truncated importance weights (train/inference mismatch)
 
     def select(self, idx: list[int]) -> UpdateBatch:
         sub = self.batch.select(idx)
         R = sub.response_width
-        ref = None if self.ref_logprobs is None else self.ref_logprobs[idx, :R]
-        return UpdateBatch(sub, self.old_logprobs[idx, :R], self.advantages[idx], ref)
+
+        def cut(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x[idx, :R]
+
+        return UpdateBatch(sub, self.old_logprobs[idx, :R], self.advantages[idx], cut(self.ref_logprobs),
+                           cut(self.is_weights))
+
+    def to(self, device: torch.device) -> UpdateBatch:
+        def move(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x.to(device)
+
+        return UpdateBatch(self.batch.to(device), self.old_logprobs.to(device), self.advantages.to(device),
+                           move(self.ref_logprobs), move(self.is_weights))
 
 
 def _micro_groups(batch: PolicyBatch, max_tokens: int, device) -> list[list[int]]:
@@ -47,13 +60,15 @@ def _micro_groups(batch: PolicyBatch, max_tokens: int, device) -> list[list[int]
 
 @torch.no_grad()
 def compute_logprobs(policy: nn.Module, batch: PolicyBatch, *, max_tokens_per_micro_batch: int = 8192,
-                     temperature: float = 1.0, device: torch.device | None = None) -> torch.Tensor:
+                     temperature: float = 1.0, allowed_token_ids: Sequence[int] | None = None,
+                     device: torch.device | None = None) -> torch.Tensor:
     """(B, R) log-probs of the responses under the current policy, micro-batched (the 'old log-probs' stage)."""
     policy.eval()
     out = torch.zeros(batch.response_mask.shape, dtype=torch.float32)
     for idx in _micro_groups(batch, max_tokens_per_micro_batch, device):
         mb = batch.select(idx if idx else [0])
-        lp, _ = policy(mb.to(device) if device is not None else mb, temperature=temperature)
+        lp, _ = policy(mb.to(device) if device is not None else mb, temperature=temperature,
+                       allowed_token_ids=allowed_token_ids)
         if idx:
             out[idx, :lp.shape[1]] = lp.float().cpu()
     return out
@@ -101,6 +116,7 @@ def policy_update(
     max_grad_norm: float = 1.0,
     with_entropy: bool = False,
     temperature: float = 1.0,
+    allowed_token_ids: Sequence[int] | None = None,
     device: torch.device | None = None,
 ) -> dict[str, float]:
     """One optimizer step over ``data`` (split into micro-batches by token budget); returns averaged metrics.
@@ -128,11 +144,12 @@ def policy_update(
         empty = not idx
         mb = data.select(idx if idx else [0])
         if device is not None:
-            mb = UpdateBatch(mb.batch.to(device), mb.old_logprobs.to(device), mb.advantages.to(device),
-                             None if mb.ref_logprobs is None else mb.ref_logprobs.to(device))
-        logprobs, entropy = policy(mb.batch, with_entropy=with_entropy, temperature=temperature)
+            mb = mb.to(device)
+        logprobs, entropy = policy(mb.batch, with_entropy=with_entropy, temperature=temperature,
+                                   allowed_token_ids=allowed_token_ids)
         loss, m = loss_fn(logprobs, mb.old_logprobs, mb.advantages, mb.batch.response_mask, normalizer=normalizer,
-                          ref_logprobs=mb.ref_logprobs, entropy=entropy, **loss_kwargs)
+                          ref_logprobs=mb.ref_logprobs, entropy=entropy,
+                          **({} if mb.is_weights is None else {"is_weights": mb.is_weights}), **loss_kwargs)
         if empty:  # a padding pass that keeps ranks in step: contributes no gradient
             loss = loss * 0.0
         (loss * scale).backward()

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from mm_gmpo.loss import get_policy_loss, gmpo_loss, grpo_loss, k3_kl
+from mm_gmpo.loss import get_policy_loss, gmpo_loss, grpo_loss, k3_kl, truncated_is_weights
 
 
 def ref_gmpo(logp, old, adv, mask, c_low=0.4, c_high=0.4):
@@ -304,3 +304,66 @@ def test_shape_errors_are_clear():
         grpo_loss(torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(2), torch.ones(2, 3))
     with pytest.raises(ValueError, match="unknown objective"):
         get_policy_loss("ppo2")
+
+
+# ---------------------------------------------------------------- truncated importance sampling (off by default)
+
+
+def test_truncated_is_weights_values_and_metrics():
+    old = torch.tensor([[-1.0, -2.0, -0.5], [-3.0, -1.0, 0.0]])
+    sampler = torch.tensor([[-1.5, -1.0, -0.5], [-1.0, -3.0, 5.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    w, m = truncated_is_weights(old, sampler, mask, cap=2.0)
+    expected = torch.tensor([[math.exp(0.5), math.exp(-1.0), 1.0], [math.exp(-2.0), 2.0, 1.0]])
+    torch.testing.assert_close(w, expected)
+    assert m["rollout/tis_clip_frac"] == pytest.approx(1 / 5)  # exp(2) > 2 is the one truncated token
+    assert m["rollout/tis_weight_mean"] == pytest.approx(float(expected[mask.bool()].sum()) / 5, rel=1e-6)
+    with pytest.raises(ValueError, match="cap must be > 0"):
+        truncated_is_weights(old, sampler, mask, cap=0.0)
+
+
+def ref_gmpo_tis(logp, old, adv, mask, w, c=0.4):
+    """Float64 loop: each sequence's GMPO loss times the geometric mean of its tokens' IS weights."""
+    total = 0.0
+    for i in range(logp.shape[0]):
+        idx = [t for t in range(logp.shape[1]) if mask[i, t]]
+        if not idx:
+            continue
+        one = ref_gmpo(logp[i:i + 1], old[i:i + 1], adv[i:i + 1], mask[i:i + 1], c, c)
+        geo = torch.exp(sum(torch.log(w[i, t]) for t in idx) / len(idx))
+        total = total + one * geo
+    return total / logp.shape[0]
+
+
+def test_gmpo_is_weights_scale_each_sequence_by_their_geometric_mean():
+    logp, old, adv, mask = random_batch(seed=11)
+    w = torch.rand(old.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * 2 + 0.1
+    loss, _ = gmpo_loss(logp, old, adv, mask, is_weights=w)
+    ref = ref_gmpo_tis(logp, old, adv, mask, w)
+    torch.testing.assert_close(loss, ref.to(loss.dtype), rtol=1e-6, atol=1e-9)
+    (g,) = torch.autograd.grad(loss, logp)
+    (g_ref,) = torch.autograd.grad(ref, logp)
+    torch.testing.assert_close(g.double(), g_ref, rtol=1e-5, atol=1e-9)
+    # an arithmetic mean of the weights would give a different loss
+    assert not torch.allclose(loss.double(), ref_gmpo(logp, old, adv, mask) * (w * mask).sum() / mask.sum())
+
+
+def test_grpo_is_weights_scale_each_token():
+    logp, old, adv, mask = random_batch(seed=12)
+    w = torch.rand(old.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64) * 2
+    loss, _ = grpo_loss(logp, old, adv, mask, is_weights=w)
+    tok = []
+    for i in range(logp.shape[0]):
+        for t in range(logp.shape[1]):
+            if mask[i, t]:
+                r = torch.exp(logp[i, t] - old[i, t])
+                tok.append(w[i, t] * torch.maximum(-adv[i] * r, -adv[i] * torch.clamp(r, 0.8, 1.2)))
+    torch.testing.assert_close(loss.double(), sum(tok) / len(tok), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("fn", [gmpo_loss, grpo_loss])
+def test_unit_is_weights_change_nothing(fn):
+    logp, old, adv, mask = random_batch(seed=13)
+    a, _ = fn(logp, old, adv, mask)
+    b, _ = fn(logp, old, adv, mask, is_weights=torch.ones_like(old))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -79,6 +79,34 @@ def test_logprob_gradients_match_reference(image_batch):
     assert n_checked == len(g_chunked) > 50
 
 
+def test_allowed_token_ids_score_the_restricted_distribution(tiny, image_batch):
+    """With allowed_token_ids the policy is the softmax over those rows only (what a restricted sampler draws)."""
+    from dataclasses import replace
+
+    g = torch.Generator().manual_seed(3)
+    allowed = [7, 1151, 13250, 151000, 99]
+    R = image_batch.response_width
+    P = image_batch.input_ids.shape[1] - R
+    choice = torch.tensor(allowed)[torch.randint(0, len(allowed), (3, R), generator=g)]
+    ids = image_batch.input_ids.clone()
+    ids[:, P:] = torch.where(image_batch.response_mask.bool(), choice, ids[:, P:])
+    b = replace(image_batch, input_ids=ids)
+    lp, ent = Policy(tiny, chunk_size=4)(b, with_entropy=True, temperature=0.7, allowed_token_ids=allowed)
+    with torch.no_grad():
+        logits = tiny(input_ids=b.input_ids, attention_mask=b.attention_mask, pixel_values=b.pixel_values,
+                      image_grid_thw=b.image_grid_thw).logits.double()[:, P - 1:P - 1 + R] / 0.7
+    sub = torch.log_softmax(logits[..., sorted(allowed)], -1)
+    pos = torch.searchsorted(torch.tensor(sorted(allowed)), b.input_ids[:, P:])
+    ref = sub.gather(-1, pos.clamp(max=len(allowed) - 1)[..., None]).squeeze(-1)
+    mask = b.response_mask.bool()
+    torch.testing.assert_close(lp.double()[mask], ref[mask], rtol=0, atol=5e-6)
+    ref_ent = -(sub.exp() * sub).sum(-1)
+    torch.testing.assert_close(ent.double()[mask], ref_ent[mask], rtol=0, atol=5e-6)
+    assert lp[mask].exp().max() < 1 and lp[mask].min() > math.log(1e-3)  # 5-way, not 152k-way
+    with pytest.raises(ValueError, match="not in allowed_token_ids"):
+        Policy(tiny)(b, allowed_token_ids=allowed[:2])
+
+
 def test_select_slices_images_and_trims(tiny, image_batch):
     pol = Policy(tiny)
     with torch.no_grad():

@@ -14,7 +14,7 @@ from mm_gmpo.trainer import PromptSampler
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 SMALL = ["trainer.rollout_batch_size=4", "trainer.mini_batch_size=2", "rollout.n=4", "trainer.save_every=2",
-         "logging.tensorboard=true"]
+         "logging.tensorboard=true", "trainer.eval_every=2", "logging.sample_generations=3"]
 
 
 def train(out: Path, steps: int, *extra: str) -> subprocess.CompletedProcess:
@@ -43,6 +43,16 @@ def test_three_steps_write_metrics_checkpoint_export_and_plot(run3):
         assert key in rows[-1], key
     assert all(0.0 <= r["reward/mean"] <= 1.0 for r in rows)
     assert all(r["rollout/response_len_mean"] == 1.0 for r in rows)  # one answer token
+    assert rows[0]["rollout/logprob_diff_max"] < 1e-4  # the trainer scores the sampler's restricted distribution
+    # eval at step 2 and at the last step: greedy answers to all 64 held-out prompts, split over the 2 ranks
+    assert [r["step"] for r in rows if "eval/accuracy" in r] == [2, 3]
+    assert rows[-1]["eval/prompts"] == 64 and rows[-1]["eval/response_len_mean"] == 1.0
+    acc = rows[-1]["eval/accuracy"]
+    assert 0 <= acc <= 1 and abs(acc * 64 - round(acc * 64)) < 1e-6  # a whole number of correct answers
+    samples = [json.loads(x) for x in (run3 / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [2, 2, 2, 3, 3, 3]
+    assert all(s["id"].startswith("synthetic/val/") and s["images"] == 1 for s in samples)
+    assert all(s["response"] in ("red", "green", "blue", "yellow") and s["reward"] in (0.0, 1.0) for s in samples)
     assert (run3 / "checkpoints" / "step_00000003" / "trainer_state.json").exists()
     assert (run3 / "checkpoints" / "step_00000002").exists()  # save_every=2, keep_last=2
     assert (run3 / "config.yaml").exists() and (run3 / "training.png").exists()

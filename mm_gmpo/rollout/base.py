@@ -23,6 +23,7 @@ class SamplingParams:
     max_tokens: int = 1024
     seed: int | None = None
     allowed_token_ids: tuple[int, ...] | None = None  # sample only these tokens (the built-in task's answers)
+    ignore_eos: bool = False  # always generate max_tokens (throughput benchmarks only)
 
 
 @dataclass

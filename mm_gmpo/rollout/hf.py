@@ -59,7 +59,7 @@ class HFEngine:
                 top_p=None if greedy else sampling.top_p,
                 top_k=None,
                 max_new_tokens=sampling.max_tokens,
-                eos_token_id=sorted(self.eos_ids),
+                eos_token_id=None if sampling.ignore_eos else sorted(self.eos_ids),
                 pad_token_id=self.pad_id,
                 suppress_tokens=[IMAGE_PAD_ID],
                 output_scores=True,
@@ -73,7 +73,7 @@ class HFEngine:
                 ids = seqs[row].tolist()
                 finish = "length"
                 for k, tok in enumerate(ids):
-                    if tok in self.eos_ids:
+                    if tok in self.eos_ids and not sampling.ignore_eos:
                         ids, finish = ids[:k + 1], "stop"
                         break
                 lps = None

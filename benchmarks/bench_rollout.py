@@ -1,0 +1,119 @@
+"""Rollout throughput: mm_gmpo's engine against bare vLLM on the same requests.
+
+    python benchmarks/bench_rollout.py --model qwen2_5_vl_3b --prompts 32 --n 8 --max-tokens 512 --image 448
+    python benchmarks/bench_rollout.py --backend hf --model tiny --prompts 4 --n 2 --max-tokens 8 --image 56  # CPU
+
+vLLM: a random-weight model (``load_format="dummy"``) from the real config; first bare ``LLM.generate`` on the
+prompts (text + one image each, ``n`` samples, sampling at temperature 1, ``ignore_eos`` so every sample is
+``max_tokens`` long), then mm_gmpo's ``VLLMEngine.generate`` on the same prompts in the same process (same engine
+settings, its own LLM). Each is timed after one warm-up call. Reports generated tokens/s and the ratio.
+HF: mm_gmpo's transformers engine alone (slow path; CPU format check).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Timer, config_for, image_prompts, report
+
+from mm_gmpo.data.processing import load_processor
+from mm_gmpo.policy import build_model, write_model_folder
+from mm_gmpo.rollout.base import SamplingParams
+
+
+def bench_vllm(args, prompts, folder) -> dict:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from vllm import LLM
+    from vllm import SamplingParams as VSP
+
+    from mm_gmpo.rollout.vllm_engine import VLLMEngine, engine_request, vllm_sampling_kwargs
+
+    device = torch.device("cuda")
+    sampling = SamplingParams(n=args.n, temperature=1.0, max_tokens=args.max_tokens, seed=0, ignore_eos=True)
+    common = dict(dtype="bfloat16", gpu_memory_utilization=args.gpu_mem, enforce_eager=args.eager,
+                  max_model_len=args.max_model_len, seed=0)
+    figures: dict = {}
+
+    # bare vLLM: what a user would write by hand
+    llm = LLM(model=str(folder), load_format="dummy", limit_mm_per_prompt={"image": 1}, **common)
+    reqs = [engine_request(p) for p in prompts]
+    sp = VSP(**vllm_sampling_kwargs(sampling))
+    llm.generate(reqs[:2], sp, use_tqdm=False)
+    with Timer(device) as t:
+        outs = llm.generate(reqs, sp, use_tqdm=False)
+    bare_tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
+    figures |= {"bare vLLM s": t.s, "bare vLLM tokens/s": bare_tokens / t.s}
+    del llm, outs
+    torch.cuda.empty_cache()
+
+    # mm_gmpo's engine (sleep mode, prefix caching, processed log-probs, prompt check)
+    eng = VLLMEngine(folder, load_format="dummy", **common)
+    eng.generate(prompts[:2], sampling)
+    with Timer(device) as t:
+        rolls = eng.generate(prompts, sampling)
+    ours = sum(len(r.response_ids) for r in rolls)
+    figures |= {"mm_gmpo s": t.s, "mm_gmpo tokens/s": ours / t.s,
+                "mm_gmpo / bare": (ours / t.s) / figures["bare vLLM tokens/s"]}
+    with Timer(device) as t:
+        eng.sleep()
+    figures["sleep s"] = t.s
+    with Timer(device) as t:
+        eng.wake_up()
+    figures["wake_up s"] = t.s
+    return figures
+
+
+def bench_hf(args, prompts) -> dict:
+    from mm_gmpo.rollout.hf import HFEngine
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = config_for(args.model)
+    model = build_model(args.model, random_init=True, config=cfg,
+                        dtype=torch.bfloat16 if device.type == "cuda" else torch.float32).to(device)
+    eng = HFEngine(model, load_processor().tokenizer, device=device, batch_size=args.prompts * args.n)
+    sampling = SamplingParams(n=args.n, temperature=1.0, max_tokens=args.max_tokens, seed=0)
+    eng.generate(prompts[:1], sampling)
+    with Timer(device) as t:
+        rolls = eng.generate(prompts, sampling)
+    tokens = sum(len(r.response_ids) for r in rolls)
+    return {"HF generate s": t.s, "HF generate tokens/s": tokens / t.s}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backend", choices=["vllm", "hf"], default="vllm")
+    ap.add_argument("--model", default="qwen2_5_vl_3b")
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--n", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=512)
+    ap.add_argument("--image", type=int, default=448)
+    ap.add_argument("--gpu-mem", type=float, default=0.8)
+    ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--eager", action="store_true", help="enforce_eager (faster start, slower decode)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    proc = load_processor()
+    prompts = image_prompts(args.prompts, args.image, proc)
+    head = {"model": args.model, "prompts x n": f"{args.prompts} x {args.n}", "max tokens": args.max_tokens,
+            "image": f"{args.image}x{args.image}", "prompt tokens": len(prompts[0].input_ids)}
+    if args.backend == "vllm":
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = write_model_folder(Path(tmp) / args.model, config_for(args.model))
+            figures = bench_vllm(args, prompts, folder)
+        device = torch.device("cuda")
+    else:
+        figures = bench_hf(args, prompts)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    report(f"rollout ({args.backend})", head | figures, device, args.out)
+
+
+if __name__ == "__main__":
+    main()

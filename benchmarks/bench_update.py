@@ -1,0 +1,111 @@
+"""Training-step throughput of the GMPO update: tokens/s, MFU and peak memory.
+
+    python benchmarks/bench_update.py --model qwen2_5_vl_3b --batch 8 --seq 1024 --image 448        # one H100
+    python benchmarks/bench_update.py --model qwen2_5_vl_7b --batch 8 --seq 1024 --image 448 --cpu-offload
+    python benchmarks/bench_update.py --model tiny --batch 2 --seq 96 --image 56 --steps 2           # CPU, format
+
+One optimizer step = forward + backward of the policy's response log-probs (chunked LM head, GMPO loss) over
+``batch`` sequences of ``seq`` tokens, each with one ``image`` x ``image`` picture, under FSDP2 (world size 1 here,
+the same code path as multi-GPU) with bf16 compute, fp32 gradients reduction and activation checkpointing, then
+AdamW. MFU counts 6 x (language-model parameters) x tokens, plus the vision tower's 6 x params x patches, over the
+GPU's dense bf16 peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Timer, config_for, image_prompts, lm_params, peak_flops, report, vision_params
+
+from mm_gmpo import distributed
+from mm_gmpo.data.processing import load_processor
+from mm_gmpo.loss import gmpo_loss
+from mm_gmpo.policy import Policy, build_model, collate
+from mm_gmpo.update import UpdateBatch, build_optimizer, policy_update
+
+
+def make_batch(n: int, seq: int, side: int, processor, vocab: int, response_frac: float = 0.75):
+    enc = image_prompts(n, side, processor)
+    g = torch.Generator().manual_seed(0)
+    prompt_ids, resp_ids = [], []
+    for e in enc:
+        n_resp = max(1, seq - len(e.input_ids))
+        prompt_ids.append(e.input_ids)
+        resp_ids.append(torch.randint(0, min(vocab, 150000), (n_resp,), generator=g).tolist())
+    b = collate(prompt_ids, resp_ids, pad_id=151643, pixel_values=[e.pixel_values for e in enc],
+                image_grid_thw=[e.image_grid_thw for e in enc])
+    return b, sum(int(e.pixel_values.shape[0]) for e in enc)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="qwen2_5_vl_3b")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--image", type=int, default=448)
+    ap.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up step)")
+    ap.add_argument("--micro-tokens", type=int, default=8192, help="token budget per micro-batch")
+    ap.add_argument("--no-ac", action="store_true", help="no activation checkpointing")
+    ap.add_argument("--cpu-offload", action="store_true")
+    ap.add_argument("--freeze-vision", action="store_true")
+    ap.add_argument("--attn", default="sdpa", help="sdpa or flash_attention_2")
+    ap.add_argument("--chunk", type=int, default=1024, help="log-prob chunk size (tokens)")
+    ap.add_argument("--out", default=None, help="results.jsonl to append to")
+    args = ap.parse_args()
+
+    info = distributed.init_distributed()
+    device = info.device
+    cfg = config_for(args.model)
+    bf16 = device.type == "cuda"
+    torch.manual_seed(0)
+    model = build_model(args.model, random_init=True, config=cfg, dtype=torch.float32, attn_implementation=args.attn)
+    policy = Policy(model, chunk_size=args.chunk).to(device if not args.cpu_offload else "cpu")
+    distributed.parallelize(policy, param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32,
+                            activation_checkpointing=not args.no_ac, cpu_offload=args.cpu_offload,
+                            freeze_vision=args.freeze_vision)
+    opt = build_optimizer(policy, lr=1e-6)
+    batch, n_patches = make_batch(args.batch, args.seq, args.image, load_processor(), cfg.text_config.vocab_size
+                                  if hasattr(cfg, "text_config") else cfg.vocab_size)
+    g = torch.Generator().manual_seed(1)
+    data = UpdateBatch(batch, torch.zeros(batch.response_mask.shape) - 2.0, torch.randn(args.batch, generator=g))
+    tokens = int(batch.attention_mask.sum())
+
+    def step():
+        return policy_update(policy, opt, data, gmpo_loss, max_tokens_per_micro_batch=args.micro_tokens,
+                             device=device)
+
+    step()  # warm-up (allocator, kernels)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(args.steps):
+        with Timer(device) as t:
+            m = step()
+        times.append(t.s)
+    dt = sorted(times)[len(times) // 2]  # median
+    n_lm, n_vis = lm_params(cfg), vision_params(cfg)
+    flops = 6 * n_lm * tokens + 6 * n_vis * n_patches
+    peak = peak_flops(device)
+    figures = {
+        "model": args.model, "batch x seq": f"{args.batch} x {args.seq}", "image": f"{args.image}x{args.image}",
+        "patches per image": n_patches // args.batch, "tokens per step": tokens,
+        "activation checkpointing": not args.no_ac, "cpu offload": args.cpu_offload, "attention": args.attn,
+        "step s (median)": dt, "tokens/s": tokens / dt,
+        "LM params (B)": n_lm / 1e9, "vision params (B)": n_vis / 1e9, "TFLOP per step": flops / 1e12,
+        "micro-batches": m["actor/micro_batches"],
+    }
+    if peak:
+        figures["MFU"] = flops / dt / peak
+        figures["MFU (LM only)"] = 6 * n_lm * tokens / dt / peak
+    if device.type == "cuda":
+        figures["peak memory GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
+    report("update step (FSDP2, GMPO)", figures, device, args.out)
+
+
+if __name__ == "__main__":
+    main()

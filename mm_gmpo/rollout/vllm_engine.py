@@ -1,0 +1,199 @@
+"""Rollouts with vLLM, colocated in the training process (one engine per rank, no Ray, no server).
+
+* Images go in as ``multi_modal_data``; the prompt goes in as token ids with one ``<|image_pad|>`` per image,
+  and vLLM's own processor expands it. The expanded ids vLLM reports must equal the trainer's
+  (``EncodedPrompt.input_ids``): a mismatch would mean the trainer scores a different prompt than the sampler
+  saw, so it is an error, not a warning.
+* ``n`` samples per prompt, temperature / top-p / max tokens, stop at EOS, the image-pad token banned, and the
+  sampler's log-prob of every sampled token after temperature (``logprobs_mode="processed_logprobs"``) kept for
+  the train/inference mismatch metrics.
+* ``update_weights`` streams (name, tensor) pairs straight into the model's ``load_weights`` (transformers names
+  are accepted as they are), then clears everything computed with the old weights: the prefix (KV) cache, the
+  multimodal processor cache and the encoder (vision feature) cache. On an H100 with vLLM 0.25.1 a reused image
+  kept its old-weight vision features until the caches were cleared (``../shared/gpu/README.md``); where this
+  vLLM has no encoder-cache reset, a sleep / wake-up cycle clears it.
+* ``sleep()`` / ``wake_up()``: vLLM sleep mode level 1 (weights to CPU, KV cache dropped) so the update gets the
+  GPU memory back between rollouts.
+* Several ranks: vLLM's ``external_launcher`` executor in every torchrun process, with tensor parallelism inside
+  groups of ``tensor_parallel_size`` ranks and data parallelism across them.
+
+vLLM is an optional dependency (``pip install -e '.[vllm]'``); importing this module does not import it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from mm_gmpo.data.processing import EncodedPrompt
+from mm_gmpo.rollout.base import IMAGE_PAD_ID, Rollout, SamplingParams
+
+EOS_IDS = (151645, 151643)  # <|im_end|>, <|endoftext|>
+
+
+def collapse_image_pads(ids: list[int]) -> list[int]:
+    """Prompt ids with each run of ``<|image_pad|>`` collapsed to one (what vLLM's processor expands itself)."""
+    out: list[int] = []
+    for t in ids:
+        if t == IMAGE_PAD_ID and out and out[-1] == IMAGE_PAD_ID:
+            continue
+        out.append(t)
+    return out
+
+
+def engine_request(p: EncodedPrompt) -> dict:
+    """The vLLM request for one encoded prompt (a ``TokensPrompt``-shaped dict)."""
+    if not p.images:
+        return {"prompt_token_ids": list(p.input_ids)}
+    return {"prompt_token_ids": collapse_image_pads(p.input_ids), "multi_modal_data": {"image": list(p.images)}}
+
+
+def vllm_sampling_kwargs(sampling: SamplingParams, eos_ids: Iterable[int] = EOS_IDS) -> dict:
+    """Our SamplingParams as vLLM ``SamplingParams`` keyword arguments."""
+    kw = {
+        "n": sampling.n,
+        "temperature": max(sampling.temperature, 0.0),
+        "top_p": sampling.top_p,
+        "max_tokens": sampling.max_tokens,
+        "seed": sampling.seed,
+        "logprobs": 0,  # the sampled token's log-prob only
+        "stop_token_ids": sorted(set(eos_ids)),
+        "skip_special_tokens": True,
+        "ignore_eos": sampling.ignore_eos,
+    }
+    if sampling.allowed_token_ids:
+        kw["allowed_token_ids"] = sorted(set(sampling.allowed_token_ids))
+    else:
+        kw["logit_bias"] = {IMAGE_PAD_ID: -100.0}  # never sample an image placeholder
+    return kw
+
+
+class VLLMEngine:
+    """A colocated vLLM engine behind the RolloutEngine interface."""
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        dtype: str = "bfloat16",
+        gpu_memory_utilization: float = 0.6,
+        tensor_parallel_size: int = 1,
+        max_model_len: int | None = None,
+        enforce_eager: bool = False,
+        enable_sleep_mode: bool = True,
+        load_format: str = "dummy",
+        seed: int = 0,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        max_images_per_prompt: int = 1,
+    ):
+        """load_format="dummy": random weights at start, which is right for training because the trainer's
+        weights are synced in before the first rollout; use "auto" to load the checkpoint (evaluation)."""
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: load_weights is reachable
+        try:
+            from vllm import LLM
+        except ImportError as e:  # pragma: no cover - depends on the machine
+            raise ImportError("rollout.backend=vllm needs vLLM: pip install -e '.[vllm]' (GPU machines only); "
+                              "or use rollout.backend=hf") from e
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        kwargs: dict = {}
+        if world > 1:
+            if world % tensor_parallel_size:
+                raise ValueError(f"WORLD_SIZE={world} is not divisible by rollout.tensor_parallel_size="
+                                 f"{tensor_parallel_size}")
+            kwargs |= {"distributed_executor_backend": "external_launcher",
+                       "data_parallel_size": world // tensor_parallel_size}
+        mm_kwargs = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v}
+        self.enable_sleep_mode = enable_sleep_mode
+        self.llm = LLM(
+            model=str(model_path),
+            dtype=dtype,
+            gpu_memory_utilization=gpu_memory_utilization,
+            tensor_parallel_size=tensor_parallel_size,
+            max_model_len=max_model_len,
+            enforce_eager=enforce_eager,
+            enable_sleep_mode=enable_sleep_mode,
+            load_format=load_format,
+            seed=seed,
+            enable_prefix_caching=True,
+            logprobs_mode="processed_logprobs",
+            limit_mm_per_prompt={"image": max_images_per_prompt},
+            mm_processor_kwargs=mm_kwargs or None,
+            **kwargs,
+        )
+        self.sleeping = False
+        self.cache_reset = "none"  # how the last update cleared the encoder cache (reported by benchmarks)
+
+    # ------------------------------------------------------------ generate
+
+    def generate(self, prompts: list[EncodedPrompt], sampling: SamplingParams) -> list[Rollout]:
+        from vllm import SamplingParams as VSamplingParams
+
+        if self.sleeping:
+            self.wake_up()
+        t0 = time.perf_counter()
+        outputs = self.llm.generate([engine_request(p) for p in prompts], VSamplingParams(**vllm_sampling_kwargs(sampling)),
+                                    use_tqdm=False)
+        dt = time.perf_counter() - t0
+        rollouts: list[Rollout] = []
+        for i, (p, out) in enumerate(zip(prompts, outputs, strict=True)):
+            if list(out.prompt_token_ids) != list(p.input_ids):
+                raise RuntimeError(
+                    f"prompt {p.prompt.id}: vLLM expanded the prompt to {len(out.prompt_token_ids)} tokens, the "
+                    f"trainer has {len(p.input_ids)}; the image sizes differ (pass the same min/max pixels to both)")
+            for s, c in enumerate(out.outputs):
+                ids = list(c.token_ids)
+                lps = None
+                if c.logprobs is not None:
+                    lps = [float(step[t].logprob) for step, t in zip(c.logprobs, ids, strict=True)]
+                finish = "stop" if c.finish_reason == "stop" else "length"
+                rollouts.append(Rollout(i, s, list(p.input_ids), ids, c.text, lps, finish, {"time_s": dt}))
+        return rollouts
+
+    # ------------------------------------------------------------ weights and caches
+
+    def _model(self):
+        engine = self.llm.llm_engine
+        executor = getattr(engine, "model_executor", None) or engine.engine_core.engine_core.model_executor
+        return executor.driver_worker.worker.model_runner.model
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        if self.sleeping:
+            self.wake_up()
+        loaded = self._model().load_weights(((n, t) for n, t in named_tensors))
+        if loaded is not None and len(loaded) == 0:
+            raise RuntimeError("weight sync: vLLM's load_weights accepted no tensor (names do not match)")
+        self.reset_caches()
+
+    def reset_caches(self) -> None:
+        """Forget every result computed with the old weights: KV prefix cache, MM processor and encoder caches."""
+        self.llm.reset_prefix_cache()
+        reset_mm = getattr(self.llm, "reset_mm_cache", None)
+        if reset_mm is not None:
+            reset_mm()
+        reset_enc = getattr(self.llm, "reset_encoder_cache", None) or getattr(self.llm.llm_engine,
+                                                                              "reset_encoder_cache", None)
+        if reset_enc is not None:
+            reset_enc()
+            self.cache_reset = "reset_encoder_cache"
+        elif self.enable_sleep_mode:  # seen to clear the encoder cache on vLLM 0.25.1
+            self.llm.sleep(level=1)
+            self.llm.wake_up()
+            self.cache_reset = "sleep_wake"
+        else:
+            raise RuntimeError("this vLLM cannot clear its encoder cache: enable sleep mode "
+                               "(rollout.enable_sleep_mode=true) so stale vision features are never reused")
+
+    def sleep(self) -> None:
+        if self.enable_sleep_mode and not self.sleeping:
+            self.llm.sleep(level=1)
+            self.sleeping = True
+
+    def wake_up(self) -> None:
+        if self.sleeping:
+            self.llm.wake_up()
+            self.sleeping = False

@@ -1,0 +1,52 @@
+"""The GPU benchmarks run on CPU with the tiny model (format and plumbing; their figures mean nothing here)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def bench(script: str, out: Path, *args: str) -> dict:
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--out", str(out), *args],
+                       capture_output=True, text=True, timeout=300, env=ENV, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    rec = json.loads(out.read_text().splitlines()[-1])
+    assert rec["command"].startswith("python ") and script in rec["command"]
+    assert rec["env"]["torch"] and rec["env"]["device"] == "cpu"
+    assert "| figure | value |" in r.stdout
+    return rec["figures"]
+
+
+@pytest.mark.slow
+def test_bench_update_reports_throughput(tmp_path):
+    f = bench("bench_update.py", tmp_path / "r.jsonl", "--model", "tiny", "--batch", "2", "--seq", "96", "--image",
+              "56", "--steps", "2")
+    assert f["tokens per step"] == 2 * 96 and f["patches per image"] == 16
+    assert f["tokens/s"] == pytest.approx(f["tokens per step"] / f["step s (median)"])
+    assert 0 < f["LM params (B)"] < 0.02 and "MFU" not in f  # no peak FLOP/s known for a CPU
+
+
+@pytest.mark.slow
+def test_bench_rollout_hf_reports_tokens(tmp_path):
+    f = bench("bench_rollout.py", tmp_path / "r.jsonl", "--backend", "hf", "--model", "tiny", "--prompts", "2",
+              "--n", "2", "--max-tokens", "5", "--image", "56")
+    assert f["prompts x n"] == "2 x 2" and f["HF generate tokens/s"] > 0
+    assert f["HF generate tokens/s"] * f["HF generate s"] == pytest.approx(2 * 2 * 5)  # ignore_eos: all 5 tokens
+
+
+@pytest.mark.slow
+def test_bench_sync_hf_moves_every_parameter(tmp_path):
+    from mm_gmpo.policy import build_model, tiny_qwen2_5_vl_config
+
+    f = bench("bench_sync.py", tmp_path / "r.jsonl", "--backend", "hf", "--model", "tiny", "--repeats", "2")
+    m = build_model("t", random_init=True, config=tiny_qwen2_5_vl_config())
+    params = list(m.parameters())
+    assert f["tensors"] == len(params)
+    assert f["GB moved"] == pytest.approx(sum(p.numel() for p in params) * 4 / 1e9)  # fp32 on CPU
+    assert f["sync s (median)"] > 0
