@@ -141,6 +141,9 @@ def parallelize(
     """
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
+    if cpu_offload and not torch.cuda.is_available():
+        raise ValueError("cpu_offload keeps sharded parameters on the CPU and computes on a GPU; this machine has "
+                         "no CUDA device, so set trainer.cpu_offload=false")
     model = policy.model
     if freeze_vision:
         visual = getattr(model.model, "visual", None)

@@ -197,3 +197,67 @@ def test_single_process_checkpoint_roundtrip(tmp_path, image_batch):
     for k in s1:
         assert torch.equal(s1[k]["exp_avg"], s2[k]["exp_avg"])
     assert sch2.last_epoch == sch.last_epoch
+
+
+_FSDP_OPTIONS = r"""
+import json, sys, torch
+from mm_gmpo import distributed
+from mm_gmpo.loss import gmpo_loss
+from mm_gmpo.policy import Policy, build_model, collate, tiny_qwen2_5_vl_config
+from mm_gmpo.update import UpdateBatch, build_optimizer, policy_update
+
+def run(**opts):
+    m = build_model("t", random_init=True, config=tiny_qwen2_5_vl_config(), dtype=torch.float32, seed=5)
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    pol = Policy(m)
+    distributed.parallelize(pol, param_dtype=None, activation_checkpointing=True, **opts)
+    opt = build_optimizer(pol, lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    pv = torch.randn(16, 1176, generator=g)
+    ids = [151644, 151652] + [151655] * 4 + [151653, 9707]
+    b = collate([ids, ids], [[1, 2, 3], [4, 5]], pad_id=151643, pixel_values=[pv, pv],
+                image_grid_thw=[torch.tensor([[1, 4, 4]])] * 2)
+    data = UpdateBatch(b, torch.full(b.response_mask.shape, -11.9), torch.tensor([1.0, -1.0]))
+    policy_update(pol, opt, data, gmpo_loss)
+    after = distributed.full_model_state_dict(pol)
+    changed = {n: not torch.equal(before[n], after[n].to(before[n].device)) for n in before}
+    return changed, after
+
+frozen, _ = run(freeze_vision=True)
+plain_changed, plain = run()
+if torch.cuda.is_available():
+    offload_changed, offload = run(cpu_offload=True)
+    diff = max((plain[n] - offload[n]).abs().max().item() for n in plain)
+else:
+    try:
+        run(cpu_offload=True)
+        diff = "no error"
+    except ValueError as e:
+        diff = str(e)
+vis = [n for n in frozen if ".visual." in n]
+print(json.dumps({"vision_changed_when_frozen": sum(frozen[n] for n in vis), "n_vision": len(vis),
+                  "text_changed_when_frozen": sum(v for n, v in frozen.items() if n not in vis),
+                  "n_text": len(frozen) - len(vis), "all_changed_plain": all(plain_changed.values()),
+                  "offload_vs_plain_max_diff": diff}))
+"""
+
+
+def test_freeze_vision_and_cpu_offload_options():
+    """FSDP2 options (one process): a frozen vision tower does not move, the rest does; CPU offload gives the
+    same update as no offload on a GPU machine and a clear refusal on a CPU-only one."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _FSDP_OPTIONS], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["n_vision"] > 10 and out["vision_changed_when_frozen"] == 0
+    assert out["text_changed_when_frozen"] == out["n_text"]
+    assert out["all_changed_plain"]
+    if torch.cuda.is_available():
+        assert out["offload_vs_plain_max_diff"] < 1e-6
+    else:  # FSDP2 offload computes on a GPU; without one the option is refused with the fix
+        assert "no CUDA device, so set trainer.cpu_offload=false" in out["offload_vs_plain_max_diff"]

@@ -105,3 +105,20 @@ def test_prompt_sampler_is_deterministic_and_resumable():
     c = PromptSampler(10, seed=3)
     c.load_state_dict(b.state_dict())
     assert [c.next(4) for _ in range(3)] == first[2:]
+
+
+def test_compare_objectives_summary_reads_both_runs(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import compare_objectives
+
+    for name, rew in (("gmpo", 0.9), ("grpo", 0.5)):
+        (tmp_path / name).mkdir()
+        rows = [{"step": s, "reward/mean": rew if s > 1 else 0.0, "ratio/token_log_ratio_min": -0.1 * s,
+                 "ratio/token_log_ratio_max": 0.2 * s, "ratio/clip_frac_upper": 0.01, "ratio/clip_frac_lower": 0.03,
+                 "actor/entropy": 1.0} for s in range(1, 31)]
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = compare_objectives.summary({"gmpo": tmp_path / "gmpo", "grpo": tmp_path / "grpo"}, last=20)
+    assert "| gmpo | 0.900 | -3.00 / 6.00 | 0.0400 | 1.000 |" in table
+    assert "| grpo | 0.500 |" in table
+    compare_objectives.plot({"gmpo": tmp_path / "gmpo", "grpo": tmp_path / "grpo"}, tmp_path / "c.png")
+    assert (tmp_path / "c.png").stat().st_size > 1000
