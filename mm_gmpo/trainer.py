@@ -339,7 +339,7 @@ def train(cfg: Config) -> dict[str, float]:
         perf = {"perf/update_tokens_per_s": tokens / max(timings["timing/update_s"], 1e-9)}
         peak = _peak_flops(info.device)
         if peak:
-            n_params = sum(p.numel() for p in policy.parameters()) * info.world_size  # sharded count x ranks
+            n_params = sum(p.numel() for p in policy.parameters())  # FSDP2 DTensor numel is the global size
             perf["perf/mfu"] = 6 * n_params * tokens / timings["timing/update_s"] / (peak * info.world_size)
         resp_len = batch.response_mask.sum(-1)
         local = {
