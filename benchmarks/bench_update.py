@@ -20,13 +20,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Timer, config_for, image_prompts, lm_params, peak_flops, report, vision_params
+from common import Timer, config_for, image_prompts, lm_params, report, vision_params
 
 from mm_gmpo import distributed
 from mm_gmpo.data.processing import load_processor
 from mm_gmpo.loss import gmpo_loss
 from mm_gmpo.policy import Policy, build_model, collate
-from mm_gmpo.update import UpdateBatch, build_optimizer, policy_update
+from mm_gmpo.update import UpdateBatch, build_optimizer, peak_bf16_flops, policy_update
 
 
 def make_batch(n: int, seq: int, side: int, processor, vocab: int, response_frac: float = 0.75):
@@ -90,7 +90,7 @@ def main() -> None:
     dt = sorted(times)[len(times) // 2]  # median
     n_lm, n_vis = lm_params(cfg), vision_params(cfg)
     flops = 6 * n_lm * tokens + 6 * n_vis * n_patches
-    peak = peak_flops(device)
+    peak = peak_bf16_flops(device)
     figures = {
         "model": args.model, "batch x seq": f"{args.batch} x {args.seq}", "image": f"{args.image}x{args.image}",
         "patches per image": n_patches // args.batch, "tokens per step": tokens,

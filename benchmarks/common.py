@@ -20,8 +20,6 @@ from PIL import Image
 
 from mm_gmpo.policy import model_config, tiny_qwen2_5_vl_config
 
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense bf16 FLOP/s
-
 
 def config_for(name: str):
     """'tiny', 'qwen2_5_vl_3b' or 'qwen2_5_vl_7b' (or a config.json path)."""
@@ -44,13 +42,6 @@ def vision_params(cfg) -> int:
         return 0
     h, i, d = vc.hidden_size, vc.intermediate_size, vc.depth
     return d * (4 * h * h + 3 * h * i) + 3 * 2 * 14 * 14 * h + (4 * h) ** 2 + 4 * h * vc.out_hidden_size
-
-
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16.items() if k in name), None)
 
 
 def image(side: int, seed: int = 0) -> Image.Image:

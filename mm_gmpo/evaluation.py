@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from mm_gmpo.data.processing import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, encode_prompt
 from mm_gmpo.data.prompts import Prompt
+from mm_gmpo.logger import drop_torn_tail, read_jsonl
 from mm_gmpo.rewards import extract_answer, score_batch
 from mm_gmpo.rollout.base import RolloutEngine, SamplingParams
 
@@ -68,27 +69,7 @@ class EvalReport:
         return "\n".join(lines) + "\n"
 
 
-def read_generations(path: Path) -> list[dict]:
-    """Records of a generations.jsonl; a torn last line (killed mid-write) is ignored."""
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
-
-
-def _drop_torn_tail(path: Path) -> None:
-    """Cut a partial last line (a kill mid-write) so that appended records start on a line of their own."""
-    if not path.exists():
-        return
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        with open(path, "r+b") as f:
-            f.truncate(data.rfind(b"\n") + 1)
+read_generations = read_jsonl  # records of a generations.jsonl
 
 
 def report_from_generations(records: list[dict], dataset: str, sampling: dict | None = None) -> EvalReport:
@@ -147,7 +128,7 @@ def evaluate(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     gen_path = out / "generations.jsonl"
-    _drop_torn_tail(gen_path)
+    drop_torn_tail(gen_path)
     done = {r["id"] for r in read_generations(gen_path)}
     todo = [p for p in prompts if p.id not in done]
     t0 = time.perf_counter()

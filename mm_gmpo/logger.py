@@ -71,7 +71,8 @@ class MetricsLogger:
             self._wandb.finish()
 
 
-def read_metrics(path: str | Path) -> list[dict]:
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Records of a JSON-lines file (metrics, generations); a torn line (killed mid-write) is ignored."""
     path = Path(path)
     if not path.exists():
         return []
@@ -82,6 +83,20 @@ def read_metrics(path: str | Path) -> list[dict]:
         except json.JSONDecodeError:
             continue
     return rows
+
+
+read_metrics = read_jsonl
+
+
+def drop_torn_tail(path: str | Path) -> None:
+    """Cut a partial last line (a kill mid-write) so that appended records start on a line of their own."""
+    path = Path(path)
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
 
 
 def plot_training(metrics_path: str | Path, out_png: str | Path,

@@ -29,7 +29,14 @@ from mm_gmpo.loss import get_policy_loss, truncated_is_weights
 from mm_gmpo.policy import Policy, PolicyBatch, build_model, collate, model_config, tiny_qwen2_5_vl_config
 from mm_gmpo.rewards import score_batch
 from mm_gmpo.rollout.base import Rollout, SamplingParams
-from mm_gmpo.update import UpdateBatch, build_optimizer, build_scheduler, compute_logprobs, policy_update
+from mm_gmpo.update import (
+    UpdateBatch,
+    build_optimizer,
+    build_scheduler,
+    compute_logprobs,
+    peak_bf16_flops,
+    policy_update,
+)
 from mm_gmpo.weight_sync import sync_weights
 
 # ---------------------------------------------------------------- stage hand-offs
@@ -132,17 +139,6 @@ def _make_engine(cfg: Config, processor, device: torch.device):
     model = _build(cfg, dtype, seed=cfg.trainer.seed).to(device)  # weights are replaced by the first sync
     return HFEngine(model, getattr(processor, "tokenizer", processor), device=device,
                     batch_size=max(16, cfg.rollout.n * 4))
-
-
-def _peak_flops(device: torch.device) -> float | None:
-    """Dense bf16 peak of the GPU for MFU (H100 SXM 989 TFLOP/s, H200 the same, A100 312); None if unknown."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, peak in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("L40S", 362e12)):
-        if key in name:
-            return peak
-    return None
 
 
 # ---------------------------------------------------------------- stages
@@ -337,7 +333,7 @@ def train(cfg: Config) -> dict[str, float]:
         timings["timing/step_s"] = time.perf_counter() - t_step
         tokens = distributed.all_reduce_sum([float(batch.n_tokens()) * t.ppo_epochs], info.device)[0]
         perf = {"perf/update_tokens_per_s": tokens / max(timings["timing/update_s"], 1e-9)}
-        peak = _peak_flops(info.device)
+        peak = peak_bf16_flops(info.device)
         if peak:
             n_params = sum(p.numel() for p in policy.parameters())  # FSDP2 DTensor numel is the global size
             perf["perf/mfu"] = 6 * n_params * tokens / timings["timing/update_s"] / (peak * info.world_size)

@@ -50,6 +50,17 @@ class UpdateBatch:
                            move(self.ref_logprobs), move(self.is_weights))
 
 
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense bf16 FLOP/s
+
+
+def peak_bf16_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak of the GPU for MFU; None on a CPU or an unknown GPU."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
 def _micro_groups(batch: PolicyBatch, max_tokens: int, device) -> list[list[int]]:
     """Token-budget micro-batches, padded with empty groups so every rank runs the same number of passes."""
     lengths = [int(n) for n in batch.attention_mask.sum(-1).tolist()]
@@ -148,8 +159,7 @@ def policy_update(
         logprobs, entropy = policy(mb.batch, with_entropy=with_entropy, temperature=temperature,
                                    allowed_token_ids=allowed_token_ids)
         loss, m = loss_fn(logprobs, mb.old_logprobs, mb.advantages, mb.batch.response_mask, normalizer=normalizer,
-                          ref_logprobs=mb.ref_logprobs, entropy=entropy,
-                          **({} if mb.is_weights is None else {"is_weights": mb.is_weights}), **loss_kwargs)
+                          ref_logprobs=mb.ref_logprobs, entropy=entropy, is_weights=mb.is_weights, **loss_kwargs)
         if empty:  # a padding pass that keeps ranks in step: contributes no gradient
             loss = loss * 0.0
         (loss * scale).backward()

@@ -164,7 +164,7 @@ class VLLMEngine:
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         if self.sleeping:
             self.wake_up()
-        loaded = self._model().load_weights(((n, t) for n, t in named_tensors))
+        loaded = self._model().load_weights(named_tensors)
         if loaded is not None and len(loaded) == 0:
             raise RuntimeError("weight sync: vLLM's load_weights accepted no tensor (names do not match)")
         self.reset_caches()
