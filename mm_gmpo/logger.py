@@ -19,6 +19,8 @@ class MetricsLogger:
         if not enabled:
             return
         self.out.mkdir(parents=True, exist_ok=True)
+        for name in ("metrics.jsonl", "samples.jsonl"):  # a resumed run appends; never onto a half-written line
+            drop_torn_tail(self.out / name)
         self._jsonl = open(self.out / "metrics.jsonl", "a")  # noqa: SIM115 (closed in close())
         if tensorboard:
             try:

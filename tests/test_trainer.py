@@ -122,3 +122,17 @@ def test_compare_objectives_summary_reads_both_runs(tmp_path):
     assert "| grpo | 0.500 |" in table
     compare_objectives.plot({"gmpo": tmp_path / "gmpo", "grpo": tmp_path / "grpo"}, tmp_path / "c.png")
     assert (tmp_path / "c.png").stat().st_size > 1000
+
+
+def test_metrics_logger_appends_after_a_torn_line(tmp_path):
+    """A run killed mid-write leaves half a line; the resumed run's records must not be glued onto it."""
+    from mm_gmpo.logger import MetricsLogger, read_metrics
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "reward/mean": 0.5}\n{"step": 2, "rew')
+    (tmp_path / "samples.jsonl").write_text('{"step": 1, "id": "a"}\n{"step"')
+    log = MetricsLogger(tmp_path, enabled=True, tensorboard=False)
+    log.log(2, {"reward/mean": 0.75})
+    log.samples(2, [{"id": "b"}])
+    log.close()
+    assert [(r["step"], r["reward/mean"]) for r in read_metrics(tmp_path / "metrics.jsonl")] == [(1, 0.5), (2, 0.75)]
+    assert [r["id"] for r in read_metrics(tmp_path / "samples.jsonl")] == ["a", "b"]
