@@ -25,7 +25,7 @@ from common import Timer, config_for, image_prompts, lm_params, report, vision_p
 from mm_gmpo import distributed
 from mm_gmpo.data.processing import load_processor
 from mm_gmpo.loss import gmpo_loss
-from mm_gmpo.policy import Policy, build_model, collate
+from mm_gmpo.policy import Policy, build_model, collate, resolve_attention
 from mm_gmpo.update import UpdateBatch, build_optimizer, peak_bf16_flops, policy_update
 
 
@@ -53,7 +53,9 @@ def main() -> None:
     ap.add_argument("--no-ac", action="store_true", help="no activation checkpointing")
     ap.add_argument("--cpu-offload", action="store_true")
     ap.add_argument("--freeze-vision", action="store_true")
-    ap.add_argument("--attn", default="sdpa", help="sdpa or flash_attention_2")
+    ap.add_argument("--attn", default="auto", help="auto (flash_attention_2 when installed), sdpa or flash_attention_2")
+    ap.add_argument("--layout", default="auto", choices=["auto", "packed", "padded"],
+                    help="micro-batch layout; auto = packed with flash_attention_2")
     ap.add_argument("--chunk", type=int, default=1024, help="log-prob chunk size (tokens)")
     ap.add_argument("--out", default=None, help="results.jsonl to append to")
     args = ap.parse_args()
@@ -63,8 +65,10 @@ def main() -> None:
     cfg = config_for(args.model)
     bf16 = device.type == "cuda"
     torch.manual_seed(0)
-    model = build_model(args.model, random_init=True, config=cfg, dtype=torch.float32, attn_implementation=args.attn)
-    policy = Policy(model, chunk_size=args.chunk).to(device if not args.cpu_offload else "cpu")
+    attn = resolve_attention(args.attn)
+    packed = args.layout == "packed" or (args.layout == "auto" and attn == "flash_attention_2")
+    model = build_model(args.model, random_init=True, config=cfg, dtype=torch.float32, attn_implementation=attn)
+    policy = Policy(model, chunk_size=args.chunk, packed=packed).to(device if not args.cpu_offload else "cpu")
     distributed.parallelize(policy, param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32,
                             activation_checkpointing=not args.no_ac, cpu_offload=args.cpu_offload,
                             freeze_vision=args.freeze_vision)
@@ -94,7 +98,8 @@ def main() -> None:
     figures = {
         "model": args.model, "batch x seq": f"{args.batch} x {args.seq}", "image": f"{args.image}x{args.image}",
         "patches per image": n_patches // args.batch, "tokens per step": tokens,
-        "activation checkpointing": not args.no_ac, "cpu offload": args.cpu_offload, "attention": args.attn,
+        "activation checkpointing": not args.no_ac, "cpu offload": args.cpu_offload, "attention": attn,
+        "layout": "packed" if packed else "padded",
         "step s (median)": dt, "tokens/s": tokens / dt,
         "LM params (B)": n_lm / 1e9, "vision params (B)": n_vis / 1e9, "TFLOP per step": flops / 1e12,
         "micro-batches": m["actor/micro_batches"],

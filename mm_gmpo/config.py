@@ -31,7 +31,10 @@ class ModelConfig:
                                  "'tiny-random' (random tiny Qwen2.5-VL: plumbing only)")
     processor: str = f("", "Processor/tokenizer folder or hub name; empty = same as path (bundled for tiny-random)")
     dtype: str = f("bf16", "Parameter dtype for compute: bf16 or fp32 (use fp32 on CPU)")
-    attn_implementation: str = f("sdpa", "sdpa, or flash_attention_2 when flash-attn is installed")
+    attn_implementation: str = f("auto", "auto (flash_attention_2 when flash-attn is installed and a GPU is present, "
+                                         "else sdpa), sdpa, flash_attention_2, or eager")
+    layout: str = f("auto", "How a micro-batch enters the trainer's model: packed (one padding-free row; varlen "
+                            "attention under flash_attention_2), padded, or auto (packed with flash_attention_2)")
     freeze_vision: bool = f(False, "Do not train the vision tower")
     activation_checkpointing: bool = f(True, "Recompute activations in backward (less memory, ~30% more compute)")
     logprob_chunk_size: int = f(1024, "Response tokens per chunk of the LM head / log-softmax (memory bound)")
@@ -134,7 +137,8 @@ class Config:
 
 CHOICES = {
     "model.dtype": ("bf16", "fp32"),
-    "model.attn_implementation": ("sdpa", "flash_attention_2", "eager"),
+    "model.attn_implementation": ("auto", "sdpa", "flash_attention_2", "eager"),
+    "model.layout": ("auto", "packed", "padded"),
     "data.dataset": ("geometry3k", "math", "synthetic"),
     "data.on_bad_sample": ("error", "skip"),
     "rollout.backend": ("hf", "vllm"),

@@ -127,23 +127,25 @@ def collate(
     return PolicyBatch(input_ids, attn, resp_mask, pv, grid, per)
 
 
-def split_by_token_budget(lengths: list[int], max_tokens: int) -> list[list[int]]:
-    """Group sample indices into micro-batches whose padded size (count x longest) stays within max_tokens.
+def split_by_token_budget(lengths: list[int], max_tokens: int, *, packed: bool = False) -> list[list[int]]:
+    """Group sample indices into micro-batches that stay within max_tokens.
 
-    Samples are sorted by length (longest first) so similar lengths share a micro-batch and padding is small;
-    a single sample longer than the budget gets a micro-batch of its own.
+    The cost of a micro-batch is what the model processes: count x longest when rows are padded, the sum of the
+    lengths when they are packed into one padding-free row. Samples are sorted by length (longest first) so
+    similar lengths share a padded micro-batch; a single sample longer than the budget gets a micro-batch of its own.
     """
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     groups: list[list[int]] = []
     cur: list[int] = []
-    cur_max = 0
+    cur_max = cur_sum = 0
     for i in order:
-        new_max = max(cur_max, lengths[i])
-        if cur and new_max * (len(cur) + 1) > max_tokens:
+        new_max, new_sum = max(cur_max, lengths[i]), cur_sum + lengths[i]
+        cost = new_sum if packed else new_max * (len(cur) + 1)
+        if cur and cost > max_tokens:
             groups.append(cur)
-            cur, new_max = [], lengths[i]
+            cur, new_max, new_sum = [], lengths[i], lengths[i]
         cur.append(i)
-        cur_max = new_max
+        cur_max, cur_sum = new_max, new_sum
     if cur:
         groups.append(cur)
     return groups
@@ -210,20 +212,32 @@ def write_model_folder(dest: str | Path, config) -> Path:
     return dest
 
 
+def resolve_attention(name: str) -> str:
+    """'auto' -> flash_attention_2 when flash-attn is installed and a GPU is present, else sdpa; others unchanged."""
+    if name != "auto":
+        return name
+    import importlib.util
+
+    return "flash_attention_2" if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") else "sdpa"
+
+
 def build_model(
     source: str | Path,
     *,
     random_init: bool = False,
     config=None,
     dtype: torch.dtype = torch.bfloat16,
-    attn_implementation: str = "sdpa",
+    attn_implementation: str = "auto",
     seed: int = 0,
 ) -> nn.Module:
     """A transformers model: pretrained weights from a path/hub name, or random weights from a config.
 
-    Random-initialised models are for speed and plumbing checks only.
+    ``attn_implementation``: as transformers, plus 'auto' (see resolve_attention). Random-initialised models are
+    for speed and plumbing checks only.
     """
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    attn_implementation = resolve_attention(attn_implementation)
 
     cfg = config if config is not None else model_config(source)
     is_vlm = hasattr(cfg, "vision_config")
@@ -294,17 +308,55 @@ def token_logprobs(
     return torch.cat(outs), (torch.cat(ents) if with_entropy else None)
 
 
-class Policy(nn.Module):
-    """``forward(batch) -> (logprobs (B, R) fp32, entropy (B, R) or None)`` for a transformers causal (V)LM."""
+def pack_rows(attention_mask: torch.Tensor, response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the response tokens of a padded batch land when its rows are packed into one padding-free row.
 
-    def __init__(self, model: nn.Module, *, chunk_size: int = 1024):
+    Returns ``(seq_positions (T,), at (n,))``: position within its own sequence of each of the T real tokens (the
+    packed order is row by row), and for each selected response token (``response_mask`` order, row-major) the
+    packed index of the hidden state that predicts it (the token itself sits at ``at + 1``).
+    """
+    keep = attention_mask.bool()
+    lengths = keep.sum(-1)
+    seq_positions = torch.cat([torch.arange(int(n), device=keep.device) for n in lengths])
+    starts = lengths.cumsum(0) - lengths
+    prompt_len = keep[:, :keep.shape[1] - response_mask.shape[1]].sum(-1)
+    rows, cols = response_mask.bool().nonzero(as_tuple=True)
+    return seq_positions, starts[rows] + prompt_len[rows] - 1 + cols
+
+
+class Policy(nn.Module):
+    """``forward(batch) -> (logprobs (B, R) fp32, entropy (B, R) or None)`` for a transformers causal (V)LM.
+
+    Position ids are computed here, not left to the model: Qwen2.5-VL's multimodal RoPE (temporal, height, width
+    positions for image tokens; text positions that continue after an image from its largest side, not its token
+    count) needs to know which tokens are image tokens, which the transformers forward only learns from
+    ``mm_token_type_ids``. Without them it silently falls back to 1-D positions, unlike vLLM and the released model.
+
+    ``packed=True``: the rows of a micro-batch are concatenated into one padding-free row, position ids restarting
+    for each sequence. transformers then attends within each sequence only: varlen kernels (cu_seqlens from the
+    position ids) under flash_attention_2, a block-diagonal mask under sdpa/eager (correct, but not faster; for tests).
+    """
+
+    def __init__(self, model: nn.Module, *, chunk_size: int = 1024, packed: bool = False):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        self.packed = packed
 
     @property
     def is_vlm(self) -> bool:
         return hasattr(self.model.config, "vision_config")
+
+    def position_ids(self, batch: PolicyBatch) -> torch.Tensor:
+        """(3, B, L) multimodal RoPE positions for a VLM (as the processor + model compute them), (B, L) otherwise."""
+        attn = batch.attention_mask
+        if not self.is_vlm:
+            return (attn.long().cumsum(-1) - 1).clamp(min=0)
+        image_token = getattr(self.model.config, "image_token_id", None) or 151655
+        pos, _ = self.model.model.get_rope_index(
+            batch.input_ids, mm_token_type_ids=(batch.input_ids == image_token).int(),
+            image_grid_thw=batch.image_grid_thw, attention_mask=attn)
+        return pos
 
     def forward(self, batch: PolicyBatch, *, temperature: float = 1.0, with_entropy: bool = False,
                 allowed_token_ids: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -312,14 +364,24 @@ class Policy(nn.Module):
         kwargs = {}
         if batch.pixel_values is not None:
             kwargs = {"pixel_values": batch.pixel_values, "image_grid_thw": batch.image_grid_thw}
-        out = self.model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
-                               **kwargs)
-        R = batch.response_width
-        P = batch.input_ids.shape[1] - R
-        hidden = out.last_hidden_state[:, P - 1:P - 1 + R]  # position t predicts token t + 1
-        targets = batch.input_ids[:, P:P + R]
         sel = batch.response_mask.bool()
-        lp_flat, ent_flat = token_logprobs(hidden[sel], self.model.lm_head, targets[sel], chunk_size=self.chunk_size,
+        pos = self.position_ids(batch)
+        if self.packed:
+            keep = batch.attention_mask.bool()
+            ids = batch.input_ids[keep][None]  # (1, T)
+            seq_pos, at = pack_rows(batch.attention_mask, batch.response_mask)
+            # a VLM takes [text positions; t; h; w] (4, 1, T): the text row tells it where sequences start
+            pos = torch.cat([seq_pos[None], pos[:, keep]])[:, None] if self.is_vlm else seq_pos[None]
+            out = self.model.model(input_ids=ids, attention_mask=None, position_ids=pos, use_cache=False, **kwargs)
+            hidden, targets = out.last_hidden_state[0, at], ids[0, at + 1]
+        else:
+            out = self.model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                   position_ids=pos, use_cache=False, **kwargs)
+            R = batch.response_width
+            P = batch.input_ids.shape[1] - R
+            hidden = out.last_hidden_state[:, P - 1:P - 1 + R][sel]  # position t predicts token t + 1
+            targets = batch.input_ids[:, P:P + R][sel]
+        lp_flat, ent_flat = token_logprobs(hidden, self.model.lm_head, targets, chunk_size=self.chunk_size,
                                            temperature=temperature, with_entropy=with_entropy,
                                            allowed_token_ids=None if allowed_token_ids is None else
                                            torch.tensor(sorted(set(allowed_token_ids)), dtype=torch.long))

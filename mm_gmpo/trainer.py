@@ -26,7 +26,15 @@ from mm_gmpo.data.processing import EncodedPrompt, encode_prompts, load_processo
 from mm_gmpo.data.prompts import Prompt
 from mm_gmpo.logger import MetricsLogger, plot_training
 from mm_gmpo.loss import get_policy_loss, truncated_is_weights
-from mm_gmpo.policy import Policy, PolicyBatch, build_model, collate, model_config, tiny_qwen2_5_vl_config
+from mm_gmpo.policy import (
+    Policy,
+    PolicyBatch,
+    build_model,
+    collate,
+    model_config,
+    resolve_attention,
+    tiny_qwen2_5_vl_config,
+)
 from mm_gmpo.rewards import score_batch
 from mm_gmpo.rollout.base import Rollout, SamplingParams
 from mm_gmpo.update import (
@@ -228,7 +236,11 @@ def train(cfg: Config) -> dict[str, float]:
 
     # policy (FSDP2), optimizer, engine
     compute_dtype = torch.bfloat16 if cfg.model.dtype == "bf16" else None
-    policy = Policy(_build(cfg, torch.float32, seed=t.seed), chunk_size=cfg.model.logprob_chunk_size)
+    attn = resolve_attention(cfg.model.attn_implementation)
+    packed = cfg.model.layout == "packed" or (cfg.model.layout == "auto" and attn == "flash_attention_2")
+    if info.is_main:
+        print(f"attention: {attn}; micro-batches: {'packed (padding-free)' if packed else 'padded'}")
+    policy = Policy(_build(cfg, torch.float32, seed=t.seed), chunk_size=cfg.model.logprob_chunk_size, packed=packed)
     policy.to(info.device)
     distributed.parallelize(policy, param_dtype=compute_dtype, reduce_dtype=torch.float32,
                             activation_checkpointing=cfg.model.activation_checkpointing,

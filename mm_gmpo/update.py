@@ -61,10 +61,15 @@ def peak_bf16_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
-def _micro_groups(batch: PolicyBatch, max_tokens: int, device) -> list[list[int]]:
+def _packed(policy: nn.Module) -> bool:
+    """Whether the policy packs micro-batches (then the token budget counts real tokens, not padded rows)."""
+    return bool(getattr(policy, "packed", False))
+
+
+def _micro_groups(batch: PolicyBatch, max_tokens: int, device, packed: bool) -> list[list[int]]:
     """Token-budget micro-batches, padded with empty groups so every rank runs the same number of passes."""
     lengths = [int(n) for n in batch.attention_mask.sum(-1).tolist()]
-    groups = split_by_token_budget(lengths, max_tokens)
+    groups = split_by_token_budget(lengths, max_tokens, packed=packed)
     n_micro = int(distributed.all_reduce_max(float(len(groups)), device))
     return groups + [[] for _ in range(n_micro - len(groups))]
 
@@ -76,7 +81,7 @@ def compute_logprobs(policy: nn.Module, batch: PolicyBatch, *, max_tokens_per_mi
     """(B, R) log-probs of the responses under the current policy, micro-batched (the 'old log-probs' stage)."""
     policy.eval()
     out = torch.zeros(batch.response_mask.shape, dtype=torch.float32)
-    for idx in _micro_groups(batch, max_tokens_per_micro_batch, device):
+    for idx in _micro_groups(batch, max_tokens_per_micro_batch, device, _packed(policy)):
         mb = batch.select(idx if idx else [0])
         lp, _ = policy(mb.to(device) if device is not None else mb, temperature=temperature,
                        allowed_token_ids=allowed_token_ids)
@@ -142,7 +147,7 @@ def policy_update(
     normalizer = global_seqs if normalize_by == "sequences" else global_tokens
     scale = float(distributed.world_size())  # undo FSDP's mean over ranks: we normalise globally ourselves
 
-    groups = _micro_groups(data.batch, max_tokens_per_micro_batch, device)
+    groups = _micro_groups(data.batch, max_tokens_per_micro_batch, device, _packed(policy))
     n_micro = len(groups)
 
     policy.train()

@@ -57,13 +57,14 @@ def main() -> None:
     ap.add_argument("--ckpt", default="")
     ap.add_argument("--export", default="")
     ap.add_argument("--max-grad-norm", type=float, default=1.0, help="<= 0: no clipping")
+    ap.add_argument("--packed", type=int, default=0, help="1: padding-free packed micro-batches")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     torch.set_num_threads(1)
     info = distributed.init_distributed(backend="gloo")
 
     model = build_model("tiny", random_init=True, config=tiny_qwen2_5_vl_config(), dtype=torch.float32, seed=0)
-    policy = Policy(model, chunk_size=8)
+    policy = Policy(model, chunk_size=8, packed=bool(args.packed))
     if args.fsdp:
         distributed.parallelize(policy, param_dtype=None, reduce_dtype=None, activation_checkpointing=True)
     optimizer = build_optimizer(policy, lr=1e-4, weight_decay=0.01)

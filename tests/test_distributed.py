@@ -56,6 +56,12 @@ def test_fsdp_step_equals_unsharded_step(tmp_path):
     assert ref["grad_norms"][1] > 0.1  # a real, non-degenerate gradient
     assert max_param_diff(fsdp["state_dict"], ref["state_dict"]) < 1e-6
     torch.testing.assert_close(fsdp["logprobs"], ref["logprobs"], rtol=0, atol=1e-5)
+    # the same step with padding-free packed micro-batches on each rank
+    packed = run_worker(2, tmp_path / "packed.pt", "--mode", "step", "--max-grad-norm", "0", "--packed", "1")
+    assert packed["losses"][1] == pytest.approx(ref["losses"][1], rel=1e-6, abs=1e-7)
+    assert packed["grad_norms"][1] == pytest.approx(ref["grad_norms"][1], rel=1e-5)
+    assert max_rel_grad_diff(packed["grads"], ref["grads"]) < 1e-5
+    assert max_param_diff(packed["state_dict"], ref["state_dict"]) < 1e-6
 
 
 def test_checkpoint_layout_and_resume_same_world_size(trained, tmp_path):

@@ -32,11 +32,16 @@ def image_batch():
                    image_grid_thw=[e.image_grid_thw for e in encs])
 
 
-def reference_logprobs(model, b):
-    """The naive way: full (B, L, V) logits, log_softmax in float64, gather."""
+def reference_logprobs(model, b, *, mrope: bool = True):
+    """The naive way: full (B, L, V) logits, log_softmax in float64, gather.
+
+    The model is called as with the processor's outputs, ``mm_token_type_ids`` included (1 on image tokens): that
+    is how transformers learns which tokens get multimodal RoPE positions. ``mrope=False`` leaves it out.
+    """
+    mm = {"mm_token_type_ids": (b.input_ids == 151655).int()} if mrope else {}
     with torch.no_grad():
         logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, pixel_values=b.pixel_values,
-                       image_grid_thw=b.image_grid_thw).logits.double()
+                       image_grid_thw=b.image_grid_thw, **mm).logits.double()
     R = b.response_width
     P = b.input_ids.shape[1] - R
     lp = torch.log_softmax(logits[:, P - 1:P - 1 + R], -1).gather(-1, b.input_ids[:, P:, None]).squeeze(-1)
@@ -54,6 +59,90 @@ def test_logprobs_match_full_logits_reference(tiny, image_batch, chunk):
     assert torch.all(lp[~mask] == 0)
 
 
+def test_multimodal_rope_positions_as_the_processor_and_model_compute_them(tiny, image_batch):
+    """Image tokens get (t, h, w) positions and text after an image continues from its largest side, exactly as
+    transformers computes them from the processor's mm_token_type_ids; 1-D positions would give other log-probs."""
+    proc = load_processor()
+    pos = Policy(tiny).position_ids(image_batch)
+    assert pos.shape == (3, *image_batch.input_ids.shape)
+    # the processor's own token types (not our image-pad test) give the same positions, row by row
+    prompts = geometry3k_prompts(load_geometry3k(split="test").select(range(3)))
+    for i, prompt in enumerate(prompts):
+        enc = encode_prompt(prompt, proc, min_pixels=3136, max_pixels=50_000)
+        out = proc(text=[enc.text], images=enc.images, return_tensors="pt")
+        ref, _ = tiny.model.get_rope_index(out["input_ids"], mm_token_type_ids=out["mm_token_type_ids"],
+                                           image_grid_thw=out["image_grid_thw"])
+        keep = image_batch.attention_mask[i].bool()
+        n = out["input_ids"].shape[1]
+        assert torch.equal(pos[:, i, keep][:, :n], ref[:, 0])
+        img = out["input_ids"][0] == 151655
+        assert len(set(pos[1, i, keep][:n][img].tolist())) > 1  # height positions vary across the image
+    ref1d, _ = reference_logprobs(tiny, image_batch, mrope=False)
+    ref, _ = reference_logprobs(tiny, image_batch)
+    assert (ref - ref1d).abs().max() > 1e-4  # the tests above would see 1-D positions
+
+
+@pytest.mark.parametrize("with_grad", [False, True])
+def test_packed_layout_equals_padded(image_batch, with_grad):
+    """One padding-free row (position ids restart per sequence) gives the padded batch's log-probs, entropies and
+    gradients: no token attends across sequences and every image keeps its multimodal positions."""
+    from dataclasses import replace
+
+    m64 = build_model("t", random_init=True, config=tiny_qwen2_5_vl_config(), dtype=torch.float64, seed=0)
+    b = replace(image_batch, pixel_values=image_batch.pixel_values.double())
+    w = torch.randn(b.response_mask.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    outs = []
+    for packed in (False, True):
+        m64.zero_grad()
+        with torch.set_grad_enabled(with_grad):
+            lp, ent = Policy(m64, chunk_size=5, packed=packed)(b, with_entropy=True)
+            if with_grad:
+                (lp.double() * w).sum().backward()
+        grads = {n: p.grad.clone() for n, p in m64.named_parameters() if p.grad is not None}
+        outs.append((lp.detach(), ent.detach(), grads))
+    (lp0, ent0, g0), (lp1, ent1, g1) = outs
+    torch.testing.assert_close(lp1, lp0, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ent1, ent0, rtol=0, atol=1e-6)
+    ref, _ = reference_logprobs(m64, b)
+    torch.testing.assert_close(lp1.double(), ref, rtol=0, atol=5e-6)
+    if with_grad:
+        assert set(g0) == set(g1) and len(g0) > 50
+        for n in g0:
+            torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-7)
+
+
+def test_packed_layout_text_only_lm():
+    """A text-only causal LM (Qwen2, as Qwen2.5-Math) packs the same way, with 1-D positions."""
+    from mm_gmpo.policy import model_config
+
+    cfg = model_config({"model_type": "qwen2", "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 128,
+                        "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1})
+    m = build_model("t", random_init=True, config=cfg, dtype=torch.float64, seed=0)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (7, 3, 11)]
+    resp = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (4, 9, 1)]
+    b = collate(prompts, resp, pad_id=0)
+    with torch.no_grad():
+        padded, _ = Policy(m)(b)
+        packed, _ = Policy(m, packed=True)(b)
+        alone = [Policy(m)(collate([p], [r], pad_id=0))[0][0] for p, r in zip(prompts, resp, strict=True)]
+    torch.testing.assert_close(packed, padded, rtol=0, atol=1e-9)
+    for i, a in enumerate(alone):  # left padding does not change a sequence's log-probs
+        torch.testing.assert_close(padded[i, :a.shape[0]], a, rtol=0, atol=1e-9)
+
+
+def test_pack_rows_indices():
+    from mm_gmpo.policy import pack_rows
+
+    b = collate([[1, 2, 3], [4]], [[5, 6], [7, 8, 9]], pad_id=0)
+    seq_pos, at = pack_rows(b.attention_mask, b.response_mask)
+    # packed row: 1 2 3 5 6 | 4 7 8 9
+    assert seq_pos.tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3]
+    packed = b.input_ids[b.attention_mask.bool()]
+    assert packed.tolist() == [1, 2, 3, 5, 6, 4, 7, 8, 9]
+    assert packed[at + 1].tolist() == [5, 6, 7, 8, 9] and at.tolist() == [2, 3, 5, 6, 7]
+
+
 def test_logprob_gradients_match_reference(image_batch):
     """Chunked + checkpointed log-prob gradients equal autograd through full logits (float64 model)."""
     from dataclasses import replace
@@ -65,7 +154,7 @@ def test_logprob_gradients_match_reference(image_batch):
     g_chunked = {n: p.grad.clone() for n, p in m64.named_parameters() if p.grad is not None}
     m64.zero_grad()
     logits = m64(input_ids=b.input_ids, attention_mask=b.attention_mask, pixel_values=b.pixel_values,
-                 image_grid_thw=b.image_grid_thw).logits
+                 image_grid_thw=b.image_grid_thw, mm_token_type_ids=(b.input_ids == 151655).int()).logits
     R = b.response_width
     P = b.input_ids.shape[1] - R
     lp = torch.log_softmax(logits[:, P - 1:P - 1 + R], -1).gather(-1, b.input_ids[:, P:, None]).squeeze(-1)
@@ -94,7 +183,8 @@ def test_allowed_token_ids_score_the_restricted_distribution(tiny, image_batch):
     lp, ent = Policy(tiny, chunk_size=4)(b, with_entropy=True, temperature=0.7, allowed_token_ids=allowed)
     with torch.no_grad():
         logits = tiny(input_ids=b.input_ids, attention_mask=b.attention_mask, pixel_values=b.pixel_values,
-                      image_grid_thw=b.image_grid_thw).logits.double()[:, P - 1:P - 1 + R] / 0.7
+                      image_grid_thw=b.image_grid_thw,
+                      mm_token_type_ids=(b.input_ids == 151655).int()).logits.double()[:, P - 1:P - 1 + R] / 0.7
     sub = torch.log_softmax(logits[..., sorted(allowed)], -1)
     pos = torch.searchsorted(torch.tensor(sorted(allowed)), b.input_ids[:, P:])
     ref = sub.gather(-1, pos.clamp(max=len(allowed) - 1)[..., None]).squeeze(-1)
@@ -133,6 +223,11 @@ def test_split_by_token_budget():
     for g in groups:
         assert len(g) == 1 or max(lengths[i] for i in g) * len(g) <= 100
     assert [5] in groups  # longer than... exactly the budget: alone
+    packed = split_by_token_budget(lengths, 100, packed=True)  # packed rows cost the sum of lengths
+    assert sorted(i for g in packed for i in g) == list(range(6))
+    assert all(len(g) == 1 or sum(lengths[i] for i in g) <= 100 for g in packed)
+    short = [60, 10, 10, 10, 10]  # padded: 60 x 2 > 100, so two micro-batches; packed: 100 tokens, one
+    assert len(split_by_token_budget(short, 100)) == 2 and len(split_by_token_budget(short, 100, packed=True)) == 1
 
 
 def test_scheduler_shapes():

@@ -45,8 +45,10 @@ class HFEngine:
             P = batch.input_ids.shape[1] - batch.response_width
             kwargs = {}
             if batch.pixel_values is not None:
+                # mm_token_type_ids marks image tokens; without it transformers gives them 1-D RoPE positions
                 kwargs = {"pixel_values": batch.pixel_values.to(self.device),
-                          "image_grid_thw": batch.image_grid_thw.to(self.device)}
+                          "image_grid_thw": batch.image_grid_thw.to(self.device),
+                          "mm_token_type_ids": (batch.input_ids[:, :P] == IMAGE_PAD_ID).int().to(self.device)}
             greedy = sampling.temperature <= 0
             if sampling.allowed_token_ids:
                 allowed = sorted(set(sampling.allowed_token_ids))  # exactly these (as vLLM's allowed_token_ids)
