@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -36,6 +37,25 @@ class MetricsLogger:
                 self._wandb = wb.init(project=wandb_project, name=run_name or self.out.name, config=config or {})
             except ImportError:
                 print("wandb is not installed (pip install -e '.[wandb]'): skipping W&B")
+
+    def rewind(self, step: int) -> None:
+        """A run resumed from the checkpoint of ``step``: forget what was logged after it.
+
+        A run killed between checkpoints had logged the steps it will now redo; their rows leave metrics.jsonl
+        and samples.jsonl, and TensorBoard purges its events past ``step`` (SummaryWriter purge_step), so every
+        step appears once.
+        """
+        if not self.enabled:
+            return
+        self._jsonl.close()
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            drop_rows_after(self.out / name, step)
+        self._jsonl = open(self.out / "metrics.jsonl", "a")  # noqa: SIM115 (closed in close())
+        if self._tb is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb.close()
+            self._tb = SummaryWriter(str(self.out / "tensorboard"), purge_step=step + 1)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -99,6 +119,28 @@ def drop_torn_tail(path: str | Path) -> None:
     if data and not data.endswith(b"\n"):
         with open(path, "r+b") as f:
             f.truncate(data.rfind(b"\n") + 1)
+
+
+def drop_rows_after(path: str | Path, step: int) -> int:
+    """Remove the records with ``"step" > step`` from a JSON-lines file (atomically); returns how many went."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    lines = path.read_text().splitlines(keepends=True)
+    keep = [ln for ln in lines if not _after(ln, step)]
+    if len(keep) == len(lines):
+        return 0
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
+    return len(lines) - len(keep)
+
+
+def _after(line: str, step: int) -> bool:
+    try:
+        return int(json.loads(line).get("step", -1)) > step
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+        return False
 
 
 def plot_training(metrics_path: str | Path, out_png: str | Path,

@@ -353,10 +353,11 @@ class Policy(nn.Module):
         if not self.is_vlm:
             return (attn.long().cumsum(-1) - 1).clamp(min=0)
         image_token = getattr(self.model.config, "image_token_id", None) or 151655
-        pos, _ = self.model.model.get_rope_index(
-            batch.input_ids, mm_token_type_ids=(batch.input_ids == image_token).int(),
-            image_grid_thw=batch.image_grid_thw, attention_mask=attn)
-        return pos
+        ids = batch.input_ids.cpu()  # a per-sample Python loop: on the CPU it costs no device syncs
+        grid = None if batch.image_grid_thw is None else batch.image_grid_thw.cpu()
+        pos, _ = self.model.model.get_rope_index(ids, mm_token_type_ids=(ids == image_token).int(),
+                                                 image_grid_thw=grid, attention_mask=attn.cpu())
+        return pos.to(batch.input_ids.device)
 
     def forward(self, batch: PolicyBatch, *, temperature: float = 1.0, with_entropy: bool = False,
                 allowed_token_ids: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -266,6 +266,7 @@ def train(cfg: Config) -> dict[str, float]:
     if resume_from is not None:
         state = load_checkpoint(resume_from, policy, optimizer, scheduler)
         sampler.load_state_dict(state.data_position)
+        log.rewind(state.step)  # steps logged after that checkpoint are redone: log each once
         if info.is_main:
             print(f"resumed from {resume_from} at step {state.step}")
     sync_dtype = torch.bfloat16 if cfg.model.dtype == "bf16" else torch.float32

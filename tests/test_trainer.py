@@ -74,14 +74,26 @@ def test_every_trainable_parameter_changed(run3):
 
 
 def test_resume_continues_the_run(run3, tmp_path):
+    """Killed after logging step 3 but before its checkpoint: resume from step 2, redo 3, go on to 4, and log
+    every step once (metrics.jsonl, samples.jsonl, TensorBoard)."""
     import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "tiny"
     shutil.copytree(run3, out)
+    shutil.rmtree(out / "checkpoints" / "step_00000003")
     r = train(out, 4)
-    assert "resumed from" in r.stdout + r.stderr and "step_00000003" in r.stdout + r.stderr
+    assert "resumed from" in r.stdout + r.stderr and "step_00000002" in r.stdout + r.stderr
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in rows] == [1, 2, 3, 4]
+    old = [json.loads(x) for x in (run3 / "metrics.jsonl").read_text().splitlines()]
+    assert rows[:2] == old[:2]  # rows before the checkpoint are kept as they were
+    samples = [json.loads(x)["step"] for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert samples == [2, 2, 2, 4, 4, 4]  # eval every 2 steps and at the end (step 3 was the end before)
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("reward/mean")] == [1, 2, 3, 4]
     state = json.loads((out / "checkpoints" / "step_00000004" / "trainer_state.json").read_text())
     assert state["data_position"]["index"] == 16
 
@@ -136,3 +148,17 @@ def test_metrics_logger_appends_after_a_torn_line(tmp_path):
     log.close()
     assert [(r["step"], r["reward/mean"]) for r in read_metrics(tmp_path / "metrics.jsonl")] == [(1, 0.5), (2, 0.75)]
     assert [r["id"] for r in read_metrics(tmp_path / "samples.jsonl")] == ["a", "b"]
+
+
+def test_metrics_logger_rewind_forgets_steps_after_the_checkpoint(tmp_path):
+    from mm_gmpo.logger import MetricsLogger, read_metrics
+
+    (tmp_path / "metrics.jsonl").write_text("".join(f'{{"step": {i}, "x": {i}}}\n' for i in range(1, 6)))
+    (tmp_path / "samples.jsonl").write_text('{"step": 2, "id": "a"}\n{"step": 4, "id": "b"}\n')
+    log = MetricsLogger(tmp_path, enabled=True, tensorboard=False)
+    log.rewind(3)
+    log.log(4, {"x": 40.0})
+    log.close()
+    assert [(r["step"], r["x"]) for r in read_metrics(tmp_path / "metrics.jsonl")] == [(1, 1), (2, 2), (3, 3),
+                                                                                      (4, 40.0)]
+    assert [r["id"] for r in read_metrics(tmp_path / "samples.jsonl")] == ["a"]
