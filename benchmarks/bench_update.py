@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Timer, config_for, image_prompts, lm_params, report, vision_params
 
 from mm_gmpo import distributed
+from mm_gmpo.attention import use_grouped_vision_attention
 from mm_gmpo.data.processing import load_processor
 from mm_gmpo.loss import gmpo_loss
 from mm_gmpo.policy import Policy, build_model, collate, resolve_attention
@@ -56,6 +57,8 @@ def main() -> None:
     ap.add_argument("--attn", default="auto", help="auto (flash_attention_2 when installed), sdpa or flash_attention_2")
     ap.add_argument("--layout", default="auto", choices=["auto", "packed", "padded"],
                     help="micro-batch layout; auto = packed with flash_attention_2")
+    ap.add_argument("--vision-attention", default="transformers", choices=["transformers", "grouped"],
+                    help="vision tower attention without flash-attn (mm_gmpo/attention.py)")
     ap.add_argument("--chunk", type=int, default=1024, help="log-prob chunk size (tokens)")
     ap.add_argument("--out", default=None, help="results.jsonl to append to")
     args = ap.parse_args()
@@ -68,6 +71,7 @@ def main() -> None:
     attn = resolve_attention(args.attn)
     packed = args.layout == "packed" or (args.layout == "auto" and attn == "flash_attention_2")
     model = build_model(args.model, random_init=True, config=cfg, dtype=torch.float32, attn_implementation=attn)
+    grouped = args.vision_attention == "grouped" and use_grouped_vision_attention(model)
     policy = Policy(model, chunk_size=args.chunk, packed=packed).to(device if not args.cpu_offload else "cpu")
     distributed.parallelize(policy, param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32,
                             activation_checkpointing=not args.no_ac, cpu_offload=args.cpu_offload,
@@ -100,6 +104,7 @@ def main() -> None:
         "patches per image": n_patches // args.batch, "tokens per step": tokens,
         "activation checkpointing": not args.no_ac, "cpu offload": args.cpu_offload, "attention": attn,
         "layout": "packed" if packed else "padded",
+        "vision attention": "grouped" if grouped else "transformers",
         "step s (median)": dt, "tokens/s": tokens / dt,
         "LM params (B)": n_lm / 1e9, "vision params (B)": n_vis / 1e9, "TFLOP per step": flops / 1e12,
         "micro-batches": m["actor/micro_batches"],

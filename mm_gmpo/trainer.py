@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from mm_gmpo import distributed
 from mm_gmpo.advantage import group_advantages
+from mm_gmpo.attention import use_grouped_vision_attention
 from mm_gmpo.checkpoint import TrainerState, export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from mm_gmpo.config import Config, ConfigError, dump_yaml, to_dict, validate
 from mm_gmpo.data.processing import EncodedPrompt, encode_prompts, load_processor
@@ -240,7 +241,10 @@ def train(cfg: Config) -> dict[str, float]:
     packed = cfg.model.layout == "packed" or (cfg.model.layout == "auto" and attn == "flash_attention_2")
     if info.is_main:
         print(f"attention: {attn}; micro-batches: {'packed (padding-free)' if packed else 'padded'}")
-    policy = Policy(_build(cfg, torch.float32, seed=t.seed), chunk_size=cfg.model.logprob_chunk_size, packed=packed)
+    model = _build(cfg, torch.float32, seed=t.seed)
+    if cfg.model.vision_attention == "grouped":
+        use_grouped_vision_attention(model)
+    policy = Policy(model, chunk_size=cfg.model.logprob_chunk_size, packed=packed)
     policy.to(info.device)
     distributed.parallelize(policy, param_dtype=compute_dtype, reduce_dtype=torch.float32,
                             activation_checkpointing=cfg.model.activation_checkpointing,

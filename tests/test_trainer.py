@@ -83,8 +83,10 @@ def test_resume_continues_the_run(run3, tmp_path):
     out = tmp_path / "tiny"
     shutil.copytree(run3, out)
     shutil.rmtree(out / "checkpoints" / "step_00000003")
-    r = train(out, 4)
+    # the layout is not part of a checkpoint: resume with packed micro-batches and grouped vision attention
+    r = train(out, 4, "model.layout=packed", "model.vision_attention=grouped")
     assert "resumed from" in r.stdout + r.stderr and "step_00000002" in r.stdout + r.stderr
+    assert "micro-batches: packed" in r.stdout
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in rows] == [1, 2, 3, 4]
     old = [json.loads(x) for x in (run3 / "metrics.jsonl").read_text().splitlines()]
@@ -94,6 +96,7 @@ def test_resume_continues_the_run(run3, tmp_path):
     acc = EventAccumulator(str(out / "tensorboard"))
     acc.Reload()
     assert [e.step for e in acc.Scalars("reward/mean")] == [1, 2, 3, 4]
+    assert rows[-1]["rollout/logprob_diff_max"] < 1e-4  # packed trainer = HF sampler
     state = json.loads((out / "checkpoints" / "step_00000004" / "trainer_state.json").read_text())
     assert state["data_position"]["index"] == 16
 
