@@ -26,7 +26,7 @@ from mm_gmpo import distributed
 from mm_gmpo.attention import use_grouped_vision_attention
 from mm_gmpo.data.processing import load_processor
 from mm_gmpo.loss import gmpo_loss
-from mm_gmpo.policy import Policy, build_model, collate, resolve_attention
+from mm_gmpo.policy import Policy, build_model, collate, resolve_attention, use_packing
 from mm_gmpo.update import UpdateBatch, build_optimizer, peak_bf16_flops, policy_update
 
 
@@ -69,7 +69,7 @@ def main() -> None:
     bf16 = device.type == "cuda"
     torch.manual_seed(0)
     attn = resolve_attention(args.attn)
-    packed = args.layout == "packed" or (args.layout == "auto" and attn == "flash_attention_2")
+    packed = use_packing(args.layout, attn)
     model = build_model(args.model, random_init=True, config=cfg, dtype=torch.float32, attn_implementation=attn)
     grouped = args.vision_attention == "grouped" and use_grouped_vision_attention(model)
     policy = Policy(model, chunk_size=args.chunk, packed=packed).to(device if not args.cpu_offload else "cpu")

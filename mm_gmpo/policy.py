@@ -221,6 +221,11 @@ def resolve_attention(name: str) -> str:
     return "flash_attention_2" if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") else "sdpa"
 
 
+def use_packing(layout: str, attn_implementation: str) -> bool:
+    """Whether micro-batches are packed: layout 'packed', or 'auto' with flash_attention_2 (varlen kernels)."""
+    return layout == "packed" or (layout == "auto" and attn_implementation == "flash_attention_2")
+
+
 def build_model(
     source: str | Path,
     *,

@@ -35,6 +35,7 @@ from mm_gmpo.policy import (
     model_config,
     resolve_attention,
     tiny_qwen2_5_vl_config,
+    use_packing,
 )
 from mm_gmpo.rewards import score_batch
 from mm_gmpo.rollout.base import Rollout, SamplingParams
@@ -238,7 +239,7 @@ def train(cfg: Config) -> dict[str, float]:
     # policy (FSDP2), optimizer, engine
     compute_dtype = torch.bfloat16 if cfg.model.dtype == "bf16" else None
     attn = resolve_attention(cfg.model.attn_implementation)
-    packed = cfg.model.layout == "packed" or (cfg.model.layout == "auto" and attn == "flash_attention_2")
+    packed = use_packing(cfg.model.layout, attn)
     if info.is_main:
         print(f"attention: {attn}; micro-batches: {'packed (padding-free)' if packed else 'padded'}")
     model = _build(cfg, torch.float32, seed=t.seed)
