@@ -32,20 +32,26 @@ def image_batch():
                    image_grid_thw=[e.image_grid_thw for e in encs])
 
 
-def reference_logprobs(model, b, *, mrope: bool = True):
-    """The naive way: full (B, L, V) logits, log_softmax in float64, gather.
+def response_logits(model, b, *, mrope: bool = True):
+    """(B, R, V) logits predicting the response tokens, from the model's own full forward.
 
     The model is called as with the processor's outputs, ``mm_token_type_ids`` included (1 on image tokens): that
     is how transformers learns which tokens get multimodal RoPE positions. ``mrope=False`` leaves it out.
     """
     mm = {"mm_token_type_ids": (b.input_ids == 151655).int()} if mrope else {}
+    logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, pixel_values=b.pixel_values,
+                   image_grid_thw=b.image_grid_thw, **mm).logits
+    P = b.input_ids.shape[1] - b.response_width
+    return logits[:, P - 1:P - 1 + b.response_width]
+
+
+def reference_logprobs(model, b, *, mrope: bool = True):
+    """The naive way: full (B, L, V) logits, log_softmax in float64, gather."""
     with torch.no_grad():
-        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, pixel_values=b.pixel_values,
-                       image_grid_thw=b.image_grid_thw, **mm).logits.double()
-    R = b.response_width
-    P = b.input_ids.shape[1] - R
-    lp = torch.log_softmax(logits[:, P - 1:P - 1 + R], -1).gather(-1, b.input_ids[:, P:, None]).squeeze(-1)
-    return lp * b.response_mask, torch.distributions.Categorical(logits=logits[:, P - 1:P - 1 + R]).entropy()
+        logits = response_logits(model, b, mrope=mrope).double()
+    P = b.input_ids.shape[1] - b.response_width
+    lp = torch.log_softmax(logits, -1).gather(-1, b.input_ids[:, P:, None]).squeeze(-1)
+    return lp * b.response_mask, torch.distributions.Categorical(logits=logits).entropy()
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 4096])
@@ -153,11 +159,8 @@ def test_logprob_gradients_match_reference(image_batch):
     (Policy(m64, chunk_size=5)(b)[0].double() * w).sum().backward()
     g_chunked = {n: p.grad.clone() for n, p in m64.named_parameters() if p.grad is not None}
     m64.zero_grad()
-    logits = m64(input_ids=b.input_ids, attention_mask=b.attention_mask, pixel_values=b.pixel_values,
-                 image_grid_thw=b.image_grid_thw, mm_token_type_ids=(b.input_ids == 151655).int()).logits
-    R = b.response_width
-    P = b.input_ids.shape[1] - R
-    lp = torch.log_softmax(logits[:, P - 1:P - 1 + R], -1).gather(-1, b.input_ids[:, P:, None]).squeeze(-1)
+    P = b.input_ids.shape[1] - b.response_width
+    lp = torch.log_softmax(response_logits(m64, b), -1).gather(-1, b.input_ids[:, P:, None]).squeeze(-1)
     (lp * b.response_mask * w).sum().backward()
     n_checked = 0
     for n, p in m64.named_parameters():
@@ -182,9 +185,7 @@ def test_allowed_token_ids_score_the_restricted_distribution(tiny, image_batch):
     b = replace(image_batch, input_ids=ids)
     lp, ent = Policy(tiny, chunk_size=4)(b, with_entropy=True, temperature=0.7, allowed_token_ids=allowed)
     with torch.no_grad():
-        logits = tiny(input_ids=b.input_ids, attention_mask=b.attention_mask, pixel_values=b.pixel_values,
-                      image_grid_thw=b.image_grid_thw,
-                      mm_token_type_ids=(b.input_ids == 151655).int()).logits.double()[:, P - 1:P - 1 + R] / 0.7
+        logits = response_logits(tiny, b).double() / 0.7
     sub = torch.log_softmax(logits[..., sorted(allowed)], -1)
     pos = torch.searchsorted(torch.tensor(sorted(allowed)), b.input_ids[:, P:])
     ref = sub.gather(-1, pos.clamp(max=len(allowed) - 1)[..., None]).squeeze(-1)
