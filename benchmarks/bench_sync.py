@@ -51,10 +51,12 @@ def main() -> None:
         else:
             from mm_gmpo.rollout.hf import HFEngine
 
-            m = build_model(args.model, random_init=True, config=cfg, dtype=torch.bfloat16 if gpu else torch.float32)
+            m = build_model(args.model, random_init=True, config=cfg, dtype=torch.bfloat16 if gpu else torch.float32,
+                            device=device)
             engine = HFEngine(m.to(device), load_processor().tokenizer, device=device)
         torch.manual_seed(1)
-        policy = Policy(build_model(args.model, random_init=True, config=cfg, dtype=torch.float32))
+        policy = Policy(build_model(args.model, random_init=True, config=cfg, dtype=torch.float32,
+                                    device=None if args.cpu_offload else device))
         policy.to("cpu" if args.cpu_offload else device)
         distributed.parallelize(policy, param_dtype=torch.bfloat16 if gpu else None, activation_checkpointing=False,
                                 cpu_offload=args.cpu_offload)

@@ -70,7 +70,8 @@ def main() -> None:
     torch.manual_seed(0)
     attn = resolve_attention(args.attn)
     packed = use_packing(args.layout, attn)
-    model = build_model(args.model, random_init=True, config=cfg, dtype=torch.float32, attn_implementation=attn)
+    model = build_model(args.model, random_init=True, config=cfg, dtype=torch.float32, attn_implementation=attn,
+                        device=None if args.cpu_offload else device)
     grouped = args.vision_attention == "grouped" and use_grouped_vision_attention(model)
     policy = Policy(model, chunk_size=args.chunk, packed=packed).to(device if not args.cpu_offload else "cpu")
     distributed.parallelize(policy, param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32,

@@ -28,8 +28,9 @@ def f(default: Any, doc: str) -> Any:
 @dataclass
 class ModelConfig:
     path: str = f("tiny-random", "Policy: an HF folder or hub name (e.g. Qwen/Qwen2.5-VL-7B-Instruct), or "
-                                 "'tiny-random' (random tiny Qwen2.5-VL: plumbing only)")
-    processor: str = f("", "Processor/tokenizer folder or hub name; empty = same as path (bundled for tiny-random)")
+                                 "'tiny-random' (random tiny Qwen2.5-VL: plumbing only), or 'random:NAME' (random weights from a "
+                                 "bundled config, qwen2_5_vl_3b / qwen2_5_vl_7b, or a config.json: speed only)")
+    processor: str = f("", "Processor/tokenizer folder or hub name; empty = same as path (bundled for tiny-random and random:NAME)")
     dtype: str = f("bf16", "Parameter dtype for compute: bf16 or fp32 (use fp32 on CPU)")
     attn_implementation: str = f("auto", "auto (flash_attention_2 when flash-attn is installed and a GPU is present, "
                                          "else sdpa), sdpa, flash_attention_2, or eager")
@@ -109,7 +110,8 @@ class TrainerConfig:
     seed: int = f(1, "Seed for data order, sampling and initialisation")
     cpu_offload: bool = f(False, "FSDP2: keep sharded params and optimizer state on the CPU")
     output_dir: str = f("runs/default", "Run folder: checkpoints, metrics.jsonl, TensorBoard, plots")
-    save_every: int = f(20, "Checkpoint every N steps (and at the end); 0 = only at the end")
+    save_every: int = f(20, "Checkpoint every N steps (and at the end); 0 = only at the end; "
+                                 "-1 = never (benchmark runs)")
     keep_last: int = f(2, "Finished checkpoints to keep")
     eval_every: int = f(5, "Validate every N steps; 0 = never")
     resume: str = f("auto", "auto (latest checkpoint in output_dir if any), none, or a checkpoint path")
@@ -303,6 +305,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if a.kl_coef > 0:
         raise ConfigError("algorithm.kl_coef > 0 needs a reference policy, which the trainer does not build yet; "
                           "set algorithm.kl_coef=0 (the GMPO paper uses no KL)")
+    if t.save_every < -1:
+        raise ConfigError(f"trainer.save_every = {t.save_every}: use N > 0 (every N steps), 0 (only at the end) or "
+                          "-1 (never)")
     if t.max_tokens_per_micro_batch < 1:
         raise ConfigError("trainer.max_tokens_per_micro_batch must be >= 1")
     if a.tis_cap < 0 or 0 < a.tis_cap < 1:

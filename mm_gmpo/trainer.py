@@ -36,6 +36,7 @@ from mm_gmpo.policy import (
     resolve_attention,
     tiny_qwen2_5_vl_config,
     use_packing,
+    write_model_folder,
 )
 from mm_gmpo.rewards import score_batch
 from mm_gmpo.rollout.base import Rollout, SamplingParams
@@ -121,14 +122,20 @@ def load_prompts(cfg: Config, split: str) -> list[Prompt]:
     return list(text_math_prompts(ds, template=d.template))
 
 
-def _model_cfg(cfg: Config):
-    return tiny_qwen2_5_vl_config() if cfg.model.path == "tiny-random" else model_config(cfg.model.path)
+def random_model_config(path: str):
+    """The config of a random-initialised policy ('tiny-random', or 'random:NAME' with NAME a bundled config such
+    as qwen2_5_vl_3b or a config.json path), or None when ``path`` names real weights."""
+    if path == "tiny-random":
+        return tiny_qwen2_5_vl_config()
+    if path.startswith("random:"):
+        return model_config(path.removeprefix("random:"))
+    return None
 
 
-def _build(cfg: Config, dtype: torch.dtype, seed: int):
-    random_init = cfg.model.path == "tiny-random"
-    return build_model(cfg.model.path, random_init=random_init, config=_model_cfg(cfg) if random_init else None,
-                       dtype=dtype, attn_implementation=cfg.model.attn_implementation, seed=seed)
+def _build(cfg: Config, dtype: torch.dtype, seed: int, device: torch.device | None = None):
+    rand = random_model_config(cfg.model.path)
+    return build_model(cfg.model.path, random_init=rand is not None, config=rand, dtype=dtype,
+                       attn_implementation=cfg.model.attn_implementation, seed=seed, device=device)
 
 
 def _make_engine(cfg: Config, processor, device: torch.device):
@@ -137,7 +144,13 @@ def _make_engine(cfg: Config, processor, device: torch.device):
     if r.backend == "vllm":
         from mm_gmpo.rollout.vllm_engine import VLLMEngine
 
-        return VLLMEngine(cfg.model.path, dtype="bfloat16" if cfg.model.dtype == "bf16" else "float32",
+        path = cfg.model.path
+        rand = random_model_config(path)
+        if rand is not None:  # a weightless folder (config + tokenizer): vLLM starts with dummy weights
+            import tempfile
+
+            path = str(write_model_folder(Path(tempfile.mkdtemp(prefix="mm_gmpo_model_")), rand))
+        return VLLMEngine(path, dtype="bfloat16" if cfg.model.dtype == "bf16" else "float32",
                           gpu_memory_utilization=r.gpu_memory_utilization,
                           tensor_parallel_size=r.tensor_parallel_size, enforce_eager=r.enforce_eager,
                           enable_sleep_mode=r.enable_sleep_mode, load_format="dummy", seed=cfg.trainer.seed,
@@ -146,7 +159,7 @@ def _make_engine(cfg: Config, processor, device: torch.device):
     from mm_gmpo.rollout.hf import HFEngine
 
     dtype = torch.bfloat16 if cfg.model.dtype == "bf16" else torch.float32
-    model = _build(cfg, dtype, seed=cfg.trainer.seed).to(device)  # weights are replaced by the first sync
+    model = _build(cfg, dtype, seed=cfg.trainer.seed, device=device).to(device)  # weights are replaced by the first sync
     return HFEngine(model, getattr(processor, "tokenizer", processor), device=device,
                     batch_size=max(16, cfg.rollout.n * 4))
 
@@ -218,8 +231,9 @@ def train(cfg: Config) -> dict[str, float]:
                         wandb_project=cfg.logging.wandb_project, run_name=cfg.logging.run_name, config=to_dict(cfg))
 
     # data
-    processor = load_processor(cfg.model.processor or (cfg.model.path if cfg.model.path != "tiny-random" else
-                                                       Path(__file__).parent / "assets" / "qwen2_5_vl"))
+    bundled = Path(__file__).parent / "assets" / "qwen2_5_vl"
+    processor = load_processor(cfg.model.processor or (bundled if random_model_config(cfg.model.path) is not None
+                                                       else cfg.model.path))
     tokenizer = getattr(processor, "tokenizer", processor)
     train_prompts = load_prompts(cfg, "train")
     sampler = PromptSampler(len(train_prompts), seed=t.seed)
@@ -242,7 +256,7 @@ def train(cfg: Config) -> dict[str, float]:
     packed = use_packing(cfg.model.layout, attn)
     if info.is_main:
         print(f"attention: {attn}; micro-batches: {'packed (padding-free)' if packed else 'padded'}")
-    model = _build(cfg, torch.float32, seed=t.seed)
+    model = _build(cfg, torch.float32, seed=t.seed, device=info.device)
     if cfg.model.vision_attention == "grouped":
         use_grouped_vision_attention(model)
     policy = Policy(model, chunk_size=cfg.model.logprob_chunk_size, packed=packed)
@@ -371,7 +385,7 @@ def train(cfg: Config) -> dict[str, float]:
         bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", acc=f"{metrics['reward/accuracy']:.3f}")
         state.step = step
         state.data_position = sampler.state_dict()
-        if (t.save_every and step % t.save_every == 0) or step == total_steps:
+        if t.save_every >= 0 and ((t.save_every and step % t.save_every == 0) or step == total_steps):
             save_checkpoint(ckpt_dir, policy, optimizer, scheduler, state, keep_last=t.keep_last)
     bar.close()
 

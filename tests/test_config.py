@@ -74,6 +74,7 @@ def test_parse_errors_name_the_key(overrides, message):
         (["rollout.temperature=0"], 1, r"temperature must be > 0"),
         (["data.min_pixels=10", "data.max_pixels=5"], 1, r"data\.min_pixels \(10\) is larger"),
         (["rollout.backend=vllm"], 1, r"needs a model folder"),
+        (["trainer.save_every=-2"], 1, r"trainer\.save_every = -2: use N > 0 .* or -1 \(never\)"),
     ],
 )
 def test_cross_field_errors_say_what_to_change(overrides, world, message):

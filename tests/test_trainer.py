@@ -165,3 +165,22 @@ def test_metrics_logger_rewind_forgets_steps_after_the_checkpoint(tmp_path):
     assert [(r["step"], r["x"]) for r in read_metrics(tmp_path / "metrics.jsonl")] == [(1, 1), (2, 2), (3, 3),
                                                                                       (4, 40.0)]
     assert [r["id"] for r in read_metrics(tmp_path / "samples.jsonl")] == ["a"]
+
+
+def test_random_model_paths_build_the_named_config(tmp_path):
+    from mm_gmpo.config import Config
+    from mm_gmpo.policy import tiny_qwen2_5_vl_config
+    from mm_gmpo.trainer import _build, random_model_config
+
+    assert random_model_config("Qwen/Qwen2.5-VL-3B-Instruct") is None  # real weights
+    c3 = random_model_config("random:qwen2_5_vl_3b")
+    assert (c3.text_config.hidden_size, c3.text_config.num_hidden_layers, c3.vision_config.depth) == (2048, 36, 32)
+    assert random_model_config("random:qwen2_5_vl_7b").text_config.hidden_size == 3584
+    tiny = tiny_qwen2_5_vl_config(hidden_size=64, layers=1, vision_depth=1)
+    tiny.to_json_file(tmp_path / "config.json")
+    cfg = Config()
+    cfg.model.path = f"random:{tmp_path / 'config.json'}"
+    model = _build(cfg, torch.float32, seed=0)
+    assert model.config.text_config.num_hidden_layers == 1 and model.config.vision_config.depth == 1
+    assert sum(p.numel() for p in model.parameters()) == sum(
+        p.numel() for p in _build(cfg, torch.float32, seed=1).parameters())

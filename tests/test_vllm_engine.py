@@ -193,7 +193,7 @@ def test_vllm_logprobs_match_the_trainer_after_sync_on_fresh_and_seen_images(tmp
     seen, fresh = enc[:8], enc[8:]
     engine = VLLMEngine(folder, dtype="bfloat16", gpu_memory_utilization=0.35, enforce_eager=True,
                         max_model_len=1024, min_pixels=3136, max_pixels=12544)
-    policy = Policy(build_model(folder, random_init=True, config=cfg, dtype=torch.bfloat16, seed=0).cuda())
+    policy = Policy(build_model(folder, random_init=True, config=cfg, dtype=torch.bfloat16, seed=0, device="cuda"))
     sampling = SamplingParams(n=2, temperature=1.0, max_tokens=16, seed=0)
 
     def gap(prompts):

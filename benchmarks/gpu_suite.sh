@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The GPU checks and benchmarks of issues 6 and 9, in priority order, each under its own time limit so one hang
+# cannot eat the rest. Run from the repository root on a GPU machine with vLLM installed:
+#
+#   bash benchmarks/gpu_suite.sh parity update sync      # then, in a second call:
+#   bash benchmarks/gpu_suite.sh rollout step
+#
+# Logs and benchmarks/results.jsonl rows go to $OUT (default: runs/gpu_suite); SUITE_BUDGET_S (seconds) skips
+# the stages that no longer fit. Stages:
+#   parity   pytest -m gpu tests/test_vllm_engine.py (vLLM log-probs == trainer's after a sync, fresh + seen images)
+#   update   bench_update.py, Qwen2.5-VL-3B, 8 x 1024 tokens, 448x448 images: per-window vs grouped vision
+#            attention, padded vs packed micro-batches
+#   sync     bench_sync.py, Qwen2.5-VL-7B FSDP2 -> vLLM
+#   rollout  bench_rollout.py, Qwen2.5-VL-3B, 32 prompts x n=8 x 512 tokens, bare vLLM vs mm_gmpo's engine
+#   step     three GMPO steps of the geo3k 3B config (random weights, reduced batch) for the stage breakdown
+set -uo pipefail
+OUT="${OUT:-runs/gpu_suite}"
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export MM_GMPO_BENCH_OUT="$OUT/results.jsonl" VLLM_ENABLE_V1_MULTIPROCESSING=0
+PY="${PYTHON:-python3}"
+t_start=$(date +%s)
+
+stage() {  # stage NAME LIMIT_S COMMAND...; the limit is cut to what is left of SUITE_BUDGET_S
+  local name=$1 limit=$2; shift 2
+  local left=$(( ${SUITE_BUDGET_S:-100000} - ($(date +%s) - t_start) ))
+  if (( left < 45 )); then echo "=== $name skipped: ${left}s left of SUITE_BUDGET_S"; return 0; fi
+  (( limit > left )) && limit=$left
+  echo "=== $name (limit ${limit}s, at +$(( $(date +%s) - t_start ))s): $*"
+  local t0=$(date +%s)
+  timeout --signal=KILL "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "=== $name rc=$rc in $(( $(date +%s) - t0 ))s"
+  grep -E "^\| |passed|failed|error|Error|mean \|logp|^step|timing" "$OUT/$name.log" | tail -40
+  return 0
+}
+
+for what in "$@"; do
+  case "$what" in
+    env)
+      nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+      "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+      "$PY" -c "import vllm; print('vllm', vllm.__version__)" 2>&1 | tail -1 ;;
+    parity)
+      stage parity 240 "$PY" -m pytest -m gpu tests/test_vllm_engine.py -s -q -p no:cacheprovider ;;
+    update)
+      U=("$PY" benchmarks/bench_update.py --model qwen2_5_vl_3b --batch 8 --seq 1024 --image 448 --steps 3)
+      stage update_base 100 "${U[@]}"
+      stage update_grouped 100 "${U[@]}" --vision-attention grouped
+      stage update_grouped_packed 100 "${U[@]}" --vision-attention grouped --layout packed
+      stage update_packed 100 "${U[@]}" --layout packed ;;
+    sync)
+      stage sync 200 "$PY" benchmarks/bench_sync.py --model qwen2_5_vl_7b --repeats 3 ;;
+    rollout)
+      stage rollout 330 "$PY" benchmarks/bench_rollout.py --model qwen2_5_vl_3b --prompts 32 --n 8 --max-tokens 512 \
+        --image 448 --gpu-mem 0.4 ;;
+    step)
+      stage step 270 "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 scripts/train_mm.py \
+        --config configs/geo3k_qwen2_5_vl_3b_gmpo.yaml model.path=random:qwen2_5_vl_3b \
+        data.train_source=data/geometry3k data.train_split=val trainer.total_steps=3 trainer.rollout_batch_size=32 \
+        trainer.mini_batch_size=32 rollout.max_tokens=512 rollout.enforce_eager=true trainer.eval_every=0 \
+        trainer.save_every=-1 trainer.export_hf=false logging.tensorboard=false trainer.output_dir="$OUT/step_run"
+      cp "$OUT/step_run/metrics.jsonl" "$OUT/step_metrics.jsonl" 2>/dev/null
+      rm -rf "$OUT/step_run" ;;
+    *) echo "unknown stage $what (parity update sync rollout step env)"; exit 2 ;;
+  esac
+done
+echo "=== done at +$(( $(date +%s) - t_start ))s"
