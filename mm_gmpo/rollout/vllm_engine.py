@@ -195,5 +195,9 @@ class VLLMEngine:
 
     def wake_up(self) -> None:
         if self.sleeping:
+            # vLLM maps its memory outside torch's caching allocator: hand back the blocks the update freed but
+            # torch still caches, or the wake-up runs out of memory (seen on an H100 with the 3B on one GPU)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
             self.llm.wake_up()
             self.sleeping = False
