@@ -42,7 +42,7 @@ for what in "$@"; do
       "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
       "$PY" -c "import vllm; print('vllm', vllm.__version__)" 2>&1 | tail -1 ;;
     parity)
-      stage parity 300 "$PY" -m pytest -m gpu tests/test_vllm_engine.py -s -q -p no:cacheprovider ;;
+      stage parity 300 "$PY" -m pytest -m gpu tests/test_vllm_engine.py -s -q -p no:cacheprovider ${PARITY_K:+-k "$PARITY_K"} ;;
     update)
       U=("$PY" benchmarks/bench_update.py --model qwen2_5_vl_3b --batch 8 --seq 1024 --image 448 --steps 3)
       stage update_base 100 "${U[@]}"
@@ -57,8 +57,8 @@ for what in "$@"; do
     step)
       stage step 270 "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 scripts/train_mm.py \
         --config configs/geo3k_qwen2_5_vl_3b_gmpo.yaml model.path=random:qwen2_5_vl_3b \
-        data.train_source=data/geometry3k data.train_split=val trainer.total_steps=3 trainer.rollout_batch_size=32 \
-        trainer.mini_batch_size=32 rollout.max_tokens=512 rollout.enforce_eager=true rollout.gpu_memory_utilization=0.35 trainer.eval_every=0 \
+        data.train_source=data/geometry3k data.train_split=val trainer.total_steps=${STEPS:-3} trainer.rollout_batch_size=32 \
+        trainer.mini_batch_size=32 rollout.max_tokens=512 rollout.enforce_eager=true rollout.gpu_memory_utilization=0.2 trainer.eval_every=0 \
         trainer.save_every=-1 trainer.export_hf=false logging.tensorboard=false trainer.output_dir="$OUT/step_run"
       cp "$OUT/step_run/metrics.jsonl" "$OUT/step_metrics.jsonl" 2>/dev/null
       rm -rf "$OUT/step_run" ;;

@@ -195,8 +195,9 @@ def test_vllm_logprobs_match_the_trainer_after_sync_on_fresh_and_seen_images(tmp
     enc, _ = encode_prompts(synthetic_prompts(16, seed=3), proc, max_prompt_length=512, min_pixels=3136,
                             max_pixels=12544)
     seen, fresh = enc[:8], enc[8:]
+    # no sleep mode: vLLM allows one sleep-mode (CuMem) engine per process and both dtypes run in this one
     engine = VLLMEngine(folder, dtype=dtype, gpu_memory_utilization=0.35, enforce_eager=True, max_model_len=1024,
-                        min_pixels=3136, max_pixels=12544)
+                        min_pixels=3136, max_pixels=12544, enable_sleep_mode=False)
     fp32 = Policy(build_model(folder, random_init=True, config=cfg, dtype=torch.float32, seed=0, device="cuda"))
     policy = fp32 if dtype == "float32" else Policy(
         build_model(folder, random_init=True, config=cfg, dtype=torch.bfloat16, seed=0, device="cuda"))
