@@ -57,7 +57,7 @@ def main() -> None:
     ap.add_argument("--attn", default="auto", help="auto (flash_attention_2 when installed), sdpa or flash_attention_2")
     ap.add_argument("--layout", default="auto", choices=["auto", "packed", "padded"],
                     help="micro-batch layout; auto = packed with flash_attention_2")
-    ap.add_argument("--vision-attention", default="transformers", choices=["transformers", "grouped"],
+    ap.add_argument("--vision-attention", default="grouped", choices=["transformers", "grouped"],
                     help="vision tower attention without flash-attn (mm_gmpo/attention.py)")
     ap.add_argument("--chunk", type=int, default=1024, help="log-prob chunk size (tokens)")
     ap.add_argument("--out", default=None, help="results.jsonl to append to")

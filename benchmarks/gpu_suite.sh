@@ -45,10 +45,10 @@ for what in "$@"; do
       stage parity 300 "$PY" -m pytest -m gpu tests/test_vllm_engine.py -s -q -p no:cacheprovider ${PARITY_K:+-k "$PARITY_K"} ;;
     update)
       U=("$PY" benchmarks/bench_update.py --model qwen2_5_vl_3b --batch 8 --seq 1024 --image 448 --steps 3)
-      stage update_base 100 "${U[@]}"
+      stage update_base 100 "${U[@]}" --vision-attention transformers
       stage update_grouped 100 "${U[@]}" --vision-attention grouped
       stage update_grouped_packed 100 "${U[@]}" --vision-attention grouped --layout packed
-      stage update_packed 100 "${U[@]}" --layout packed ;;
+      stage update_packed 100 "${U[@]}" --vision-attention transformers --layout packed ;;
     sync)
       stage sync 200 "$PY" benchmarks/bench_sync.py --model qwen2_5_vl_7b --repeats 3 ;;
     rollout)

@@ -257,7 +257,7 @@ def train(cfg: Config) -> dict[str, float]:
     if info.is_main:
         print(f"attention: {attn}; micro-batches: {'packed (padding-free)' if packed else 'padded'}")
     model = _build(cfg, torch.float32, seed=t.seed, device=info.device)
-    if cfg.model.vision_attention == "grouped":
+    if cfg.model.vision_attention == "grouped" or (cfg.model.vision_attention == "auto" and info.device.type == "cuda"):
         use_grouped_vision_attention(model)
     policy = Policy(model, chunk_size=cfg.model.logprob_chunk_size, packed=packed)
     policy.to(info.device)

@@ -134,10 +134,12 @@ def policy_update(
     temperature: float = 1.0,
     allowed_token_ids: Sequence[int] | None = None,
     device: torch.device | None = None,
+    keep_grads: bool = False,
 ) -> dict[str, float]:
     """One optimizer step over ``data`` (split into micro-batches by token budget); returns averaged metrics.
 
     ``normalize_by``: 'sequences' (GMPO, GRPO seq_mean_token_mean) or 'tokens' (GRPO token_mean).
+    ``keep_grads``: leave the step's gradients in ``.grad`` (tests); by default they are freed after the step.
     """
     t0 = time.perf_counter()
     loss_kwargs = dict(loss_kwargs or {})
@@ -188,8 +190,11 @@ def policy_update(
         optimizer.step()
         skipped = 0.0
     else:  # never apply a NaN/inf update; the step is reported and skipped
-        optimizer.zero_grad(set_to_none=True)
         skipped = 1.0
+    if not keep_grads or skipped:
+        # free the gradients now, not at the next update: held through the rollout they cost an fp32 copy of the
+        # (sharded) model, memory vLLM needs to wake up (the 3B on one H100 ran out of it at step 2)
+        optimizer.zero_grad(set_to_none=True)
     keys = sorted(sums)
     metrics = dict(zip(keys, distributed.all_reduce_sum([sums[k] for k in keys], device), strict=True))
     local = {k: v / max(weight, 1.0) for k, v in weighted.items()} | extremes

@@ -80,7 +80,7 @@ def main() -> None:
         data = local_share(make_global_batch(step))
         # a tiny token budget forces several micro-batches, and a different number on each rank
         m = policy_update(policy, optimizer, data, gmpo_loss, max_tokens_per_micro_batch=40,
-                           max_grad_norm=args.max_grad_norm)
+                           max_grad_norm=args.max_grad_norm, keep_grads=True)
         scheduler.step()
         losses[step] = m["loss/total"]
         grad_norms[step] = m["actor/grad_norm"]
