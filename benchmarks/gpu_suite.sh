@@ -12,7 +12,8 @@
 #            attention, padded vs packed micro-batches
 #   sync     bench_sync.py, Qwen2.5-VL-7B FSDP2 -> vLLM
 #   rollout  bench_rollout.py, Qwen2.5-VL-3B, 32 prompts x n=8 x 512 tokens, bare vLLM vs mm_gmpo's engine
-#   step     three GMPO steps of the geo3k 3B config (random weights, reduced batch) for the stage breakdown
+#   step     GMPO steps (STEPS, default 3) of the geo3k 3B config (random weights, reduced batch) for the stage
+#            breakdown; PARITY_K=bfloat16 (or float32) runs one dtype of the parity test
 set -uo pipefail
 OUT="${OUT:-runs/gpu_suite}"
 mkdir -p "$OUT"
