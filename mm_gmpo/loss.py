@@ -90,6 +90,13 @@ def truncated_is_weights(
     return w.clamp(max=cap), _finish(stats)
 
 
+def _checked_is_weights(is_weights: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
+    """The importance weights as a detached float tensor, after checking they are (B, T) like the log-probs."""
+    if is_weights.shape != logprobs.shape:
+        raise ValueError(f"is_weights must be (B, T) like logprobs, got {tuple(is_weights.shape)}")
+    return is_weights.detach().float()
+
+
 def _masked_seq_mean(x: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Per-sequence mean of x over valid tokens; 0 for sequences with no valid token."""
     return torch.where(mask, x, 0.0).sum(-1) / lengths.clamp(min=1)
@@ -200,9 +207,7 @@ def gmpo_loss(
     weight = torch.exp(seq_log_w)
     per_seq = torch.where(lengths > 0, -adv * weight, 0.0)
     if is_weights is not None:
-        if is_weights.shape != logprobs.shape:
-            raise ValueError(f"is_weights must be (B, T) like logprobs, got {tuple(is_weights.shape)}")
-        log_is = torch.where(mask, is_weights.detach().float().clamp(min=1e-30).log(), 0.0)
+        log_is = torch.where(mask, _checked_is_weights(is_weights, logprobs).clamp(min=1e-30).log(), 0.0)
         per_seq = per_seq * torch.exp(_masked_seq_mean(log_is, mask, lengths))
     loss = per_seq.sum() / n_seq
 
@@ -269,9 +274,7 @@ def grpo_loss(
     clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
     per_token = torch.maximum(unclipped, clipped)
     if is_weights is not None:
-        if is_weights.shape != logprobs.shape:
-            raise ValueError(f"is_weights must be (B, T) like logprobs, got {tuple(is_weights.shape)}")
-        per_token = per_token * is_weights.detach().float()
+        per_token = per_token * _checked_is_weights(is_weights, logprobs)
 
     if loss_agg == "token_mean":
         denom = float(normalizer) if normalizer is not None else mask.sum().clamp(min=1)

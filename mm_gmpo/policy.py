@@ -194,6 +194,16 @@ def tiny_qwen2_5_vl_config(hidden_size: int = 64, layers: int = 2, vision_depth:
     )
 
 
+def random_model_config(path: str):
+    """The config of a random-initialised policy ('tiny-random', or 'random:NAME' with NAME a bundled config such
+    as qwen2_5_vl_3b or a config.json path), or None when ``path`` names real weights."""
+    if path == "tiny-random":
+        return tiny_qwen2_5_vl_config()
+    if path.startswith("random:"):
+        return model_config(path.removeprefix("random:"))
+    return None
+
+
 def write_model_folder(dest: str | Path, config) -> Path:
     """A model folder without weights: ``config.json`` plus the bundled tokenizer/processor files.
 

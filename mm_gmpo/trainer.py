@@ -28,13 +28,13 @@ from mm_gmpo.data.prompts import Prompt
 from mm_gmpo.logger import MetricsLogger, plot_training
 from mm_gmpo.loss import get_policy_loss, truncated_is_weights
 from mm_gmpo.policy import (
+    ASSETS,
     Policy,
     PolicyBatch,
     build_model,
     collate,
-    model_config,
+    random_model_config,
     resolve_attention,
-    tiny_qwen2_5_vl_config,
     use_packing,
     write_model_folder,
 )
@@ -120,16 +120,6 @@ def load_prompts(cfg: Config, split: str) -> list[Prompt]:
 
     ds = load_text_math(source or "math500", split=which, levels=d.levels or None, on_bad_sample=d.on_bad_sample)
     return list(text_math_prompts(ds, template=d.template))
-
-
-def random_model_config(path: str):
-    """The config of a random-initialised policy ('tiny-random', or 'random:NAME' with NAME a bundled config such
-    as qwen2_5_vl_3b or a config.json path), or None when ``path`` names real weights."""
-    if path == "tiny-random":
-        return tiny_qwen2_5_vl_config()
-    if path.startswith("random:"):
-        return model_config(path.removeprefix("random:"))
-    return None
 
 
 def _build(cfg: Config, dtype: torch.dtype, seed: int, device: torch.device | None = None):
@@ -231,8 +221,7 @@ def train(cfg: Config) -> dict[str, float]:
                         wandb_project=cfg.logging.wandb_project, run_name=cfg.logging.run_name, config=to_dict(cfg))
 
     # data
-    bundled = Path(__file__).parent / "assets" / "qwen2_5_vl"
-    processor = load_processor(cfg.model.processor or (bundled if random_model_config(cfg.model.path) is not None
+    processor = load_processor(cfg.model.processor or (ASSETS if random_model_config(cfg.model.path) is not None
                                                        else cfg.model.path))
     tokenizer = getattr(processor, "tokenizer", processor)
     train_prompts = load_prompts(cfg, "train")

@@ -169,8 +169,8 @@ def test_metrics_logger_rewind_forgets_steps_after_the_checkpoint(tmp_path):
 
 def test_random_model_paths_build_the_named_config(tmp_path):
     from mm_gmpo.config import Config
-    from mm_gmpo.policy import tiny_qwen2_5_vl_config
-    from mm_gmpo.trainer import _build, random_model_config
+    from mm_gmpo.policy import random_model_config, tiny_qwen2_5_vl_config
+    from mm_gmpo.trainer import _build
 
     assert random_model_config("Qwen/Qwen2.5-VL-3B-Instruct") is None  # real weights
     c3 = random_model_config("random:qwen2_5_vl_3b")

@@ -133,8 +133,7 @@ class VLLMEngine:
     def generate(self, prompts: list[EncodedPrompt], sampling: SamplingParams) -> list[Rollout]:
         from vllm import SamplingParams as VSamplingParams
 
-        if self.sleeping:
-            self.wake_up()
+        self.wake_up()
         t0 = time.perf_counter()
         outputs = self.llm.generate([engine_request(p) for p in prompts], VSamplingParams(**vllm_sampling_kwargs(sampling)),
                                     use_tqdm=False)
@@ -162,8 +161,7 @@ class VLLMEngine:
         return executor.driver_worker.worker.model_runner.model
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        if self.sleeping:
-            self.wake_up()
+        self.wake_up()
         loaded = self._model().load_weights(named_tensors)
         if loaded is not None and len(loaded) == 0:
             raise RuntimeError("weight sync: vLLM's load_weights accepted no tensor (names do not match)")
@@ -194,6 +192,7 @@ class VLLMEngine:
             self.sleeping = True
 
     def wake_up(self) -> None:
+        """No-op unless asleep."""
         if self.sleeping:
             # vLLM maps its memory outside torch's caching allocator: hand back the blocks the update freed but
             # torch still caches, or the wake-up runs out of memory (seen on an H100 with the 3B on one GPU)
