@@ -5,8 +5,10 @@
 
 vLLM: a random-weight model (``load_format="dummy"``) from the real config; first bare ``LLM.generate`` on the
 prompts (text + one image each, ``n`` samples, sampling at temperature 1, ``ignore_eos`` so every sample is
-``max_tokens`` long), then mm_gmpo's ``VLLMEngine.generate`` on the same prompts in the same process (same engine
-settings, its own LLM). Each is timed after one warm-up call. Reports generated tokens/s and the ratio.
+``max_tokens`` long, the sampled token's log-prob, as a user would write it), then the same bare engine with flat
+log-probs and no detokenization (the per-token output objects that mm_gmpo's engine avoids), then mm_gmpo's
+``VLLMEngine.generate`` on the same prompts in the same process (same engine settings, its own LLM). Each is
+timed after one warm-up call. Reports generated tokens/s and the ratios.
 HF: mm_gmpo's transformers engine alone (slow path; CPU format check).
 """
 
@@ -33,7 +35,7 @@ def bench_vllm(args, prompts, folder) -> dict:
     from vllm import LLM
     from vllm import SamplingParams as VSP
 
-    from mm_gmpo.rollout.vllm_engine import VLLMEngine, engine_request, vllm_sampling_kwargs
+    from mm_gmpo.rollout.vllm_engine import VLLMEngine, engine_request, fast_output_kwargs, vllm_sampling_kwargs
 
     device = torch.device("cuda")
     sampling = SamplingParams(n=args.n, temperature=1.0, max_tokens=args.max_tokens, seed=0, ignore_eos=True)
@@ -50,10 +52,18 @@ def bench_vllm(args, prompts, folder) -> dict:
         outs = llm.generate(reqs, sp, use_tqdm=False)
     bare_tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
     figures |= {"bare vLLM s": t.s, "bare vLLM tokens/s": bare_tokens / t.s}
+    fast = fast_output_kwargs(getattr(VSP, "__struct_fields__", ()))
+    if fast:  # the same engine without per-token output objects
+        sp_fast = VSP(**vllm_sampling_kwargs(sampling), **fast)
+        with Timer(device) as t:
+            outs = llm.generate(reqs, sp_fast, use_tqdm=False)
+        tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
+        figures |= {"bare vLLM, flat log-probs, no detokenize s": t.s,
+                    "bare vLLM, flat log-probs, no detokenize tokens/s": tokens / t.s}
     del llm, outs
     torch.cuda.empty_cache()
 
-    # mm_gmpo's engine (sleep mode, prefix caching, processed log-probs, prompt check)
+    # mm_gmpo's engine (sleep mode, prefix caching, processed + flat log-probs, one decode at the end, prompt check)
     eng = VLLMEngine(folder, load_format="dummy", **common)
     eng.generate(prompts[:2], sampling)
     with Timer(device) as t:

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_update.py --model qwen2_5_vl_3b --batch 8 --seq 1024 --image 448        # one H100
     python benchmarks/bench_update.py --model qwen2_5_vl_7b --batch 8 --seq 1024 --image 448 --cpu-offload
+    python benchmarks/bench_update.py --model qwen2_5_vl_3b --batch 8 --seq 1024 --min-seq 384 --layout packed
     python benchmarks/bench_update.py --model tiny --batch 2 --seq 96 --image 56 --steps 2           # CPU, format
 
 One optimizer step = forward + backward of the policy's response log-probs (chunked LM head, GMPO loss) over
@@ -30,12 +31,16 @@ from mm_gmpo.policy import Policy, build_model, collate, resolve_attention, use_
 from mm_gmpo.update import UpdateBatch, build_optimizer, peak_bf16_flops, policy_update
 
 
-def make_batch(n: int, seq: int, side: int, processor, vocab: int, response_frac: float = 0.75):
+def make_batch(n: int, seq: int, side: int, processor, vocab: int, min_seq: int | None = None):
+    """n sequences of one image prompt + random response tokens; sequence lengths spread evenly over
+    [min_seq, seq] (all ``seq`` by default), as sampled responses of different lengths are."""
     enc = image_prompts(n, side, processor)
     g = torch.Generator().manual_seed(0)
+    lo = seq if min_seq is None else min_seq
+    lengths = [round(lo + (seq - lo) * i / max(1, n - 1)) for i in range(n)]
     prompt_ids, resp_ids = [], []
-    for e in enc:
-        n_resp = max(1, seq - len(e.input_ids))
+    for e, length in zip(enc, lengths, strict=True):
+        n_resp = max(1, length - len(e.input_ids))
         prompt_ids.append(e.input_ids)
         resp_ids.append(torch.randint(0, min(vocab, 150000), (n_resp,), generator=g).tolist())
     b = collate(prompt_ids, resp_ids, pad_id=151643, pixel_values=[e.pixel_values for e in enc],
@@ -48,6 +53,8 @@ def main() -> None:
     ap.add_argument("--model", default="qwen2_5_vl_3b")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--min-seq", type=int, default=None,
+                    help="shortest sequence: lengths spread evenly from it to --seq (default: all --seq long)")
     ap.add_argument("--image", type=int, default=448)
     ap.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up step)")
     ap.add_argument("--micro-tokens", type=int, default=8192, help="token budget per micro-batch")
@@ -56,7 +63,7 @@ def main() -> None:
     ap.add_argument("--freeze-vision", action="store_true")
     ap.add_argument("--attn", default="auto", help="auto (flash_attention_2 when installed), sdpa or flash_attention_2")
     ap.add_argument("--layout", default="auto", choices=["auto", "packed", "padded"],
-                    help="micro-batch layout; auto = packed with flash_attention_2")
+                    help="micro-batch layout; auto = packed unless --attn eager")
     ap.add_argument("--vision-attention", default="grouped", choices=["transformers", "grouped"],
                     help="vision tower attention without flash-attn (mm_gmpo/attention.py)")
     ap.add_argument("--chunk", type=int, default=1024, help="log-prob chunk size (tokens)")
@@ -79,7 +86,7 @@ def main() -> None:
                             freeze_vision=args.freeze_vision)
     opt = build_optimizer(policy, lr=1e-6)
     batch, n_patches = make_batch(args.batch, args.seq, args.image, load_processor(), cfg.text_config.vocab_size
-                                  if hasattr(cfg, "text_config") else cfg.vocab_size)
+                                  if hasattr(cfg, "text_config") else cfg.vocab_size, min_seq=args.min_seq)
     g = torch.Generator().manual_seed(1)
     data = UpdateBatch(batch, torch.zeros(batch.response_mask.shape) - 2.0, torch.randn(args.batch, generator=g))
     tokens = int(batch.attention_mask.sum())
@@ -101,7 +108,8 @@ def main() -> None:
     flops = 6 * n_lm * tokens + 6 * n_vis * n_patches
     peak = peak_bf16_flops(device)
     figures = {
-        "model": args.model, "batch x seq": f"{args.batch} x {args.seq}", "image": f"{args.image}x{args.image}",
+        "model": args.model, "batch x seq": f"{args.batch} x {args.seq}"
+        + (f" (from {args.min_seq})" if args.min_seq else ""), "image": f"{args.image}x{args.image}",
         "patches per image": n_patches // args.batch, "tokens per step": tokens,
         "activation checkpointing": not args.no_ac, "cpu offload": args.cpu_offload, "attention": attn,
         "layout": "packed" if packed else "padded",

@@ -8,10 +8,11 @@
 # Logs and benchmarks/results.jsonl rows go to $OUT (default: runs/gpu_suite); SUITE_BUDGET_S (seconds) skips
 # the stages that no longer fit. Stages:
 #   parity   pytest -m gpu tests/test_vllm_engine.py (vLLM log-probs == trainer's after a sync, fresh + seen images)
-#   update   bench_update.py, Qwen2.5-VL-3B, 8 x 1024 tokens, 448x448 images: per-window vs grouped vision
-#            attention, padded vs packed micro-batches
+#   update   bench_update.py, Qwen2.5-VL-3B, 8 x 1024 tokens, 448x448 images, grouped vision attention: padded
+#            vs packed micro-batches, all 1024 tokens long and spread over 384..1024 tokens
 #   sync     bench_sync.py, Qwen2.5-VL-7B FSDP2 -> vLLM
-#   rollout  bench_rollout.py, Qwen2.5-VL-3B, 32 prompts x n=8 x 512 tokens, bare vLLM vs mm_gmpo's engine
+#   rollout  bench_rollout.py, Qwen2.5-VL-3B, 32 prompts x n=8 x 512 tokens, bare vLLM (per-token output
+#            objects, then flat log-probs without detokenization) vs mm_gmpo's engine
 #   step     GMPO steps (STEPS, default 3) of the geo3k 3B config (random weights, reduced batch) for the stage
 #            breakdown; PARITY_K=bfloat16 (or float32) runs one dtype of the parity test
 set -uo pipefail
@@ -45,11 +46,12 @@ for what in "$@"; do
     parity)
       stage parity 300 "$PY" -m pytest -m gpu tests/test_vllm_engine.py -s -q -p no:cacheprovider ${PARITY_K:+-k "$PARITY_K"} ;;
     update)
-      U=("$PY" benchmarks/bench_update.py --model qwen2_5_vl_3b --batch 8 --seq 1024 --image 448 --steps 3)
-      stage update_base 100 "${U[@]}" --vision-attention transformers
-      stage update_grouped 100 "${U[@]}" --vision-attention grouped
-      stage update_grouped_packed 100 "${U[@]}" --vision-attention grouped --layout packed
-      stage update_packed 100 "${U[@]}" --vision-attention transformers --layout packed ;;
+      U=("$PY" benchmarks/bench_update.py --model qwen2_5_vl_3b --batch 8 --seq 1024 --image 448 --steps 3
+         --vision-attention grouped)
+      stage update_padded 100 "${U[@]}" --layout padded
+      stage update_packed 100 "${U[@]}" --layout packed
+      stage update_spread_padded 100 "${U[@]}" --min-seq 384 --layout padded
+      stage update_spread_packed 100 "${U[@]}" --min-seq 384 --layout packed ;;
     sync)
       stage sync 200 "$PY" benchmarks/bench_sync.py --model qwen2_5_vl_7b --repeats 3 ;;
     rollout)

@@ -34,8 +34,9 @@ class ModelConfig:
     dtype: str = f("bf16", "Parameter dtype for compute: bf16 or fp32 (use fp32 on CPU)")
     attn_implementation: str = f("auto", "auto (flash_attention_2 when flash-attn is installed and a GPU is present, "
                                          "else sdpa), sdpa, flash_attention_2, or eager")
-    layout: str = f("auto", "How a micro-batch enters the trainer's model: packed (one padding-free row; varlen "
-                            "attention under flash_attention_2), padded, or auto (packed with flash_attention_2)")
+    layout: str = f("auto", "How a micro-batch enters the trainer's model: packed (one padding-free row; each "
+                            "sequence attends to itself: varlen kernels under flash_attention_2, one SDPA call per "
+                            "sequence under sdpa), padded, or auto (packed unless attention is eager)")
     vision_attention: str = f("auto", "Vision tower attention without flash-attn: transformers (one SDPA call per "
                                       "window), grouped (one call per window length; mm_gmpo/attention.py; 2.4x "
                                       "faster 3B step on an H100), or auto (grouped on a GPU, transformers on CPU)")

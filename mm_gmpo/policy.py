@@ -232,8 +232,9 @@ def resolve_attention(name: str) -> str:
 
 
 def use_packing(layout: str, attn_implementation: str) -> bool:
-    """Whether micro-batches are packed: layout 'packed', or 'auto' with flash_attention_2 (varlen kernels)."""
-    return layout == "packed" or (layout == "auto" and attn_implementation == "flash_attention_2")
+    """Whether micro-batches are packed: layout 'packed', or 'auto' with flash_attention_2 (varlen kernels) or sdpa
+    (one causal SDPA call per sequence, ``mm_gmpo.attention``); eager would need a (T x T) mask, so it pads."""
+    return layout == "packed" or (layout == "auto" and attn_implementation in ("flash_attention_2", "sdpa"))
 
 
 def build_model(
@@ -351,8 +352,9 @@ class Policy(nn.Module):
     ``mm_token_type_ids``. Without them it silently falls back to 1-D positions, unlike vLLM and the released model.
 
     ``packed=True``: the rows of a micro-batch are concatenated into one padding-free row, position ids restarting
-    for each sequence. transformers then attends within each sequence only: varlen kernels (cu_seqlens from the
-    position ids) under flash_attention_2, a block-diagonal mask under sdpa/eager (correct, but not faster; for tests).
+    for each sequence, and each sequence attends only to itself: varlen kernels (cu_seqlens from the position ids)
+    under flash_attention_2; under sdpa one causal SDPA call per sequence (``mm_gmpo.attention``, installed here);
+    a block-diagonal mask under eager (correct, but slow; for tests).
     """
 
     def __init__(self, model: nn.Module, *, chunk_size: int = 1024, packed: bool = False):
@@ -360,6 +362,10 @@ class Policy(nn.Module):
         self.model = model
         self.chunk_size = chunk_size
         self.packed = packed
+        if packed:
+            from mm_gmpo.attention import use_packed_text_attention
+
+            use_packed_text_attention(model)
 
     @property
     def is_vlm(self) -> bool:

@@ -51,3 +51,39 @@ def test_bench_sync_hf_moves_every_parameter(tmp_path):
     assert f["tensors"] == len(params)
     assert f["GB moved"] == pytest.approx(sum(p.numel() for p in params) * 4 / 1e9)  # fp32 on CPU
     assert f["sync s (median)"] > 0
+
+
+STAND_IN_LOGPROBS = '''
+"""A stand-in for vllm/logprobs.py: the two containers, with the calls the benchmark makes."""
+from types import SimpleNamespace
+
+
+class FlatLogprobs:
+    def __init__(self):
+        self.start_indices, self.end_indices, self.token_ids, self.logprobs = [], [], [], []
+
+
+def create_sample_logprobs(flat):
+    return FlatLogprobs() if flat else []
+
+
+def append_logprobs_for_next_position(c, token_ids, logprobs, decoded, rank, num_logprobs):
+    if isinstance(c, FlatLogprobs):
+        c.start_indices.append(len(c.logprobs))
+        c.token_ids += token_ids
+        c.logprobs += logprobs
+        c.end_indices.append(len(c.logprobs))
+    else:
+        c.append({t: SimpleNamespace(logprob=lp) for t, lp in zip(token_ids, logprobs)})
+'''
+
+
+def test_bench_output_objects_reports_both_containers(tmp_path):
+    (tmp_path / "logprobs.py").write_text(STAND_IN_LOGPROBS)
+    f = bench("bench_output_objects.py", tmp_path / "r.jsonl", "--prompts", "2", "--n", "3", "--tokens", "20",
+              "--logprobs-py", str(tmp_path / "logprobs.py"))
+    assert f["sequences x tokens"] == "6 x 20"
+    parts = ["dict + Logprob per token: fill s", "dict + Logprob per token: read s", "incremental detokenization s",
+             "FlatLogprobs: fill s", "FlatLogprobs: read s", "one decode per response s"]
+    assert all(f[k] > 0 for k in parts)
+    assert f["host s saved per rollout"] == pytest.approx(sum(f[k] for k in parts[:3]) - sum(f[k] for k in parts[3:]))

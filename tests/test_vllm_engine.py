@@ -81,13 +81,20 @@ class _FakeLLM:
             ids = []
             for t in r["prompt_token_ids"]:
                 ids += [t] * (self.pads_per_image if t == IMAGE_PAD_ID else 1)
-            samples = [SimpleNamespace(token_ids=[12203, 151645], text="blue",
-                                       logprobs=[{12203: SimpleNamespace(logprob=-0.25)},
-                                                 {151645: SimpleNamespace(logprob=-0.5)}],
-                                       finish_reason="stop") for _ in range(sampling.n)]
+            if getattr(sampling, "flat_logprobs", False):  # vLLM's FlatLogprobs columns, sampled token first
+                lps = SimpleNamespace(start_indices=[0, 2], end_indices=[2, 3], token_ids=[12203, 7, 151645],
+                                      logprobs=[-0.25, -3.0, -0.5])
+            else:
+                lps = [{12203: SimpleNamespace(logprob=-0.25)}, {151645: SimpleNamespace(logprob=-0.5)}]
+            text = "blue" if getattr(sampling, "detokenize", True) else ""
+            samples = [SimpleNamespace(token_ids=[12203, 151645], text=text, logprobs=lps, finish_reason="stop")
+                       for _ in range(sampling.n)]
             outs.append(SimpleNamespace(prompt_token_ids=ids, outputs=samples))
         self.log.append(("generate", len(requests)))
         return outs
+
+    def get_tokenizer(self):
+        return load_processor().tokenizer
 
     def reset_prefix_cache(self):
         self.log.append(("reset_prefix_cache",))
@@ -125,6 +132,43 @@ def test_engine_generate_maps_outputs(fake_vllm, encoded):
     r = rolls[4]
     assert r.prompt_ids == encoded[1].input_ids and r.response_ids == [12203, 151645]
     assert r.logprobs == [-0.25, -0.5] and r.finish_reason == "stop" and r.text == "blue"
+
+
+class _SamplingParamsWithFastOutput(SimpleNamespace):
+    """A vLLM SamplingParams (a msgspec Struct) that has flat log-probs and can skip detokenization."""
+
+    __struct_fields__ = ("n", "logprobs", "flat_logprobs", "detokenize")
+
+
+def test_engine_asks_for_flat_logprobs_and_decodes_once(fake_vllm, encoded, monkeypatch):
+    """Where vLLM offers them, no per-token objects: flat log-prob columns and no detokenization during sampling;
+    the texts are decoded at the end and the outputs are the same as with per-token dicts."""
+    from mm_gmpo.rollout.vllm_engine import VLLMEngine
+
+    monkeypatch.setattr(sys.modules["vllm"], "SamplingParams", _SamplingParamsWithFastOutput)
+    eng = VLLMEngine("some/model")
+    seen = []
+    generate = eng.llm.generate
+    eng.llm.generate = lambda reqs, sp, use_tqdm=False: seen.append(sp) or generate(reqs, sp)
+    rolls = eng.generate(encoded, SamplingParams(n=2, max_tokens=4))
+    assert seen[0].flat_logprobs is True and seen[0].detokenize is False
+    assert all(r.logprobs == [-0.25, -0.5] and r.text == "blue" and r.response_ids == [12203, 151645]
+               for r in rolls)
+
+
+def test_sampled_logprobs_from_either_container():
+    from mm_gmpo.rollout.vllm_engine import fast_output_kwargs, sampled_logprobs
+
+    flat = SimpleNamespace(start_indices=[0, 1, 3], end_indices=[1, 3, 4], token_ids=[5, 9, 2, 7],
+                           logprobs=[-1.0, -2.0, -0.1, -3.0])
+    assert sampled_logprobs(flat, [5, 9, 7]) == [-1.0, -2.0, -3.0]
+    with pytest.raises(RuntimeError, match="position 1 holds token 9, sampled 2"):
+        sampled_logprobs(flat, [5, 2, 7])
+    nested = [{5: SimpleNamespace(logprob=-1.0)}, {9: SimpleNamespace(logprob=-2.0), 2: None}]
+    assert sampled_logprobs(nested, [5, 9]) == [-1.0, -2.0]
+    assert sampled_logprobs(None, [5]) is None
+    assert fast_output_kwargs(["n", "detokenize"]) == {"detokenize": False}
+    assert fast_output_kwargs(["n", "flat_logprobs", "detokenize"]) == {"flat_logprobs": True, "detokenize": False}
 
 
 def test_engine_refuses_a_prompt_expanded_differently(fake_vllm, encoded):
