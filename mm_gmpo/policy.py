@@ -336,7 +336,7 @@ def pack_rows(attention_mask: torch.Tensor, response_mask: torch.Tensor) -> tupl
     """
     keep = attention_mask.bool()
     lengths = keep.sum(-1)
-    seq_positions = torch.cat([torch.arange(int(n), device=keep.device) for n in lengths])
+    seq_positions = torch.cat([torch.arange(n, device=keep.device) for n in lengths.tolist()])  # one host read
     starts = lengths.cumsum(0) - lengths
     prompt_len = keep[:, :keep.shape[1] - response_mask.shape[1]].sum(-1)
     rows, cols = response_mask.bool().nonzero(as_tuple=True)
