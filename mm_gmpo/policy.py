@@ -34,6 +34,8 @@ class PolicyBatch:
 
     images_per_sample lets a batch be split: sample i owns images
     ``sum(images_per_sample[:i]) : sum(images_per_sample[:i+1])`` of image_grid_thw, and their patches.
+    image_keys: one key per image; images with the same key are the same picture (the n samples of one prompt),
+    so the policy runs the vision tower once per key in a forward. Empty: every image is its own.
     """
 
     input_ids: torch.Tensor  # (B, P + R) long
@@ -42,6 +44,7 @@ class PolicyBatch:
     pixel_values: torch.Tensor | None = None  # (sum of patches, C * T * p * p)
     image_grid_thw: torch.Tensor | None = None  # (n_images, 3)
     images_per_sample: list[int] = field(default_factory=list)
+    image_keys: list[int] = field(default_factory=list)
 
     @property
     def batch_size(self) -> int:
@@ -69,7 +72,10 @@ class PolicyBatch:
             grid = self.image_grid_thw[img_idx] if img_idx else None
             if img_idx:
                 pv = torch.cat([self.pixel_values[int(patch_start[j]):int(patch_start[j + 1])] for j in img_idx])
-        sub = PolicyBatch(self.input_ids[ids], self.attention_mask[ids], self.response_mask[ids], pv, grid, per)
+        keys = []
+        if self.image_keys and self.images_per_sample:
+            keys = [self.image_keys[j] for i in idx for j in range(img_start[i], img_start[i + 1])]
+        sub = PolicyBatch(self.input_ids[ids], self.attention_mask[ids], self.response_mask[ids], pv, grid, per, keys)
         return sub.trim()
 
     def trim(self) -> PolicyBatch:
@@ -100,7 +106,11 @@ def collate(
     pixel_values: list[torch.Tensor | None] | None = None,
     image_grid_thw: list[torch.Tensor | None] | None = None,
 ) -> PolicyBatch:
-    """Build a PolicyBatch: prompts left-padded, responses right-padded; per-sample vision inputs concatenated."""
+    """Build a PolicyBatch: prompts left-padded, responses right-padded; per-sample vision inputs concatenated.
+
+    Samples that pass the same ``pixel_values`` tensor object (the n samples of one prompt) share image keys, so a
+    forward computes their vision features once.
+    """
     B = len(prompt_ids)
     if len(response_ids) != B:
         raise ValueError(f"{B} prompts but {len(response_ids)} responses")
@@ -118,23 +128,32 @@ def collate(
             resp_mask[i, :len(r)] = 1
     pv = grid = None
     per: list[int] = []
+    keys: list[int] = []
     if pixel_values is not None and image_grid_thw is not None:
         per = [0 if g is None else int(g.shape[0]) for g in image_grid_thw]
         pvs = [x for x in pixel_values if x is not None]
         grids = [g for g in image_grid_thw if g is not None]
         pv = torch.cat(pvs) if pvs else None
         grid = torch.cat(grids) if grids else None
-    return PolicyBatch(input_ids, attn, resp_mask, pv, grid, per)
+        first_image: dict[int, int] = {}  # id(sample's pixel tensor) -> key of its first image
+        for x, n in zip(pixel_values, per, strict=True):
+            if x is None or n == 0:
+                continue
+            base = first_image.setdefault(id(x), len(keys))
+            keys.extend(range(base, base + n))
+    return PolicyBatch(input_ids, attn, resp_mask, pv, grid, per, keys)
 
 
 def split_by_token_budget(lengths: list[int], max_tokens: int, *, packed: bool = False) -> list[list[int]]:
     """Group sample indices into micro-batches that stay within max_tokens.
 
     The cost of a micro-batch is what the model processes: count x longest when rows are padded, the sum of the
-    lengths when they are packed into one padding-free row. Samples are sorted by length (longest first) so
-    similar lengths share a padded micro-batch; a single sample longer than the budget gets a micro-batch of its own.
+    lengths when they are packed into one padding-free row. Padded: samples are sorted by length (longest first)
+    so similar lengths share a micro-batch. Packed: the order is kept, so the samples of one prompt (adjacent in a
+    batch) share a micro-batch and its single vision pass. A sample longer than the budget gets a micro-batch of
+    its own.
     """
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    order = list(range(len(lengths))) if packed else sorted(range(len(lengths)), key=lambda i: -lengths[i])
     groups: list[list[int]] = []
     cur: list[int] = []
     cur_max = cur_sum = 0
@@ -383,12 +402,50 @@ class Policy(nn.Module):
                                                  image_grid_thw=grid, attention_mask=attn.cpu())
         return pos.to(batch.input_ids.device)
 
+    def image_features(self, batch: PolicyBatch) -> torch.Tensor:
+        """(image tokens, hidden) vision features of every image in batch order, the vision tower run once per
+        distinct image (``batch.image_keys``): the n samples of a prompt share one pass, forward and backward."""
+        grid = batch.image_grid_thw
+        keys = batch.image_keys or list(range(grid.shape[0]))
+        patches = grid.prod(-1).tolist()
+        starts = [0]
+        for n in patches:
+            starts.append(starts[-1] + n)
+        slot: dict[int, int] = {}  # key -> position among the distinct images
+        distinct: list[int] = []  # the first image of each key
+        for j, k in enumerate(keys):
+            if k not in slot:
+                slot[k] = len(distinct)
+                distinct.append(j)
+        visual = self.model.model.visual
+        pv = batch.pixel_values
+        if len(distinct) < len(keys):
+            pv = torch.cat([pv[starts[j]:starts[j + 1]] for j in distinct])
+            grid = grid[distinct]
+        out = visual(pv.type(visual.dtype), grid_thw=grid)
+        feats = getattr(out, "pooler_output", out)  # transformers 5 returns a model output, 4.x a tensor
+        if len(distinct) == len(keys):
+            return feats
+        merge = visual.spatial_merge_size ** 2
+        per_distinct = torch.split(feats, [patches[j] // merge for j in distinct])
+        return torch.cat([per_distinct[slot[k]] for k in keys])
+
+    def input_embeds(self, ids: torch.Tensor, batch: PolicyBatch) -> torch.Tensor:
+        """Token embeddings of ``ids`` with each image's placeholder tokens replaced by its vision features."""
+        embeds = self.model.model.get_input_embeddings()(ids)
+        if batch.pixel_values is None:
+            return embeds
+        feats = self.image_features(batch).to(embeds.device, embeds.dtype)
+        image_token = getattr(self.model.config, "image_token_id", None) or 151655
+        mask = (ids == image_token)[..., None].expand_as(embeds)
+        if int(mask[..., 0].sum()) != feats.shape[0]:
+            raise ValueError(f"{int(mask[..., 0].sum())} image tokens in the batch but {feats.shape[0]} image "
+                             "features: the prompts and image_grid_thw disagree (encode them with one processor)")
+        return embeds.masked_scatter(mask, feats)
+
     def forward(self, batch: PolicyBatch, *, temperature: float = 1.0, with_entropy: bool = False,
                 allowed_token_ids: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``allowed_token_ids``: score under the same restricted distribution the sampler used (see token_logprobs)."""
-        kwargs = {}
-        if batch.pixel_values is not None:
-            kwargs = {"pixel_values": batch.pixel_values, "image_grid_thw": batch.image_grid_thw}
         sel = batch.response_mask.bool()
         pos = self.position_ids(batch)
         if self.packed:
@@ -397,11 +454,12 @@ class Policy(nn.Module):
             seq_pos, at = pack_rows(batch.attention_mask, batch.response_mask)
             # a VLM takes [text positions; t; h; w] (4, 1, T): the text row tells it where sequences start
             pos = torch.cat([seq_pos[None], pos[:, keep]])[:, None] if self.is_vlm else seq_pos[None]
-            out = self.model.model(input_ids=ids, attention_mask=None, position_ids=pos, use_cache=False, **kwargs)
+            out = self.model.model(inputs_embeds=self.input_embeds(ids, batch), attention_mask=None, position_ids=pos,
+                                   use_cache=False)
             hidden, targets = out.last_hidden_state[0, at], ids[0, at + 1]
         else:
-            out = self.model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                   position_ids=pos, use_cache=False, **kwargs)
+            out = self.model.model(inputs_embeds=self.input_embeds(batch.input_ids, batch),
+                                   attention_mask=batch.attention_mask, position_ids=pos, use_cache=False)
             R = batch.response_width
             P = batch.input_ids.shape[1] - R
             hidden = out.last_hidden_state[:, P - 1:P - 1 + R][sel]  # position t predicts token t + 1

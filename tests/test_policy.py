@@ -229,6 +229,53 @@ def test_split_by_token_budget():
     assert all(len(g) == 1 or sum(lengths[i] for i in g) <= 100 for g in packed)
     short = [60, 10, 10, 10, 10]  # padded: 60 x 2 > 100, so two micro-batches; packed: 100 tokens, one
     assert len(split_by_token_budget(short, 100)) == 2 and len(split_by_token_budget(short, 100, packed=True)) == 1
+    # packed keeps the order: the samples of one prompt (adjacent) stay together
+    assert split_by_token_budget([30, 30, 30, 30, 30], 90, packed=True) == [[0, 1, 2], [3, 4]]
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_samples_of_one_image_share_one_vision_pass(image_batch, packed):
+    """Samples given the same pixel tensor (a prompt's n samples) get one key per image; the vision tower then sees
+    each picture once per forward, and log-probs, entropies and gradients equal those of separate copies."""
+    from mm_gmpo.data import geometry3k_prompts, load_geometry3k
+    from mm_gmpo.data.processing import encode_prompt, load_processor
+
+    proc = load_processor()
+    e0, e1 = [encode_prompt(p, proc, min_pixels=3136, max_pixels=50_000)
+              for p in geometry3k_prompts(load_geometry3k(split="test").select(range(2)))]
+    g = torch.Generator().manual_seed(0)
+    order = [e0, e0, e1, e0]  # prompt 0 sampled three times, prompt 1 once
+    resp = [torch.randint(0, 151000, (n,), generator=g).tolist() for n in (5, 12, 9, 7)]
+    pv0, pv1 = e0.pixel_values.double(), e1.pixel_values.double()
+
+    def batch(shared: bool):
+        pvs = [pv0, pv0, pv1, pv0] if shared else [pv0.clone(), pv0.clone(), pv1, pv0.clone()]
+        return collate([e.input_ids for e in order], resp, pad_id=PAD, pixel_values=pvs,
+                       image_grid_thw=[e.image_grid_thw for e in order])
+
+    shared, copies = batch(True), batch(False)
+    assert shared.image_keys == [0, 0, 2, 0] and copies.image_keys == [0, 1, 2, 3]
+    assert shared.select([1, 2, 3]).image_keys == [0, 2, 0]
+    m64 = build_model("t", random_init=True, config=tiny_qwen2_5_vl_config(), dtype=torch.float64, seed=0)
+    seen = []
+    m64.model.visual.patch_embed.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[0]))
+    w = torch.randn(shared.response_mask.shape, generator=g, dtype=torch.float64)
+    outs = []
+    for b in (copies, shared):
+        m64.zero_grad()
+        seen.clear()
+        lp, ent = Policy(m64, chunk_size=5, packed=packed)(b, with_entropy=True)
+        (lp.double() * w).sum().backward()
+        outs.append((lp.detach(), ent.detach(), {n: p.grad.clone() for n, p in m64.named_parameters()
+                                                 if p.grad is not None}, sum(seen)))
+    (lp0, ent0, g0, patches0), (lp1, ent1, g1, patches1) = outs
+    n0, n1 = (int(x.image_grid_thw.prod(-1).sum()) for x in (e0, e1))
+    assert patches0 == 3 * n0 + n1 and patches1 == n0 + n1
+    torch.testing.assert_close(lp1, lp0, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ent1, ent0, rtol=0, atol=1e-6)
+    assert set(g1) == set(g0) and any("visual" in n for n in g0)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-7)  # logits are fp32 (as on GPU)
 
 
 def test_scheduler_shapes():
