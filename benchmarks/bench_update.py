@@ -8,8 +8,8 @@
 One optimizer step = forward + backward of the policy's response log-probs (chunked LM head, GMPO loss) over
 ``batch`` sequences of ``seq`` tokens, each with one ``image`` x ``image`` picture, under FSDP2 (world size 1 here,
 the same code path as multi-GPU) with bf16 compute, fp32 gradients reduction and activation checkpointing, then
-AdamW. MFU counts 6 x (language-model parameters) x tokens, plus the vision tower's 6 x params x patches, over the
-GPU's dense bf16 peak.
+AdamW. MFU counts 6 x (language-model parameters) x tokens, plus the vision tower's 6 x params x patches of the
+distinct images (``--group``: sequences sharing one image, encoded once), over the GPU's dense bf16 peak.
 """
 
 from __future__ import annotations
@@ -31,10 +31,12 @@ from mm_gmpo.policy import Policy, build_model, collate, resolve_attention, use_
 from mm_gmpo.update import UpdateBatch, build_optimizer, peak_bf16_flops, policy_update
 
 
-def make_batch(n: int, seq: int, side: int, processor, vocab: int, min_seq: int | None = None):
+def make_batch(n: int, seq: int, side: int, processor, vocab: int, min_seq: int | None = None, group: int = 1):
     """n sequences of one image prompt + random response tokens; sequence lengths spread evenly over
-    [min_seq, seq] (all ``seq`` by default), as sampled responses of different lengths are."""
-    enc = image_prompts(n, side, processor)
+    [min_seq, seq] (all ``seq`` by default), as sampled responses of different lengths are. ``group`` consecutive
+    sequences share a prompt (a prompt's samples), so its image once. Returns the batch and its distinct patches."""
+    prompts = image_prompts(-(-n // group), side, processor)
+    enc = [prompts[i // group] for i in range(n)]
     g = torch.Generator().manual_seed(0)
     lo = seq if min_seq is None else min_seq
     lengths = [round(lo + (seq - lo) * i / max(1, n - 1)) for i in range(n)]
@@ -45,7 +47,7 @@ def make_batch(n: int, seq: int, side: int, processor, vocab: int, min_seq: int 
         resp_ids.append(torch.randint(0, min(vocab, 150000), (n_resp,), generator=g).tolist())
     b = collate(prompt_ids, resp_ids, pad_id=151643, pixel_values=[e.pixel_values for e in enc],
                 image_grid_thw=[e.image_grid_thw for e in enc])
-    return b, sum(int(e.pixel_values.shape[0]) for e in enc)
+    return b, sum(int(e.pixel_values.shape[0]) for e in prompts)
 
 
 def main() -> None:
@@ -56,6 +58,8 @@ def main() -> None:
     ap.add_argument("--min-seq", type=int, default=None,
                     help="shortest sequence: lengths spread evenly from it to --seq (default: all --seq long)")
     ap.add_argument("--image", type=int, default=448)
+    ap.add_argument("--group", type=int, default=1, help="consecutive sequences per prompt (rollout n): they share "
+                    "one image, which the policy encodes once per micro-batch")
     ap.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up step)")
     ap.add_argument("--micro-tokens", type=int, default=8192, help="token budget per micro-batch")
     ap.add_argument("--no-ac", action="store_true", help="no activation checkpointing")
@@ -86,7 +90,7 @@ def main() -> None:
                             freeze_vision=args.freeze_vision)
     opt = build_optimizer(policy, lr=1e-6)
     batch, n_patches = make_batch(args.batch, args.seq, args.image, load_processor(), cfg.text_config.vocab_size
-                                  if hasattr(cfg, "text_config") else cfg.vocab_size, min_seq=args.min_seq)
+                                  if hasattr(cfg, "text_config") else cfg.vocab_size, min_seq=args.min_seq, group=args.group)
     g = torch.Generator().manual_seed(1)
     data = UpdateBatch(batch, torch.zeros(batch.response_mask.shape) - 2.0, torch.randn(args.batch, generator=g))
     tokens = int(batch.attention_mask.sum())
@@ -110,7 +114,8 @@ def main() -> None:
     figures = {
         "model": args.model, "batch x seq": f"{args.batch} x {args.seq}"
         + (f" (from {args.min_seq})" if args.min_seq else ""), "image": f"{args.image}x{args.image}",
-        "patches per image": n_patches // args.batch, "tokens per step": tokens,
+        "sequences per image": args.group, "patches per image": n_patches // -(-args.batch // args.group),
+        "tokens per step": tokens,
         "activation checkpointing": not args.no_ac, "cpu offload": args.cpu_offload, "attention": attn,
         "layout": "packed" if packed else "padded",
         "vision attention": "grouped" if grouped else "transformers",

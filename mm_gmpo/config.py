@@ -104,7 +104,8 @@ class OptimConfig:
 @dataclass
 class TrainerConfig:
     rollout_batch_size: int = f(512, "Prompts per step (each sampled n times)")
-    mini_batch_size: int = f(128, "Prompts per optimizer update; rollout_batch_size / mini_batch_size updates per step")
+    mini_batch_size: int = f(128, "Prompts per optimizer update, each with all n samples; rollout_batch_size / "
+                                    "mini_batch_size updates per step")
     ppo_epochs: int = f(1, "Passes over each rollout batch")
     max_tokens_per_micro_batch: int = f(16_384, "Token budget of one forward/backward (dynamic micro-batching)")
     total_steps: int = f(0, "Steps to train; 0 = epochs x (train size / rollout_batch_size)")

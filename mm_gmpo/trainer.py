@@ -45,6 +45,7 @@ from mm_gmpo.update import (
     build_optimizer,
     build_scheduler,
     compute_logprobs,
+    group_minibatches,
     peak_bf16_flops,
     policy_update,
 )
@@ -329,9 +330,7 @@ def train(cfg: Config) -> dict[str, float]:
         n_local = batch.batch_size
         update_metrics: dict[str, float] = {}
         for _ in range(t.ppo_epochs):
-            order = torch.randperm(n_local, generator=torch.Generator().manual_seed(step)).tolist()
-            for k in range(n_mini):
-                part = order[k * n_local // n_mini:(k + 1) * n_local // n_mini]
+            for part in group_minibatches(n_local, r.n, n_mini, seed=step):
                 update_metrics = policy_update(policy, optimizer, data.select(part), loss_fn, loss_kwargs=loss_kwargs,
                                                normalize_by=normalize_by,
                                                max_tokens_per_micro_batch=t.max_tokens_per_micro_batch,

@@ -90,6 +90,24 @@ def compute_logprobs(policy: nn.Module, batch: PolicyBatch, *, max_tokens_per_mi
     return out
 
 
+def group_minibatches(n_samples: int, group_size: int, n_mini: int, seed: int) -> list[list[int]]:
+    """Sample indices of ``n_mini`` mini-batches made of whole prompt groups, the groups in a seeded random order.
+
+    The ``group_size`` samples of a prompt are adjacent in a batch. Keeping them in one mini-batch (as verl and
+    EasyR1 do) means every update sees all samples of its prompts, and a prompt's image goes through the vision
+    tower once per micro-batch rather than once per sample. With fewer groups than mini-batches (tiny runs on
+    many ranks), samples are shuffled individually instead.
+    """
+    n_groups = n_samples // group_size if group_size > 0 and n_samples % group_size == 0 else 0
+    g = torch.Generator().manual_seed(seed)
+    if n_groups < n_mini:
+        order = torch.randperm(n_samples, generator=g).tolist()
+        return [order[k * n_samples // n_mini:(k + 1) * n_samples // n_mini] for k in range(n_mini)]
+    perm = torch.randperm(n_groups, generator=g).tolist()
+    return [[q * group_size + s for q in perm[k * n_groups // n_mini:(k + 1) * n_groups // n_mini]
+             for s in range(group_size)] for k in range(n_mini)]
+
+
 def build_optimizer(policy: nn.Module, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999),
                     eps: float = 1e-8) -> torch.optim.Optimizer:
     """AdamW over trainable parameters (no decay on biases and norms); fused kernels on CUDA."""

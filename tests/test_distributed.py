@@ -36,6 +36,25 @@ def max_param_diff(a: dict, b: dict) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
+def assert_adam_params_agree(a: dict, b: dict, grads: dict, lr: float, steps: int) -> None:
+    """Parameters after ``steps`` AdamW steps from the same start: within 1e-6 wherever the gradient is well above
+    Adam's eps (1e-8), where the update lr * m / (sqrt(v) + eps) is well-conditioned; elsewhere (a gradient near
+    eps, where a 1e-9 difference in summation order moves the update by a visible fraction of lr) within the most
+    Adam can move a parameter, lr per step."""
+    assert set(a) == set(b) and a
+    by_name = {k.removeprefix("model."): g for k, g in grads.items()}  # Policy names -> model names
+    checked = 0
+    for k in a:
+        d = (a[k] - b[k]).abs()
+        assert d.max().item() <= 2 * lr * steps + 1e-7, k
+        g = by_name.get(k)
+        if g is not None:
+            well = g.abs() > 1e-6
+            checked += int(well.sum())
+            assert d[well].max().item() < 1e-6 if well.any() else True, k
+    assert checked > 1000
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """3 steps on 2 ranks, checkpoint after step 2, HF export at the end."""
@@ -61,7 +80,7 @@ def test_fsdp_step_equals_unsharded_step(tmp_path):
     assert packed["losses"][1] == pytest.approx(ref["losses"][1], rel=1e-6, abs=1e-7)
     assert packed["grad_norms"][1] == pytest.approx(ref["grad_norms"][1], rel=1e-5)
     assert max_rel_grad_diff(packed["grads"], ref["grads"]) < 1e-5
-    assert max_param_diff(packed["state_dict"], ref["state_dict"]) < 1e-6
+    assert_adam_params_agree(packed["state_dict"], ref["state_dict"], ref["grads"], ref["lr"], 2)
 
 
 def test_checkpoint_layout_and_resume_same_world_size(trained, tmp_path):

@@ -407,3 +407,16 @@ def test_freeze_vision_and_cpu_offload_options():
         assert out["offload_vs_plain_max_diff"] < 1e-6
     else:  # FSDP2 offload computes on a GPU; without one the option is refused with the fix
         assert "no CUDA device, so set trainer.cpu_offload=false" in out["offload_vs_plain_max_diff"]
+
+
+def test_group_minibatches_keep_prompt_groups_whole():
+    from mm_gmpo.update import group_minibatches
+
+    parts = group_minibatches(24, 4, 3, seed=7)  # 6 prompts x 4 samples, 3 updates of 2 prompts each
+    assert sorted(i for p in parts for i in p) == list(range(24))
+    for p in parts:
+        assert len(p) == 8 and {i // 4 for i in p} == {i // 4 for i in p[::4]}  # whole groups, adjacent
+        assert all(p[j:j + 4] == list(range(p[j], p[j] + 4)) for j in range(0, 8, 4))
+    assert group_minibatches(24, 4, 3, seed=7) == parts and group_minibatches(24, 4, 3, seed=8) != parts
+    few = group_minibatches(4, 4, 2, seed=0)  # one prompt, two updates: samples are split instead
+    assert sorted(i for p in few for i in p) == [0, 1, 2, 3] and [len(p) for p in few] == [2, 2]
