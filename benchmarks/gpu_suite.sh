@@ -9,7 +9,8 @@
 # the stages that no longer fit. Stages:
 #   parity   pytest -m gpu tests/test_vllm_engine.py (vLLM log-probs == trainer's after a sync, fresh + seen images)
 #   update   bench_update.py, Qwen2.5-VL-3B, 8 x 1024 tokens, 448x448 images, grouped vision attention: padded
-#            vs packed micro-batches, all 1024 tokens long and spread over 384..1024 tokens
+#            vs packed micro-batches, all 1024 tokens long and spread over 384..1024 tokens, and 4 sequences
+#            per image (a prompt's samples: one vision pass)
 #   sync     bench_sync.py, Qwen2.5-VL-7B FSDP2 -> vLLM
 #   rollout  bench_rollout.py, Qwen2.5-VL-3B, 32 prompts x n=8 x 512 tokens, bare vLLM (per-token output
 #            objects, then flat log-probs without detokenization) vs mm_gmpo's engine
@@ -51,7 +52,8 @@ for what in "$@"; do
       stage update_padded 100 "${U[@]}" --layout padded
       stage update_packed 100 "${U[@]}" --layout packed
       stage update_spread_padded 100 "${U[@]}" --min-seq 384 --layout padded
-      stage update_spread_packed 100 "${U[@]}" --min-seq 384 --layout packed ;;
+      stage update_spread_packed 100 "${U[@]}" --min-seq 384 --layout packed
+      stage update_spread_packed_n4 100 "${U[@]}" --min-seq 384 --layout packed --group 4 ;;
     sync)
       stage sync 200 "$PY" benchmarks/bench_sync.py --model qwen2_5_vl_7b --repeats 3 ;;
     rollout)

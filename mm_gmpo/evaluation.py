@@ -173,37 +173,39 @@ def make_engine(backend: str, model: str, *, device: str | None = None, batch_si
                 min_pixels: int | None = None, max_pixels: int | None = None, max_model_len: int | None = None):
     """(engine, processor) for a backend: 'vllm', 'hf' (transformers generate), 'oracle' / 'oracle-wrong'.
 
-    ``model`` is an HF-format folder (the trainer's export works), a hub name, or 'tiny-random' (a random tiny
-    Qwen2.5-VL with the real tokenizer: plumbing only, its accuracy means nothing).
+    ``model`` is an HF-format folder (the trainer's export works), a hub name, or a random-weight model as in the
+    trainer's ``model.path`` ('tiny-random', 'random:NAME': plumbing and speed only, accuracy means nothing).
     """
     import torch
 
     from mm_gmpo.data.processing import load_processor
+    from mm_gmpo.policy import random_model_config
 
+    is_random = model == "tiny-random" or model.startswith("random:")
     if backend in ("oracle", "oracle-wrong"):
         from mm_gmpo.rollout.oracle import OracleEngine
 
-        proc = load_processor() if model in ("", "tiny-random") else load_processor(model)
+        proc = load_processor() if not model or is_random else load_processor(model)
         return OracleEngine("correct" if backend == "oracle" else "wrong"), proc
     if backend == "vllm":
         from mm_gmpo.rollout.vllm_engine import VLLMEngine
 
-        if model == "tiny-random":
-            raise SystemExit("--backend vllm needs a model folder or hub name; tiny-random is for --backend hf")
+        if is_random:
+            raise SystemExit(f"--backend vllm needs a model folder or hub name; {model} is for --backend hf")
         engine = VLLMEngine(model, dtype={"auto": "auto", "bf16": "bfloat16", "fp32": "float32"}[dtype],
                             load_format="auto", enable_sleep_mode=False, gpu_memory_utilization=0.85,
                             min_pixels=min_pixels, max_pixels=max_pixels, max_model_len=max_model_len)
         return engine, load_processor(model)
     if backend != "hf":
         raise SystemExit(f"unknown backend {backend!r}; choose vllm, hf, oracle or oracle-wrong")
-    from mm_gmpo.policy import build_model, tiny_qwen2_5_vl_config
+    from mm_gmpo.policy import build_model
     from mm_gmpo.rollout.hf import HFEngine
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch_dtype = {"auto": torch.bfloat16 if dev.type == "cuda" else torch.float32, "bf16": torch.bfloat16,
                    "fp32": torch.float32}[dtype]
-    if model == "tiny-random":
-        net = build_model("tiny", random_init=True, config=tiny_qwen2_5_vl_config(), dtype=torch_dtype)
+    if is_random:
+        net = build_model(model, random_init=True, config=random_model_config(model), dtype=torch_dtype, device=dev)
         proc = load_processor()
     else:
         net = build_model(model, dtype=torch_dtype)
@@ -214,7 +216,7 @@ def make_engine(backend: str, model: str, *, device: str | None = None, batch_si
 
 def add_eval_args(ap) -> None:
     """Arguments shared by the evaluation scripts."""
-    ap.add_argument("--model", required=True, help="HF-format folder (e.g. a trainer export), hub name, or tiny-random")
+    ap.add_argument("--model", required=True, help="HF-format folder (e.g. a trainer export), hub name, or tiny-random / random:NAME")
     ap.add_argument("--backend", default="hf", choices=["hf", "vllm", "oracle", "oracle-wrong"])
     ap.add_argument("--n", type=int, default=1, help="samples per problem (k of mean@k / pass@k)")
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")

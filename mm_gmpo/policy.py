@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-ASSETS = Path(__file__).resolve().parent / "assets" / "qwen2_5_vl"
+from mm_gmpo.data.processing import DEFAULT_PROCESSOR_DIR as ASSETS  # the bundled processor and model configs
+
 MODEL_CONFIGS = {"qwen2_5_vl_3b": ASSETS / "configs" / "qwen2_5_vl_3b_instruct.json",
                  "qwen2_5_vl_7b": ASSETS / "configs" / "qwen2_5_vl_7b_instruct.json"}
 

@@ -143,3 +143,16 @@ def test_eval_on_exported_hf_folder(tmp_path, processor, geo_subset):
     assert rep.n_problems == 2 and len(rows) == 2
     assert all(0 < r["response_tokens"] <= 6 for r in rows)
     assert rep.mean_response_tokens == sum(r["response_tokens"] for r in rows) / 2
+
+
+def test_make_engine_random_models_as_the_trainer_names_them(tmp_path):
+    """'tiny-random' and 'random:CONFIG' build random-weight models from the config (bundled processor), as the
+    trainer's model.path does; vLLM refuses them (it needs weights on disk)."""
+    cfg = tiny_qwen2_5_vl_config(hidden_size=96)
+    cfg.to_json_file(tmp_path / "config.json")
+    engine, proc = make_engine("hf", f"random:{tmp_path / 'config.json'}", device="cpu")
+    assert engine.model.config.text_config.hidden_size == 96 and proc.tokenizer is not None
+    engine, _ = make_engine("hf", "tiny-random", device="cpu")
+    assert engine.model.config.text_config.hidden_size == 64
+    with pytest.raises(SystemExit, match="random:x is for --backend hf"):
+        make_engine("vllm", "random:x")

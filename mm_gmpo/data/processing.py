@@ -23,7 +23,7 @@ from PIL import Image
 from mm_gmpo.data.prompts import DataError, Prompt
 
 log = logging.getLogger(__name__)
-DEFAULT_PROCESSOR_DIR = Path(__file__).resolve().parents[1] / "assets" / "qwen2_5_vl"
+DEFAULT_PROCESSOR_DIR = Path(__file__).resolve().parents[1] / "assets" / "qwen2_5_vl"  # also the model configs
 # EasyR1's Geometry3K defaults; diagrams (~260x275) are upscaled to >= 512x512 pixels
 DEFAULT_MIN_PIXELS = 262_144
 DEFAULT_MAX_PIXELS = 4_194_304
