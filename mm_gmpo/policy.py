@@ -382,6 +382,7 @@ class Policy(nn.Module):
         self.model = model
         self.chunk_size = chunk_size
         self.packed = packed
+        self.vision_patches = 0  # patches the vision tower has encoded (a running count, for FLOP accounting)
         if packed:
             from mm_gmpo.attention import use_packed_text_attention
 
@@ -424,6 +425,7 @@ class Policy(nn.Module):
             pv = torch.cat([pv[starts[j]:starts[j + 1]] for j in distinct])
             grid = grid[distinct]
         out = visual(pv.type(visual.dtype), grid_thw=grid)
+        self.vision_patches += int(pv.shape[0])
         feats = getattr(out, "pooler_output", out)  # transformers 5 returns a model output, 4.x a tensor
         if len(distinct) == len(keys):
             return feats

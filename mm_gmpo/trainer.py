@@ -48,6 +48,7 @@ from mm_gmpo.update import (
     group_minibatches,
     peak_bf16_flops,
     policy_update,
+    training_flops,
 )
 from mm_gmpo.weight_sync import sync_weights
 
@@ -326,6 +327,7 @@ def train(cfg: Config) -> dict[str, float]:
 
         # 6. mini-batch updates
         t0 = time.perf_counter()
+        patches_before = policy.vision_patches
         data = UpdateBatch(batch, old_lp, advantages, ref_lp, is_w)
         n_local = batch.batch_size
         update_metrics: dict[str, float] = {}
@@ -351,12 +353,14 @@ def train(cfg: Config) -> dict[str, float]:
             eval_metrics["timing/eval_s"] = time.perf_counter() - t0
             log.samples(step, samples)
         timings["timing/step_s"] = time.perf_counter() - t_step
-        tokens = distributed.all_reduce_sum([float(batch.n_tokens()) * t.ppo_epochs], info.device)[0]
-        perf = {"perf/update_tokens_per_s": tokens / max(timings["timing/update_s"], 1e-9)}
+        tokens, patches = distributed.all_reduce_sum(
+            [float(batch.n_tokens()) * t.ppo_epochs, float(policy.vision_patches - patches_before)], info.device)
+        perf = {"perf/update_tokens_per_s": tokens / max(timings["timing/update_s"], 1e-9),
+                "perf/update_vision_patches": patches}
         peak = peak_bf16_flops(info.device)
         if peak:
-            n_params = sum(p.numel() for p in policy.parameters())  # FSDP2 DTensor numel is the global size
-            perf["perf/mfu"] = 6 * n_params * tokens / timings["timing/update_s"] / (peak * info.world_size)
+            flops = training_flops(policy, tokens, patches)
+            perf["perf/mfu"] = flops / timings["timing/update_s"] / (peak * info.world_size)
         resp_len = batch.response_mask.sum(-1)
         local = {
             **adv_metrics, "reward/accuracy": reward_metrics["reward/accuracy"],

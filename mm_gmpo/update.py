@@ -61,6 +61,23 @@ def peak_bf16_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
+def training_flops(policy: nn.Module, tokens: float, vision_patches: float) -> float:
+    """Model FLOPs of a forward + backward, 6 x parameters x inputs (activation recompute not counted, as MFU
+    conventionally does): the language model's parameters over ``tokens`` (its input embedding is a lookup, so it
+    counts only when tied to the LM head), the vision tower's over the ``vision_patches`` it encoded."""
+    vision = text = 0
+    untied_head = False
+    for name, p in policy.named_parameters():  # a tied weight is listed once; FSDP2 DTensors report global numel
+        if ".visual." in name:
+            vision += p.numel()
+        else:
+            text += p.numel()
+        untied_head |= name.endswith("lm_head.weight")  # listed only when it is not the input embedding
+    if untied_head:
+        text -= getattr(policy, "model", policy).get_input_embeddings().weight.numel()
+    return 6.0 * text * tokens + 6.0 * vision * vision_patches
+
+
 def _packed(policy: nn.Module) -> bool:
     """Whether the policy packs micro-batches (then the token budget counts real tokens, not padded rows)."""
     return bool(getattr(policy, "packed", False))

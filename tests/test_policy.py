@@ -264,8 +264,10 @@ def test_samples_of_one_image_share_one_vision_pass(image_batch, packed):
     for b in (copies, shared):
         m64.zero_grad()
         seen.clear()
-        lp, ent = Policy(m64, chunk_size=5, packed=packed)(b, with_entropy=True)
+        policy = Policy(m64, chunk_size=5, packed=packed)
+        lp, ent = policy(b, with_entropy=True)
         (lp.double() * w).sum().backward()
+        assert policy.vision_patches == sum(seen)  # the count FLOP accounting uses
         outs.append((lp.detach(), ent.detach(), {n: p.grad.clone() for n, p in m64.named_parameters()
                                                  if p.grad is not None}, sum(seen)))
     (lp0, ent0, g0, patches0), (lp1, ent1, g1, patches1) = outs
@@ -420,3 +422,22 @@ def test_group_minibatches_keep_prompt_groups_whole():
     assert group_minibatches(24, 4, 3, seed=7) == parts and group_minibatches(24, 4, 3, seed=8) != parts
     few = group_minibatches(4, 4, 2, seed=0)  # one prompt, two updates: samples are split instead
     assert sorted(i for p in few for i in p) == [0, 1, 2, 3] and [len(p) for p in few] == [2, 2]
+
+
+def test_training_flops_count_each_matmul_parameter_once():
+    """6 x params x inputs: LM parameters over tokens (a tied embedding once, an untied input embedding not at
+    all: it is a lookup), vision parameters over the patches encoded."""
+    from mm_gmpo.policy import model_config
+    from mm_gmpo.update import training_flops
+
+    vl = Policy(build_model("t", random_init=True, config=tiny_qwen2_5_vl_config(), dtype=torch.float32))
+    n_vis = sum(p.numel() for n, p in vl.named_parameters() if ".visual." in n)
+    n_all = sum(p.numel() for p in vl.parameters())
+    assert vl.model.config.tie_word_embeddings and n_vis > 0
+    assert training_flops(vl, 10, 4) == 6 * (n_all - n_vis) * 10 + 6 * n_vis * 4
+    cfg = model_config({"model_type": "qwen2", "vocab_size": 1000, "hidden_size": 32, "intermediate_size": 64,
+                        "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+                        "tie_word_embeddings": False})
+    lm = Policy(build_model("t", random_init=True, config=cfg, dtype=torch.float32))
+    n_all = sum(p.numel() for p in lm.parameters())
+    assert training_flops(lm, 10, 0) == 6 * (n_all - 1000 * 32) * 10
