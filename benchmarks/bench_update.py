@@ -8,8 +8,9 @@
 One optimizer step = forward + backward of the policy's response log-probs (chunked LM head, GMPO loss) over
 ``batch`` sequences of ``seq`` tokens, each with one ``image`` x ``image`` picture, under FSDP2 (world size 1 here,
 the same code path as multi-GPU) with bf16 compute, fp32 gradients reduction and activation checkpointing, then
-AdamW. MFU counts 6 x (language-model parameters) x tokens, plus the vision tower's 6 x params x patches of the
-distinct images (``--group``: sequences sharing one image, encoded once), over the GPU's dense bf16 peak.
+AdamW. MFU counts model FLOPs as the trainer's ``perf/mfu`` does (``update.training_flops``): 6 x language-model
+parameters x tokens plus 6 x vision parameters x the patches the vision tower encoded (``--group``: sequences
+sharing one image, encoded once), over the GPU's dense bf16 peak.
 """
 
 from __future__ import annotations
@@ -21,14 +22,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Timer, config_for, image_prompts, lm_params, report, vision_params
+from common import Timer, config_for, image_prompts, report
 
 from mm_gmpo import distributed
 from mm_gmpo.attention import use_grouped_vision_attention
 from mm_gmpo.data.processing import load_processor
 from mm_gmpo.loss import gmpo_loss
 from mm_gmpo.policy import Policy, build_model, collate, resolve_attention, use_packing
-from mm_gmpo.update import UpdateBatch, build_optimizer, peak_bf16_flops, policy_update
+from mm_gmpo.update import UpdateBatch, build_optimizer, peak_bf16_flops, policy_update, training_flops
 
 
 def make_batch(n: int, seq: int, side: int, processor, vocab: int, min_seq: int | None = None, group: int = 1):
@@ -102,20 +103,22 @@ def main() -> None:
     step()  # warm-up (allocator, kernels)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    patches_before = policy.vision_patches
     times = []
     for _ in range(args.steps):
         with Timer(device) as t:
             m = step()
         times.append(t.s)
     dt = sorted(times)[len(times) // 2]  # median
-    n_lm, n_vis = lm_params(cfg), vision_params(cfg)
-    flops = 6 * n_lm * tokens + 6 * n_vis * n_patches
+    patches = (policy.vision_patches - patches_before) / args.steps  # what the vision tower encoded per step
+    flops = training_flops(policy, tokens, patches)  # the trainer's perf/mfu formula
+    n_lm, n_vis = training_flops(policy, 1, 0) / 6, training_flops(policy, 0, 1) / 6
     peak = peak_bf16_flops(device)
     figures = {
         "model": args.model, "batch x seq": f"{args.batch} x {args.seq}"
         + (f" (from {args.min_seq})" if args.min_seq else ""), "image": f"{args.image}x{args.image}",
         "sequences per image": args.group, "patches per image": n_patches // -(-args.batch // args.group),
-        "tokens per step": tokens,
+        "tokens per step": tokens, "vision patches encoded per step": patches,
         "activation checkpointing": not args.no_ac, "cpu offload": args.cpu_offload, "attention": attn,
         "layout": "packed" if packed else "padded",
         "vision attention": "grouped" if grouped else "transformers",

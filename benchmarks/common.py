@@ -1,4 +1,4 @@
-"""Shared pieces of the GPU benchmarks: random-weight models from the real configs, image prompts, FLOP counts,
+"""Shared pieces of the GPU benchmarks: random-weight models from the real configs, image prompts,
 and one result format (a JSON line per run in ``results.jsonl``, printed as a markdown table).
 
 Models are random-initialised from ``mm_gmpo/assets/qwen2_5_vl/configs`` (speed only, never accuracy); ``tiny``
@@ -24,24 +24,6 @@ from mm_gmpo.policy import model_config, tiny_qwen2_5_vl_config
 def config_for(name: str):
     """'tiny', 'qwen2_5_vl_3b' or 'qwen2_5_vl_7b' (or a config.json path)."""
     return tiny_qwen2_5_vl_config() if name == "tiny" else model_config(name)
-
-
-def lm_params(cfg) -> int:
-    """Language-model parameters (embeddings counted once if tied), for 6 N T training FLOPs."""
-    t = getattr(cfg, "text_config", cfg)
-    h, i, L, v = t.hidden_size, t.intermediate_size, t.num_hidden_layers, t.vocab_size
-    kv = t.num_key_value_heads * (h // t.num_attention_heads)
-    per_layer = h * h * 2 + h * kv * 2 + 3 * h * i  # q, o, k, v, gate/up/down
-    tied = getattr(cfg, "tie_word_embeddings", getattr(t, "tie_word_embeddings", False))
-    return L * per_layer + v * h * (1 if tied else 2)
-
-
-def vision_params(cfg) -> int:
-    vc = getattr(cfg, "vision_config", None)
-    if vc is None:
-        return 0
-    h, i, d = vc.hidden_size, vc.intermediate_size, vc.depth
-    return d * (4 * h * h + 3 * h * i) + 3 * 2 * 14 * 14 * h + (4 * h) ** 2 + 4 * h * vc.out_hidden_size
 
 
 def image(side: int, seed: int = 0) -> Image.Image:

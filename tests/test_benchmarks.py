@@ -28,6 +28,7 @@ def test_bench_update_reports_throughput(tmp_path):
     f = bench("bench_update.py", tmp_path / "r.jsonl", "--model", "tiny", "--batch", "2", "--seq", "96", "--image",
               "56", "--steps", "2", "--layout", "packed", "--vision-attention", "grouped")
     assert f["tokens per step"] == 2 * 96 and f["patches per image"] == 16
+    assert f["vision patches encoded per step"] == 2 * 16
     assert f["layout"] == "packed" and f["vision attention"] == "grouped" and f["attention"] == "sdpa"
     assert f["tokens/s"] == pytest.approx(f["tokens per step"] / f["step s (median)"])
     assert 0 < f["LM params (B)"] < 0.02 and "MFU" not in f  # no peak FLOP/s known for a CPU
