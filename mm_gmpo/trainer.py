@@ -45,10 +45,10 @@ from mm_gmpo.update import (
     build_optimizer,
     build_scheduler,
     compute_logprobs,
-    group_minibatches,
     peak_bf16_flops,
     policy_update,
     training_flops,
+    update_schedule,
 )
 from mm_gmpo.weight_sync import sync_weights
 
@@ -331,14 +331,13 @@ def train(cfg: Config) -> dict[str, float]:
         data = UpdateBatch(batch, old_lp, advantages, ref_lp, is_w)
         n_local = batch.batch_size
         update_metrics: dict[str, float] = {}
-        for _ in range(t.ppo_epochs):
-            for part in group_minibatches(n_local, r.n, n_mini, seed=step):
-                update_metrics = policy_update(policy, optimizer, data.select(part), loss_fn, loss_kwargs=loss_kwargs,
-                                               normalize_by=normalize_by,
-                                               max_tokens_per_micro_batch=t.max_tokens_per_micro_batch,
-                                               max_grad_norm=cfg.optim.max_grad_norm, temperature=r.temperature,
-                                               with_entropy=True, allowed_token_ids=allowed, device=info.device)
-                scheduler.step()
+        for part in update_schedule(n_local, r.n, n_mini, t.ppo_epochs, step):  # whole prompt groups
+            update_metrics = policy_update(policy, optimizer, data.select(part), loss_fn, loss_kwargs=loss_kwargs,
+                                           normalize_by=normalize_by,
+                                           max_tokens_per_micro_batch=t.max_tokens_per_micro_batch,
+                                           max_grad_norm=cfg.optim.max_grad_norm, temperature=r.temperature,
+                                           with_entropy=True, allowed_token_ids=allowed, device=info.device)
+            scheduler.step()
         timings["timing/update_s"] = time.perf_counter() - t0
 
         # 7. weight sync (the engine wakes up first; it must forget everything computed with the old weights)

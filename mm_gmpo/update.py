@@ -125,6 +125,13 @@ def group_minibatches(n_samples: int, group_size: int, n_mini: int, seed: int) -
              for s in range(group_size)] for k in range(n_mini)]
 
 
+def update_schedule(n_samples: int, group_size: int, n_mini: int, ppo_epochs: int, step: int) -> list[list[int]]:
+    """The mini-batches of one step, in order: ``ppo_epochs`` passes over the batch, each split afresh by
+    :func:`group_minibatches` (the first pass with seed ``step``)."""
+    return [part for epoch in range(ppo_epochs)
+            for part in group_minibatches(n_samples, group_size, n_mini, seed=step + 1_000_003 * epoch)]
+
+
 def build_optimizer(policy: nn.Module, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999),
                     eps: float = 1e-8) -> torch.optim.Optimizer:
     """AdamW over trainable parameters (no decay on biases and norms); fused kernels on CUDA."""

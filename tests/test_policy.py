@@ -441,3 +441,13 @@ def test_training_flops_count_each_matmul_parameter_once():
     lm = Policy(build_model("t", random_init=True, config=cfg, dtype=torch.float32))
     n_all = sum(p.numel() for p in lm.parameters())
     assert training_flops(lm, 10, 0) == 6 * (n_all - 1000 * 32) * 10
+
+
+def test_update_schedule_splits_each_ppo_epoch_afresh():
+    from mm_gmpo.update import group_minibatches, update_schedule
+
+    one = update_schedule(24, 4, 3, 1, step=5)
+    assert one == group_minibatches(24, 4, 3, seed=5)  # one pass: the same split as before
+    two = update_schedule(24, 4, 3, 2, step=5)
+    assert two[:3] == one and len(two) == 6 and two[3:] != one
+    assert sorted(i for p in two[3:] for i in p) == list(range(24))
