@@ -179,9 +179,9 @@ def make_engine(backend: str, model: str, *, device: str | None = None, batch_si
     import torch
 
     from mm_gmpo.data.processing import load_processor
-    from mm_gmpo.policy import random_model_config
+    from mm_gmpo.policy import is_random_model, random_model_config
 
-    is_random = model == "tiny-random" or model.startswith("random:")
+    is_random = is_random_model(model)
     if backend in ("oracle", "oracle-wrong"):
         from mm_gmpo.rollout.oracle import OracleEngine
 

@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mm_gmpo.data.processing import DEFAULT_PROCESSOR_DIR as ASSETS  # the bundled processor and model configs
+from mm_gmpo.rollout.base import IMAGE_PAD_ID
 
 MODEL_CONFIGS = {"qwen2_5_vl_3b": ASSETS / "configs" / "qwen2_5_vl_3b_instruct.json",
                  "qwen2_5_vl_7b": ASSETS / "configs" / "qwen2_5_vl_7b_instruct.json"}
@@ -58,6 +59,14 @@ class PolicyBatch:
     def n_tokens(self) -> int:
         return int(self.attention_mask.sum())
 
+    def patch_bounds(self) -> list[int]:
+        """Image j's patches are rows ``bounds[j]:bounds[j+1]`` of pixel_values (host ints; [0] without images)."""
+        bounds = [0]
+        if self.image_grid_thw is not None:
+            for n in self.image_grid_thw.prod(-1).tolist():
+                bounds.append(bounds[-1] + n)
+        return bounds
+
     def select(self, idx: list[int]) -> PolicyBatch:
         """The sub-batch of samples ``idx`` (vision inputs sliced to match), trimmed of all-padding columns."""
         ids = torch.as_tensor(idx, dtype=torch.long)
@@ -67,12 +76,11 @@ class PolicyBatch:
             img_start = [0]
             for n in self.images_per_sample:
                 img_start.append(img_start[-1] + n)
-            patches = self.image_grid_thw.prod(-1)
-            patch_start = torch.cat([patches.new_zeros(1), patches.cumsum(0)])
+            patch_start = self.patch_bounds()
             img_idx = [j for i in idx for j in range(img_start[i], img_start[i + 1])]
             grid = self.image_grid_thw[img_idx] if img_idx else None
             if img_idx:
-                pv = torch.cat([self.pixel_values[int(patch_start[j]):int(patch_start[j + 1])] for j in img_idx])
+                pv = torch.cat([self.pixel_values[patch_start[j]:patch_start[j + 1]] for j in img_idx])
         keys = []
         if self.image_keys and self.images_per_sample:
             keys = [self.image_keys[j] for i in idx for j in range(img_start[i], img_start[i + 1])]
@@ -214,14 +222,17 @@ def tiny_qwen2_5_vl_config(hidden_size: int = 64, layers: int = 2, vision_depth:
     )
 
 
+def is_random_model(path: str) -> bool:
+    """Whether a model path names random weights: 'tiny-random' or 'random:NAME' (see random_model_config)."""
+    return path == "tiny-random" or path.startswith("random:")
+
+
 def random_model_config(path: str):
     """The config of a random-initialised policy ('tiny-random', or 'random:NAME' with NAME a bundled config such
     as qwen2_5_vl_3b or a config.json path), or None when ``path`` names real weights."""
-    if path == "tiny-random":
-        return tiny_qwen2_5_vl_config()
-    if path.startswith("random:"):
-        return model_config(path.removeprefix("random:"))
-    return None
+    if not is_random_model(path):
+        return None
+    return tiny_qwen2_5_vl_config() if path == "tiny-random" else model_config(path.removeprefix("random:"))
 
 
 def write_model_folder(dest: str | Path, config) -> Path:
@@ -392,15 +403,19 @@ class Policy(nn.Module):
     def is_vlm(self) -> bool:
         return hasattr(self.model.config, "vision_config")
 
+    @property
+    def image_token_id(self) -> int:
+        """The ``<|image_pad|>`` placeholder that stands for one vision feature in the prompt ids."""
+        return getattr(self.model.config, "image_token_id", None) or IMAGE_PAD_ID
+
     def position_ids(self, batch: PolicyBatch) -> torch.Tensor:
         """(3, B, L) multimodal RoPE positions for a VLM (as the processor + model compute them), (B, L) otherwise."""
         attn = batch.attention_mask
         if not self.is_vlm:
             return (attn.long().cumsum(-1) - 1).clamp(min=0)
-        image_token = getattr(self.model.config, "image_token_id", None) or 151655
         ids = batch.input_ids.cpu()  # a per-sample Python loop: on the CPU it costs no device syncs
         grid = None if batch.image_grid_thw is None else batch.image_grid_thw.cpu()
-        pos, _ = self.model.model.get_rope_index(ids, mm_token_type_ids=(ids == image_token).int(),
+        pos, _ = self.model.model.get_rope_index(ids, mm_token_type_ids=(ids == self.image_token_id).int(),
                                                  image_grid_thw=grid, attention_mask=attn.cpu())
         return pos.to(batch.input_ids.device)
 
@@ -409,10 +424,7 @@ class Policy(nn.Module):
         distinct image (``batch.image_keys``): the n samples of a prompt share one pass, forward and backward."""
         grid = batch.image_grid_thw
         keys = batch.image_keys or list(range(grid.shape[0]))
-        patches = grid.prod(-1).tolist()
-        starts = [0]
-        for n in patches:
-            starts.append(starts[-1] + n)
+        starts = batch.patch_bounds()
         slot: dict[int, int] = {}  # key -> position among the distinct images
         distinct: list[int] = []  # the first image of each key
         for j, k in enumerate(keys):
@@ -430,7 +442,7 @@ class Policy(nn.Module):
         if len(distinct) == len(keys):
             return feats
         merge = visual.spatial_merge_size ** 2
-        per_distinct = torch.split(feats, [patches[j] // merge for j in distinct])
+        per_distinct = torch.split(feats, [(starts[j + 1] - starts[j]) // merge for j in distinct])
         return torch.cat([per_distinct[slot[k]] for k in keys])
 
     def input_embeds(self, ids: torch.Tensor, batch: PolicyBatch) -> torch.Tensor:
@@ -439,8 +451,7 @@ class Policy(nn.Module):
         if batch.pixel_values is None:
             return embeds
         feats = self.image_features(batch).to(embeds.device, embeds.dtype)
-        image_token = getattr(self.model.config, "image_token_id", None) or 151655
-        mask = (ids == image_token)[..., None].expand_as(embeds)
+        mask = (ids == self.image_token_id)[..., None].expand_as(embeds)
         if int(mask[..., 0].sum()) != feats.shape[0]:
             raise ValueError(f"{int(mask[..., 0].sum())} image tokens in the batch but {feats.shape[0]} image "
                              "features: the prompts and image_grid_thw disagree (encode them with one processor)")

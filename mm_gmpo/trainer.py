@@ -33,6 +33,7 @@ from mm_gmpo.policy import (
     PolicyBatch,
     build_model,
     collate,
+    is_random_model,
     random_model_config,
     resolve_attention,
     use_packing,
@@ -223,8 +224,7 @@ def train(cfg: Config) -> dict[str, float]:
                         wandb_project=cfg.logging.wandb_project, run_name=cfg.logging.run_name, config=to_dict(cfg))
 
     # data
-    processor = load_processor(cfg.model.processor or (ASSETS if random_model_config(cfg.model.path) is not None
-                                                       else cfg.model.path))
+    processor = load_processor(cfg.model.processor or (ASSETS if is_random_model(cfg.model.path) else cfg.model.path))
     tokenizer = getattr(processor, "tokenizer", processor)
     train_prompts = load_prompts(cfg, "train")
     sampler = PromptSampler(len(train_prompts), seed=t.seed)

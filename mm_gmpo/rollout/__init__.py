@@ -1,4 +1,4 @@
-"""Rollout engines behind one interface: HF generate (CPU/tests), an oracle (pipeline checks); vLLM to come."""
+"""Rollout engines behind one interface: vLLM (GPU), HF generate (CPU/tests), an oracle (pipeline checks)."""
 
 from mm_gmpo.rollout.base import Rollout, RolloutEngine, SamplingParams
 
