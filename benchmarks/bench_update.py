@@ -3,6 +3,7 @@
     python benchmarks/bench_update.py --model qwen2_5_vl_3b --batch 8 --seq 1024 --image 448        # one H100
     python benchmarks/bench_update.py --model qwen2_5_vl_7b --batch 8 --seq 1024 --image 448 --cpu-offload
     python benchmarks/bench_update.py --model qwen2_5_vl_3b --batch 8 --seq 1024 --min-seq 384 --layout packed
+    python benchmarks/bench_update.py --model qwen2_5_vl_3b --batch 8 --seq 1024 --image 448 --profile runs/prof
     python benchmarks/bench_update.py --model tiny --batch 2 --seq 96 --image 56 --steps 2           # CPU, format
 
 One optimizer step = forward + backward of the policy's response log-probs (chunked LM head, GMPO loss) over
@@ -10,19 +11,21 @@ One optimizer step = forward + backward of the policy's response log-probs (chun
 the same code path as multi-GPU) with bf16 compute, fp32 gradients reduction and activation checkpointing, then
 AdamW. MFU counts model FLOPs as the trainer's ``perf/mfu`` does (``update.training_flops``): 6 x language-model
 parameters x tokens plus 6 x vision parameters x the patches the vision tower encoded (``--group``: sequences
-sharing one image, encoded once), over the GPU's dense bf16 peak.
+sharing one image, encoded once), over the GPU's dense bf16 peak. ``--profile DIR`` runs one more step under the
+torch profiler and splits its time into matmul / attention / optimizer / FSDP / copies / other ops.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Timer, config_for, image_prompts, report
+from common import Timer, config_for, image_prompts, profile_breakdown, profile_markdown, report
 
 from mm_gmpo import distributed
 from mm_gmpo.attention import use_grouped_vision_attention
@@ -72,6 +75,11 @@ def main() -> None:
     ap.add_argument("--vision-attention", default="grouped", choices=["transformers", "grouped"],
                     help="vision tower attention without flash-attn (mm_gmpo/attention.py)")
     ap.add_argument("--chunk", type=int, default=1024, help="log-prob chunk size (tokens)")
+    ap.add_argument("--ac-every", type=int, default=1,
+                    help="with activation checkpointing, recompute every k-th layer/block only (1 = all)")
+    ap.add_argument("--profile", default=None, metavar="DIR",
+                    help="profile one more step (torch profiler): where its time went, to DIR/profile.md and .json")
+    ap.add_argument("--trace", action="store_true", help="with --profile: also DIR/trace.json.gz (Chrome trace)")
     ap.add_argument("--out", default=None, help="results.jsonl to append to")
     args = ap.parse_args()
 
@@ -87,7 +95,7 @@ def main() -> None:
     grouped = args.vision_attention == "grouped" and use_grouped_vision_attention(model)
     policy = Policy(model, chunk_size=args.chunk, packed=packed).to(device if not args.cpu_offload else "cpu")
     distributed.parallelize(policy, param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32,
-                            activation_checkpointing=not args.no_ac, cpu_offload=args.cpu_offload,
+                            activation_checkpointing=not args.no_ac, checkpoint_every=args.ac_every, cpu_offload=args.cpu_offload,
                             freeze_vision=args.freeze_vision)
     opt = build_optimizer(policy, lr=1e-6)
     batch, n_patches = make_batch(args.batch, args.seq, args.image, load_processor(), cfg.text_config.vocab_size
@@ -119,7 +127,8 @@ def main() -> None:
         + (f" (from {args.min_seq})" if args.min_seq else ""), "image": f"{args.image}x{args.image}",
         "sequences per image": args.group, "patches per image": n_patches // -(-args.batch // args.group),
         "tokens per step": tokens, "vision patches encoded per step": patches,
-        "activation checkpointing": not args.no_ac, "cpu offload": args.cpu_offload, "attention": attn,
+        "activation checkpointing": "none" if args.no_ac else "all" if args.ac_every == 1
+        else f"1 in {args.ac_every} layers", "cpu offload": args.cpu_offload, "attention": attn,
         "layout": "packed" if packed else "padded",
         "vision attention": "grouped" if grouped else "transformers",
         "step s (median)": dt, "tokens/s": tokens / dt,
@@ -131,6 +140,15 @@ def main() -> None:
         figures["MFU (LM only)"] = 6 * n_lm * tokens / dt / peak
     if device.type == "cuda":
         figures["peak memory GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
+    if args.profile:
+        prof = profile_breakdown(step, device, trace=Path(args.profile) / "trace.json.gz" if args.trace else None)
+        Path(args.profile).mkdir(parents=True, exist_ok=True)
+        (Path(args.profile) / "profile.json").write_text(json.dumps(prof, indent=1))
+        (Path(args.profile) / "profile.md").write_text(profile_markdown(prof) + "\n")
+        print(profile_markdown(prof))
+        figures["profiled busy / wall"] = prof["busy_s"] / prof["wall_s"]
+        figures["matmul share of busy"] = prof["categories"]["matmul"] / prof["busy_s"]
+        figures["matmul TFLOP/s (own time)"] = prof["matmul TFLOP/s"]
     report("update step (FSDP2, GMPO)", figures, device, args.out)
 
 

@@ -2,15 +2,17 @@
 # The GPU checks and benchmarks of issues 6 and 9, in priority order, each under its own time limit so one hang
 # cannot eat the rest. Run from the repository root on a GPU machine with vLLM installed:
 #
-#   bash benchmarks/gpu_suite.sh parity update sync      # then, in a second call:
-#   bash benchmarks/gpu_suite.sh rollout step
+#   bash benchmarks/gpu_suite.sh env parity update profile   # then, in a second call:
+#   bash benchmarks/gpu_suite.sh rollout step sync
 #
 # Logs and benchmarks/results.jsonl rows go to $OUT (default: runs/gpu_suite); SUITE_BUDGET_S (seconds) skips
 # the stages that no longer fit. Stages:
 #   parity   pytest -m gpu tests/test_vllm_engine.py (vLLM log-probs == trainer's after a sync, fresh + seen images)
 #   update   bench_update.py, Qwen2.5-VL-3B, 8 x 1024 tokens, 448x448 images, grouped vision attention: padded
 #            vs packed micro-batches, all 1024 tokens long and spread over 384..1024 tokens, and 4 sequences
-#            per image (a prompt's samples: one vision pass)
+#            per image (a prompt's samples: one vision pass), and recomputing every 2nd layer only (--ac-every 2)
+#   profile  one 3B update step (packed) under the torch profiler: time per category (matmul, attention,
+#            optimizer, FSDP, copies, other ops), busy vs wall, matmul TFLOP/s; $OUT/profile.md
 #   sync     bench_sync.py, Qwen2.5-VL-7B FSDP2 -> vLLM
 #   rollout  bench_rollout.py, Qwen2.5-VL-3B, 32 prompts x n=8 x 512 tokens, bare vLLM (per-token output
 #            objects, then flat log-probs without detokenization) vs mm_gmpo's engine
@@ -53,7 +55,12 @@ for what in "$@"; do
       stage update_packed 100 "${U[@]}" --layout packed
       stage update_spread_padded 100 "${U[@]}" --min-seq 384 --layout padded
       stage update_spread_packed 100 "${U[@]}" --min-seq 384 --layout packed
-      stage update_spread_packed_n4 100 "${U[@]}" --min-seq 384 --layout packed --group 4 ;;
+      stage update_spread_packed_n4 100 "${U[@]}" --min-seq 384 --layout packed --group 4
+      stage update_packed_ac2 100 "${U[@]}" --layout packed --ac-every 2 ;;
+    profile)
+      stage profile 200 "$PY" benchmarks/bench_update.py --model qwen2_5_vl_3b --batch 8 --seq 1024 --image 448 \
+        --steps 1 --vision-attention grouped --layout packed --profile "$OUT"
+      grep -A40 "^Profiled step" "$OUT/profile.md" ;;
     sync)
       stage sync 200 "$PY" benchmarks/bench_sync.py --model qwen2_5_vl_7b --repeats 3 ;;
     rollout)
@@ -67,7 +74,7 @@ for what in "$@"; do
         trainer.save_every=-1 trainer.export_hf=false logging.tensorboard=false trainer.output_dir="$OUT/step_run"
       cp "$OUT/step_run/metrics.jsonl" "$OUT/step_metrics.jsonl" 2>/dev/null
       rm -rf "$OUT/step_run" ;;
-    *) echo "unknown stage $what (parity update sync rollout step env)"; exit 2 ;;
+    *) echo "unknown stage $what (env parity update profile sync rollout step)"; exit 2 ;;
   esac
 done
 echo "=== done at +$(( $(date +%s) - t_start ))s"

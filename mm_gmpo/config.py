@@ -42,6 +42,8 @@ class ModelConfig:
                                       "faster 3B step on an H100), or auto (grouped on a GPU, transformers on CPU)")
     freeze_vision: bool = f(False, "Do not train the vision tower")
     activation_checkpointing: bool = f(True, "Recompute activations in backward (less memory, ~30% more compute)")
+    checkpoint_every: int = f(1, "With activation_checkpointing: recompute only every k-th decoder layer and vision "
+                                 "block (1 = all; 2 = half of them: less recompute, more activation memory)")
     logprob_chunk_size: int = f(1024, "Response tokens per chunk of the LM head / log-softmax (memory bound)")
 
 
@@ -311,6 +313,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if t.save_every < -1:
         raise ConfigError(f"trainer.save_every = {t.save_every}: use N > 0 (every N steps), 0 (only at the end) or "
                           "-1 (never)")
+    if cfg.model.checkpoint_every < 1:
+        raise ConfigError(f"model.checkpoint_every = {cfg.model.checkpoint_every}: use 1 (recompute every layer), "
+                          "k > 1 (every k-th layer), or model.activation_checkpointing=false (none)")
     if t.max_tokens_per_micro_batch < 1:
         raise ConfigError("trainer.max_tokens_per_micro_batch must be >= 1")
     if a.tis_cap < 0 or 0 < a.tis_cap < 1:

@@ -130,6 +130,7 @@ def parallelize(
     reshard_after_forward: bool = True,
     cpu_offload: bool = False,
     activation_checkpointing: bool = True,
+    checkpoint_every: int = 1,
     freeze_vision: bool = False,
 ) -> nn.Module:
     """Shard a :class:`mm_gmpo.policy.Policy` with FSDP2 (``fully_shard``) in place and return it.
@@ -138,6 +139,10 @@ def parallelize(
     root (embeddings, final norm, LM head; tied weights stay in one unit). Parameters are cast to ``param_dtype``
     for compute with gradients reduced in ``reduce_dtype``; ``cpu_offload`` keeps sharded parameters and optimizer
     state on the CPU. Works with world size 1 too (the same code path as multi-GPU).
+
+    ``activation_checkpointing`` recomputes each decoder layer's and vision block's activations in backward;
+    ``checkpoint_every=k`` only those of every k-th layer and block (0, k, 2k, ...), keeping the others' activations:
+    less recompute for more memory (torchtitan's selective per-layer checkpointing).
     """
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
@@ -149,9 +154,14 @@ def parallelize(
         visual = getattr(model.model, "visual", None)
         if visual is not None:
             visual.requires_grad_(False)
+    if checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every={checkpoint_every}: use 1 (every layer) or more (every k-th layer)")
     if activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+        for layers in (_decoder_layers(model), _vision_blocks(model)):
+            for i, layer in enumerate(layers):
+                layer.gradient_checkpointing = i % checkpoint_every == 0
     if not dist.is_initialized():
         # fully_shard needs a device mesh; a single process gets a 1-rank group of its own
         _init_single_process_group()

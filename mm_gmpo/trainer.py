@@ -254,6 +254,7 @@ def train(cfg: Config) -> dict[str, float]:
     policy.to(info.device)
     distributed.parallelize(policy, param_dtype=compute_dtype, reduce_dtype=torch.float32,
                             activation_checkpointing=cfg.model.activation_checkpointing,
+                            checkpoint_every=cfg.model.checkpoint_every,
                             cpu_offload=t.cpu_offload, freeze_vision=cfg.model.freeze_vision)
     optimizer = build_optimizer(policy, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                                 betas=tuple(cfg.optim.betas))

@@ -26,12 +26,24 @@ def bench(script: str, out: Path, *args: str) -> dict:
 @pytest.mark.slow
 def test_bench_update_reports_throughput(tmp_path):
     f = bench("bench_update.py", tmp_path / "r.jsonl", "--model", "tiny", "--batch", "2", "--seq", "96", "--image",
-              "56", "--steps", "2", "--layout", "packed", "--vision-attention", "grouped")
+              "56", "--steps", "2", "--layout", "packed", "--vision-attention", "grouped", "--ac-every", "2",
+              "--profile", str(tmp_path / "prof"))
     assert f["tokens per step"] == 2 * 96 and f["patches per image"] == 16
     assert f["vision patches encoded per step"] == 2 * 16
     assert f["layout"] == "packed" and f["vision attention"] == "grouped" and f["attention"] == "sdpa"
     assert f["tokens/s"] == pytest.approx(f["tokens per step"] / f["step s (median)"])
     assert 0 < f["LM params (B)"] < 0.02 and "MFU" not in f  # no peak FLOP/s known for a CPU
+    assert f["activation checkpointing"] == "1 in 2 layers"
+    # the profiled step: every op's self time in one category; the matmul FLOPs the profiler counted are of the
+    # order of the model FLOPs (the tiny model is mostly its tied 152k-row LM head, applied to response tokens only)
+    prof = json.loads((tmp_path / "prof" / "profile.json").read_text())
+    assert sum(prof["categories"].values()) == pytest.approx(prof["busy_s"])
+    assert 0 < prof["busy_s"] <= 1.05 * prof["wall_s"]
+    assert prof["categories"]["matmul"] > 0 and prof["categories"]["optimizer"] > 0
+    assert any(r["op"] in ("aten::mm", "aten::addmm") and r["category"] == "matmul" for r in prof["top ops"])
+    assert 0.1 * f["TFLOP per step"] < prof["matmul TFLOP"] < 2 * f["TFLOP per step"]
+    assert f["matmul share of busy"] == pytest.approx(prof["categories"]["matmul"] / prof["busy_s"])
+    assert "| category | s | share of busy |" in (tmp_path / "prof" / "profile.md").read_text()
 
 
 @pytest.mark.slow

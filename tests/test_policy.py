@@ -411,6 +411,71 @@ def test_freeze_vision_and_cpu_offload_options():
         assert "no CUDA device, so set trainer.cpu_offload=false" in out["offload_vs_plain_max_diff"]
 
 
+_SELECTIVE_AC = r"""
+import json, torch
+from mm_gmpo import distributed
+from mm_gmpo.policy import Policy, build_model, collate, tiny_qwen2_5_vl_config
+
+def grads(ac, every):
+    cfg = tiny_qwen2_5_vl_config(layers=4, vision_depth=4)
+    m = build_model("t", random_init=True, config=cfg, dtype=torch.float64, seed=3)
+    pol = Policy(m)
+    distributed.parallelize(pol, param_dtype=None, reduce_dtype=None, activation_checkpointing=ac,
+                            checkpoint_every=every)
+    calls = {}
+    mods = [*distributed._decoder_layers(m), *distributed._vision_blocks(m)]
+    for i, layer in enumerate(mods):  # the MLP runs inside the layer: twice where the layer is recomputed
+        def counted(*a, i=i, f=layer.mlp.forward, **k):  # (module hooks do not fire in the recompute)
+            calls[i] = calls.get(i, 0) + 1
+            return f(*a, **k)
+        layer.mlp.forward = counted
+    g = torch.Generator().manual_seed(0)
+    pv = torch.randn(16, 1176, generator=g, dtype=torch.float64)
+    ids = [151644, 151652] + [151655] * 4 + [151653, 9707]
+    b = collate([ids, ids], [[1, 2, 3], [4, 5]], pad_id=151643, pixel_values=[pv, pv],
+                image_grid_thw=[torch.tensor([[1, 4, 4]])] * 2)
+    pol.train()
+    lp, _ = pol(b)
+    (lp * torch.tensor([[1.0, -2.0, 0.5], [0.3, 0.7, 0.0]], dtype=torch.float64)).sum().backward()
+    out = {n: p.grad.full_tensor() for n, p in pol.named_parameters() if p.grad is not None}
+    return out, [calls.get(i, 0) for i in range(len(mods))]
+
+ref, ref_calls = grads(False, 1)
+res = {"none": ref_calls}
+for every in (1, 2, 3):
+    gr, calls = grads(True, every)
+    assert gr.keys() == ref.keys()
+    diff = max((gr[n] - ref[n]).abs().max().item() for n in ref)
+    res[str(every)] = calls
+    res[f"diff{every}"] = diff
+try:
+    grads(True, 0)
+except ValueError as e:
+    res["zero"] = str(e)
+print(json.dumps(res))
+"""
+
+
+def test_selective_activation_checkpointing_recomputes_every_kth_layer():
+    """checkpoint_every=k recomputes layers/blocks 0, k, 2k, ... (their MLP runs twice) and keeps the others'
+    activations; the gradients equal those without checkpointing in float64 whatever k."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _SELECTIVE_AC], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    lm, vis = [0, 1, 2, 3], [0, 1, 2, 3]  # 4 decoder layers, then 4 vision blocks
+    assert out["none"] == [1] * 8
+    for k in (1, 2, 3):
+        assert out[str(k)] == [2 if i % k == 0 else 1 for i in lm] + [2 if i % k == 0 else 1 for i in vis], k
+        assert out[f"diff{k}"] < 1e-12, (k, out[f"diff{k}"])
+    assert "checkpoint_every=0" in out["zero"]
+
+
 def test_group_minibatches_keep_prompt_groups_whole():
     from mm_gmpo.update import group_minibatches
 
