@@ -31,7 +31,7 @@ from mm_gmpo import distributed
 from mm_gmpo.attention import use_grouped_vision_attention
 from mm_gmpo.data.processing import load_processor
 from mm_gmpo.loss import gmpo_loss
-from mm_gmpo.policy import Policy, build_model, collate, resolve_attention, use_packing
+from mm_gmpo.policy import Policy, build_model, collate, compile_blocks, resolve_attention, use_packing
 from mm_gmpo.update import UpdateBatch, build_optimizer, peak_bf16_flops, policy_update, training_flops
 
 
@@ -77,6 +77,7 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=1024, help="log-prob chunk size (tokens)")
     ap.add_argument("--ac-every", type=int, default=1,
                     help="with activation checkpointing, recompute every k-th layer/block only (1 = all)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the MLPs and norms (policy.compile_blocks)")
     ap.add_argument("--profile", default=None, metavar="DIR",
                     help="profile one more step (torch profiler): where its time went, to DIR/profile.md and .json")
     ap.add_argument("--trace", action="store_true", help="with --profile: also DIR/trace.json.gz (Chrome trace)")
@@ -93,6 +94,8 @@ def main() -> None:
     model = build_model(args.model, random_init=True, config=cfg, dtype=torch.float32, attn_implementation=attn,
                         device=None if args.cpu_offload else device)
     grouped = args.vision_attention == "grouped" and use_grouped_vision_attention(model)
+    if args.compile:
+        compile_blocks(model)
     policy = Policy(model, chunk_size=args.chunk, packed=packed).to(device if not args.cpu_offload else "cpu")
     distributed.parallelize(policy, param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32,
                             activation_checkpointing=not args.no_ac, checkpoint_every=args.ac_every, cpu_offload=args.cpu_offload,
@@ -129,7 +132,7 @@ def main() -> None:
         "tokens per step": tokens, "vision patches encoded per step": patches,
         "activation checkpointing": "none" if args.no_ac else "all" if args.ac_every == 1
         else f"1 in {args.ac_every} layers", "cpu offload": args.cpu_offload, "attention": attn,
-        "layout": "packed" if packed else "padded",
+        "layout": "packed" if packed else "padded", "compiled MLPs and norms": args.compile,
         "vision attention": "grouped" if grouped else "transformers",
         "step s (median)": dt, "tokens/s": tokens / dt,
         "LM params (B)": n_lm / 1e9, "vision params (B)": n_vis / 1e9, "TFLOP per step": flops / 1e12,

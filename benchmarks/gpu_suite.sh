@@ -10,7 +10,9 @@
 #   parity   pytest -m gpu tests/test_vllm_engine.py (vLLM log-probs == trainer's after a sync, fresh + seen images)
 #   update   bench_update.py, Qwen2.5-VL-3B, 8 x 1024 tokens, 448x448 images, grouped vision attention: padded
 #            vs packed micro-batches, all 1024 tokens long and spread over 384..1024 tokens, and 4 sequences
-#            per image (a prompt's samples: one vision pass), and recomputing every 2nd layer only (--ac-every 2)
+#            per image (a prompt's samples: one vision pass); then compiled MLPs and norms (--compile), and
+#            recomputing every 2nd layer only (--ac-every 2: 26.8 GiB of activations at 8192 tokens, over what
+#            fp32 AdamW leaves free, so 4096-token micro-batches; benchmarks/activation_memory.py)
 #   profile  one 3B update step (packed) under the torch profiler: time per category (matmul, attention,
 #            optimizer, FSDP, copies, other ops), busy vs wall, matmul TFLOP/s; $OUT/profile.md
 #   sync     bench_sync.py, Qwen2.5-VL-7B FSDP2 -> vLLM
@@ -56,7 +58,8 @@ for what in "$@"; do
       stage update_spread_padded 100 "${U[@]}" --min-seq 384 --layout padded
       stage update_spread_packed 100 "${U[@]}" --min-seq 384 --layout packed
       stage update_spread_packed_n4 100 "${U[@]}" --min-seq 384 --layout packed --group 4
-      stage update_packed_ac2 100 "${U[@]}" --layout packed --ac-every 2 ;;
+      stage update_packed_compile 160 "${U[@]}" --layout packed --compile
+      stage update_packed_ac2_mt4096 100 "${U[@]}" --layout packed --ac-every 2 --micro-tokens 4096 ;;
     profile)
       stage profile 200 "$PY" benchmarks/bench_update.py --model qwen2_5_vl_3b --batch 8 --seq 1024 --image 448 \
         --steps 1 --vision-attention grouped --layout packed --profile "$OUT"

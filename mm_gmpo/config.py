@@ -44,6 +44,8 @@ class ModelConfig:
     activation_checkpointing: bool = f(True, "Recompute activations in backward (less memory, ~30% more compute)")
     checkpoint_every: int = f(1, "With activation_checkpointing: recompute only every k-th decoder layer and vision "
                                  "block (1 = all; 2 = half of them: less recompute, more activation memory)")
+    compile: bool = f(False, "torch.compile each decoder layer's and vision block's MLP and RMSNorms (fused "
+                             "elementwise kernels; the first step pays the compile; policy.compile_blocks)")
     logprob_chunk_size: int = f(1024, "Response tokens per chunk of the LM head / log-softmax (memory bound)")
 
 

@@ -33,6 +33,7 @@ from mm_gmpo.policy import (
     PolicyBatch,
     build_model,
     collate,
+    compile_blocks,
     is_random_model,
     random_model_config,
     resolve_attention,
@@ -250,6 +251,8 @@ def train(cfg: Config) -> dict[str, float]:
     model = _build(cfg, torch.float32, seed=t.seed, device=info.device)
     if cfg.model.vision_attention == "grouped" or (cfg.model.vision_attention == "auto" and info.device.type == "cuda"):
         use_grouped_vision_attention(model)
+    if cfg.model.compile:
+        compile_blocks(model)
     policy = Policy(model, chunk_size=cfg.model.logprob_chunk_size, packed=packed)
     policy.to(info.device)
     distributed.parallelize(policy, param_dtype=compute_dtype, reduce_dtype=torch.float32,

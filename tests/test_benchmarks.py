@@ -100,3 +100,20 @@ def test_bench_output_objects_reports_both_containers(tmp_path):
              "FlatLogprobs: fill s", "FlatLogprobs: read s", "one decode per response s"]
     assert all(f[k] > 0 for k in parts)
     assert f["host s saved per rollout"] == pytest.approx(sum(f[k] for k in parts[:3]) - sum(f[k] for k in parts[3:]))
+
+
+def test_activation_memory_adds_up(tmp_path):
+    """Bytes autograd saves per token (decoder layer) and per patch (vision block) in bf16, and the activation
+    memory for each checkpoint_every: checkpointed layers keep their input only, the others everything."""
+    f = bench("activation_memory.py", tmp_path / "r.jsonl", "--model", "tiny", "--tokens", "1000", "--patches",
+              "300", "--sample", "64", "--every", "1,2,0")
+    text, vis = f["saved KB per token per decoder layer (bf16)"] * 1e3, f["saved KB per patch per vision block (bf16)"] * 1e3
+    h, inter = 64, 128  # tiny_qwen2_5_vl_config: hidden 64, MLP 128 (vision: hidden 32, MLP 64)
+    assert text >= 2 * (3 * inter + 2 * h)  # at least the MLP's gate, up and act(gate)*up, and q and o inputs
+    assert vis >= 2 * (3 * 64 + 2 * 32)
+    none = f["activations GiB, no checkpointing"] * 2**30
+    assert none == pytest.approx(2 * text * 1000 + 2 * vis * 300)
+    every1 = f["activations GiB, checkpoint_every=1 (2/2 layers, 2/2 blocks recomputed)"] * 2**30
+    assert every1 == pytest.approx(2 * 2 * h * 1000 + 2 * 2 * 32 * 300)  # inputs only, bf16
+    every2 = f["activations GiB, checkpoint_every=2 (1/2 layers, 1/2 blocks recomputed)"] * 2**30
+    assert every2 == pytest.approx((text + 2 * h) * 1000 + (vis + 2 * 32) * 300)
