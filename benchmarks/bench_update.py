@@ -18,20 +18,20 @@ torch profiler and splits its time into matmul / attention / optimizer / FSDP / 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Timer, config_for, image_prompts, profile_breakdown, profile_markdown, report
+from common import Timer, config_for, image_prompts, report
 
 from mm_gmpo import distributed
 from mm_gmpo.attention import use_grouped_vision_attention
 from mm_gmpo.data.processing import load_processor
 from mm_gmpo.loss import gmpo_loss
 from mm_gmpo.policy import Policy, build_model, collate, compile_blocks, resolve_attention, use_packing
+from mm_gmpo.profiling import profile_breakdown, write_profile
 from mm_gmpo.update import UpdateBatch, build_optimizer, peak_bf16_flops, policy_update, training_flops
 
 
@@ -145,10 +145,7 @@ def main() -> None:
         figures["peak memory GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
     if args.profile:
         prof = profile_breakdown(step, device, trace=Path(args.profile) / "trace.json.gz" if args.trace else None)
-        Path(args.profile).mkdir(parents=True, exist_ok=True)
-        (Path(args.profile) / "profile.json").write_text(json.dumps(prof, indent=1))
-        (Path(args.profile) / "profile.md").write_text(profile_markdown(prof) + "\n")
-        print(profile_markdown(prof))
+        write_profile(prof, Path(args.profile) / "profile")
         figures["profiled busy / wall"] = prof["busy_s"] / prof["wall_s"]
         figures["matmul share of busy"] = prof["categories"]["matmul"] / prof["busy_s"]
         figures["matmul TFLOP/s (own time)"] = prof["matmul TFLOP/s"]

@@ -40,6 +40,7 @@ from mm_gmpo.policy import (
     use_packing,
     write_model_folder,
 )
+from mm_gmpo.profiling import profiled, write_profile
 from mm_gmpo.rewards import score_batch
 from mm_gmpo.rollout.base import Rollout, SamplingParams
 from mm_gmpo.update import (
@@ -335,14 +336,17 @@ def train(cfg: Config) -> dict[str, float]:
         data = UpdateBatch(batch, old_lp, advantages, ref_lp, is_w)
         n_local = batch.batch_size
         update_metrics: dict[str, float] = {}
-        for part in update_schedule(n_local, r.n, n_mini, t.ppo_epochs, step):  # whole prompt groups
-            update_metrics = policy_update(policy, optimizer, data.select(part), loss_fn, loss_kwargs=loss_kwargs,
-                                           normalize_by=normalize_by,
-                                           max_tokens_per_micro_batch=t.max_tokens_per_micro_batch,
-                                           max_grad_norm=cfg.optim.max_grad_norm, temperature=r.temperature,
-                                           with_entropy=True, allowed_token_ids=allowed, device=info.device)
-            scheduler.step()
-        timings["timing/update_s"] = time.perf_counter() - t0
+        with profiled(info.device, enabled=step == t.profile_step) as prof:  # trainer.profile_step
+            for part in update_schedule(n_local, r.n, n_mini, t.ppo_epochs, step):  # whole prompt groups
+                update_metrics = policy_update(policy, optimizer, data.select(part), loss_fn,
+                                               loss_kwargs=loss_kwargs, normalize_by=normalize_by,
+                                               max_tokens_per_micro_batch=t.max_tokens_per_micro_batch,
+                                               max_grad_norm=cfg.optim.max_grad_norm, temperature=r.temperature,
+                                               with_entropy=True, allowed_token_ids=allowed, device=info.device)
+                scheduler.step()
+        timings["timing/update_s"] = prof["wall_s"] if prof else time.perf_counter() - t0  # not the summary's time
+        if prof:
+            write_profile(prof, Path(t.output_dir) / f"profile_update_step{step}", info.is_main)
 
         # 7. weight sync (the engine wakes up first; it must forget everything computed with the old weights)
         engine.wake_up()

@@ -29,7 +29,7 @@ def train(out: Path, steps: int, *extra: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def run3(tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "tiny"
-    train(out, 3)
+    train(out, 3, "trainer.profile_step=2")
     return out
 
 
@@ -59,6 +59,12 @@ def test_three_steps_write_metrics_checkpoint_export_and_plot(run3):
     assert any((run3 / "tensorboard").iterdir())
     state = json.loads((run3 / "checkpoints" / "step_00000003" / "trainer_state.json").read_text())
     assert state["step"] == 3 and state["data_position"]["index"] == 12  # 3 steps x 4 prompts
+    # trainer.profile_step=2: the update of step 2 under the torch profiler (rank 0's breakdown)
+    prof = json.loads((run3 / "profile_update_step2.json").read_text())
+    assert not (run3 / "profile_update_step1.json").exists() and (run3 / "profile_update_step2.md").exists()
+    assert prof["categories"]["matmul"] > 0 and prof["categories"]["optimizer"] > 0
+    assert sum(prof["categories"].values()) == pytest.approx(prof["busy_s"]) and prof["busy_s"] <= 1.05 * prof["wall_s"]
+    assert rows[1]["timing/update_s"] == pytest.approx(prof["wall_s"])
 
 
 def test_every_trainable_parameter_changed(run3):
