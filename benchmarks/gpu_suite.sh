@@ -2,17 +2,20 @@
 # The GPU checks and benchmarks of issues 6 and 9, in priority order, each under its own time limit so one hang
 # cannot eat the rest. Run from the repository root on a GPU machine with vLLM installed:
 #
-#   bash benchmarks/gpu_suite.sh env parity update profile   # then, in a second call:
-#   bash benchmarks/gpu_suite.sh rollout step sync
+#   bash benchmarks/gpu_suite.sh env update profile       # needs no vLLM: before carrying it
+#   bash benchmarks/gpu_suite.sh parity rollout step sync  # with vLLM installed (../shared/gpu/)
 #
 # Logs and benchmarks/results.jsonl rows go to $OUT (default: runs/gpu_suite); SUITE_BUDGET_S (seconds) skips
 # the stages that no longer fit. Stages:
 #   parity   pytest -m gpu tests/test_vllm_engine.py (vLLM log-probs == trainer's after a sync, fresh + seen images)
-#   update   bench_update.py, Qwen2.5-VL-3B, 8 x 1024 tokens, 448x448 images, grouped vision attention: padded
-#            vs packed micro-batches, all 1024 tokens long and spread over 384..1024 tokens, and 4 sequences
-#            per image (a prompt's samples: one vision pass); then compiled MLPs and norms (--compile), and
-#            recomputing every 2nd layer only (--ac-every 2: 26.8 GiB of activations at 8192 tokens, over what
-#            fp32 AdamW leaves free, so 4096-token micro-batches; benchmarks/activation_memory.py)
+#   update   bench_update.py, Qwen2.5-VL-3B, 8 x 1024 tokens, 448x448 images, grouped vision attention: packed
+#            and padded micro-batches; packed with compiled MLPs and norms (--compile); packed recomputing every
+#            2nd layer only (--ac-every 2: 26.8 GiB of activations at 8192 tokens is over what fp32 AdamW leaves
+#            free, so 4096-token micro-batches; benchmarks/activation_memory.py); lengths spread over 384..1024
+#            with 4 sequences per image (a prompt's samples: one vision pass)
+#   layouts  padded vs packed with lengths spread over 384..1024 (what packing saves on uneven responses)
+#   update7b Qwen2.5-VL-7B, 4 x 1024 tokens, FSDP2 CPU offload, frozen vision tower (fp32 AdamW state of the
+#            whole 8.3B model, 133 GB, fits neither the GPU nor this machine's 128 GiB of host memory)
 #   profile  one 3B update step (packed) under the torch profiler: time per category (matmul, attention,
 #            optimizer, FSDP, copies, other ops), busy vs wall, matmul TFLOP/s; $OUT/profile.md
 #   sync     bench_sync.py, Qwen2.5-VL-7B FSDP2 -> vLLM
@@ -26,6 +29,8 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export MM_GMPO_BENCH_OUT="$OUT/results.jsonl" VLLM_ENABLE_V1_MULTIPROCESSING=0
 PY="${PYTHON:-python3}"
+U=("$PY" benchmarks/bench_update.py --model qwen2_5_vl_3b --batch 8 --seq 1024 --image 448 --steps 3
+   --vision-attention grouped)
 t_start=$(date +%s)
 
 stage() {  # stage NAME LIMIT_S COMMAND...; the limit is cut to what is left of SUITE_BUDGET_S
@@ -51,15 +56,17 @@ for what in "$@"; do
     parity)
       stage parity 300 "$PY" -m pytest -m gpu tests/test_vllm_engine.py -s -q -p no:cacheprovider ${PARITY_K:+-k "$PARITY_K"} ;;
     update)
-      U=("$PY" benchmarks/bench_update.py --model qwen2_5_vl_3b --batch 8 --seq 1024 --image 448 --steps 3
-         --vision-attention grouped)
-      stage update_padded 100 "${U[@]}" --layout padded
       stage update_packed 100 "${U[@]}" --layout packed
-      stage update_spread_padded 100 "${U[@]}" --min-seq 384 --layout padded
-      stage update_spread_packed 100 "${U[@]}" --min-seq 384 --layout packed
-      stage update_spread_packed_n4 100 "${U[@]}" --min-seq 384 --layout packed --group 4
+      stage update_padded 100 "${U[@]}" --layout padded
       stage update_packed_compile 160 "${U[@]}" --layout packed --compile
-      stage update_packed_ac2_mt4096 100 "${U[@]}" --layout packed --ac-every 2 --micro-tokens 4096 ;;
+      stage update_packed_ac2_mt4096 100 "${U[@]}" --layout packed --ac-every 2 --micro-tokens 4096
+      stage update_spread_packed_n4 100 "${U[@]}" --min-seq 384 --layout packed --group 4 ;;
+    layouts)
+      stage update_spread_padded 100 "${U[@]}" --min-seq 384 --layout padded
+      stage update_spread_packed 100 "${U[@]}" --min-seq 384 --layout packed ;;
+    update7b)
+      stage update7b 420 "$PY" benchmarks/bench_update.py --model qwen2_5_vl_7b --batch 4 --seq 1024 --image 448 \
+        --steps 1 --vision-attention grouped --layout packed --cpu-offload --freeze-vision ;;
     profile)
       stage profile 200 "$PY" benchmarks/bench_update.py --model qwen2_5_vl_3b --batch 8 --seq 1024 --image 448 \
         --steps 1 --vision-attention grouped --layout packed --profile "$OUT"
@@ -77,7 +84,7 @@ for what in "$@"; do
         trainer.save_every=-1 trainer.export_hf=false logging.tensorboard=false trainer.output_dir="$OUT/step_run"
       cp "$OUT/step_run/metrics.jsonl" "$OUT/step_metrics.jsonl" 2>/dev/null
       rm -rf "$OUT/step_run" ;;
-    *) echo "unknown stage $what (env parity update profile sync rollout step)"; exit 2 ;;
+    *) echo "unknown stage $what (env parity update layouts update7b profile sync rollout step)"; exit 2 ;;
   esac
 done
 echo "=== done at +$(( $(date +%s) - t_start ))s"
