@@ -2,11 +2,13 @@
 # The GPU checks and benchmarks of issues 6 and 9, in priority order, each under its own time limit so one hang
 # cannot eat the rest. Run from the repository root on a GPU machine with vLLM installed:
 #
-#   bash benchmarks/gpu_suite.sh env update profile       # needs no vLLM: before carrying it
+#   bash benchmarks/gpu_suite.sh env gputests update profile  # needs no vLLM: before carrying it
 #   bash benchmarks/gpu_suite.sh parity rollout step sync  # with vLLM installed (../shared/gpu/)
 #
 # Logs and benchmarks/results.jsonl rows go to $OUT (default: runs/gpu_suite); SUITE_BUDGET_S (seconds) skips
 # the stages that no longer fit. Stages:
+#   gputests pytest -m gpu tests/test_gpu_update.py (packed, grouped, compiled paths on CUDA vs float64; bf16 packed
+#            as close to the reference as padded)
 #   parity   pytest -m gpu tests/test_vllm_engine.py (vLLM log-probs == trainer's after a sync, fresh + seen images)
 #   update   bench_update.py, Qwen2.5-VL-3B, 8 x 1024 tokens, 448x448 images, grouped vision attention: packed
 #            and padded micro-batches; packed with compiled MLPs and norms (--compile); packed recomputing every
@@ -53,6 +55,8 @@ for what in "$@"; do
       nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
       "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
       "$PY" -c "import vllm; print('vllm', vllm.__version__)" 2>&1 | tail -1 ;;
+    gputests)
+      stage gputests 240 "$PY" -m pytest -m gpu tests/test_gpu_update.py -q -p no:cacheprovider ;;
     parity)
       stage parity 300 "$PY" -m pytest -m gpu tests/test_vllm_engine.py -s -q -p no:cacheprovider ${PARITY_K:+-k "$PARITY_K"} ;;
     update)
@@ -84,7 +88,7 @@ for what in "$@"; do
         trainer.save_every=-1 trainer.export_hf=false logging.tensorboard=false trainer.output_dir="$OUT/step_run"
       cp "$OUT/step_run/metrics.jsonl" "$OUT/step_metrics.jsonl" 2>/dev/null
       rm -rf "$OUT/step_run" ;;
-    *) echo "unknown stage $what (env parity update layouts update7b profile sync rollout step)"; exit 2 ;;
+    *) echo "unknown stage $what (env gputests parity update layouts update7b profile sync rollout step)"; exit 2 ;;
   esac
 done
 echo "=== done at +$(( $(date +%s) - t_start ))s"
