@@ -143,12 +143,26 @@ def _after(line: str, step: int) -> bool:
         return False
 
 
+STAGES = ("prompts", "rollout", "reward", "old_logprob", "update", "weight_sync", "eval")
+
+
+def stage_seconds(rows: list[dict]) -> tuple[list[int], dict[str, list[float]]]:
+    """Steps and each stage's ``timing/<stage>_s`` per step (0 where a step did not run it, e.g. eval), for the
+    stages that ran at all."""
+    rows = [r for r in rows if "timing/step_s" in r]
+    steps = [r["step"] for r in rows]
+    series = {s: [float(r.get(f"timing/{s}_s", 0.0)) for r in rows] for s in STAGES}
+    return steps, {s: v for s, v in series.items() if any(v)}
+
+
 def plot_training(metrics_path: str | Path, out_png: str | Path,
                   keys: tuple[str, ...] = ("reward/mean", "eval/accuracy", "actor/entropy",
                                             "ratio/token_log_ratio_max")) -> Path | None:
-    """Plot the chosen metrics against step (one panel each) into a PNG; None if there is nothing to plot."""
+    """Plot the chosen metrics against step (one panel each), and where the time of each step went (stacked
+    stage seconds), into a PNG; None if there is nothing to plot."""
     rows = read_metrics(metrics_path)
     keys = tuple(k for k in keys if any(k in r for r in rows))
+    steps, stages = stage_seconds(rows)
     if not rows or not keys:
         return None
     import matplotlib
@@ -156,8 +170,16 @@ def plot_training(metrics_path: str | Path, out_png: str | Path,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
-    for ax, k in zip(axes[0], keys, strict=True):
+    n = len(keys) + bool(stages)
+    fig, axes = plt.subplots(1, n, figsize=(4 * n, 3.2), squeeze=False)
+    if stages:
+        ax = axes[0][-1]
+        ax.stackplot(steps, *stages.values(), labels=list(stages), alpha=0.8)
+        ax.set_title("seconds per step, by stage")
+        ax.set_xlabel("step")
+        ax.legend(fontsize=6, loc="upper left")
+        ax.grid(alpha=0.3)
+    for ax, k in zip(axes[0][:len(keys)], keys, strict=True):
         pts = [(r["step"], r[k]) for r in rows if k in r]
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
         ax.plot(xs, ys, marker=".", lw=1, alpha=0.5 if len(pts) > 20 else 1.0)

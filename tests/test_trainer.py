@@ -59,6 +59,14 @@ def test_three_steps_write_metrics_checkpoint_export_and_plot(run3):
     assert any((run3 / "tensorboard").iterdir())
     state = json.loads((run3 / "checkpoints" / "step_00000003" / "trainer_state.json").read_text())
     assert state["step"] == 3 and state["data_position"]["index"] == 12  # 3 steps x 4 prompts
+    # the plot's time panel: each stage's seconds per step, eval only where it ran; together within the step
+    from mm_gmpo.logger import stage_seconds
+
+    steps, stages = stage_seconds(rows)
+    assert steps == [1, 2, 3] and {"rollout", "reward", "old_logprob", "update", "weight_sync", "eval"} <= set(stages)
+    assert stages["eval"][0] == 0 and all(x > 0 for x in stages["eval"][1:]) and all(x > 0 for x in stages["update"])
+    for i, r in enumerate(rows):
+        assert sum(v[i] for v in stages.values()) <= r["timing/step_s"] * 1.001
     # trainer.profile_step=2: the update of step 2 under the torch profiler (rank 0's breakdown)
     prof = json.loads((run3 / "profile_update_step2.json").read_text())
     assert not (run3 / "profile_update_step1.json").exists() and (run3 / "profile_update_step2.md").exists()
