@@ -7,7 +7,9 @@ and device-independent: it is what autograd saves for backward, in the compute d
 
 One decoder layer (and one vision block) of the real width is run forward on ``--sample`` tokens in bf16 under
 ``torch.autograd.graph.saved_tensors_hooks``; the storages it saves (not parameters, not its input) are summed.
-A checkpointed layer keeps only its input (hidden size x 2 bytes per token); the others keep everything.
+A checkpointed layer keeps only its input (hidden size x 2 bytes per token); the others keep everything. Which layers
+are checkpointed follows ``model.checkpoint_every`` (transformers' ``every_n_layers``: the vision blocks, then the
+decoder layers, counted together).
 Not counted: the LM-head chunk (``model.logprob_chunk_size`` x vocab x 4 bytes, one at a time), the gradient
 buffers of backward, and the allocator's fragmentation.
 """
@@ -82,8 +84,9 @@ def main() -> None:
                "saved KB per patch per vision block (bf16)": vis / 1e3,
                "tokens": args.tokens, "patches": args.patches}
     for k in (int(s) for s in args.every.split(",")):
-        kept_l = n_layers if k == 0 else n_layers - len(range(0, n_layers, k))
-        kept_v = depth if k == 0 else depth - len(range(0, depth, k))
+        # transformers' every_n_layers: vision blocks 0..depth-1, then decoder layers, one count; k=0: none
+        kept_v = depth if k == 0 else sum(i % k != 0 for i in range(depth))
+        kept_l = n_layers if k == 0 else sum(i % k != 0 for i in range(depth, depth + n_layers))
         full = kept_l * text * args.tokens + kept_v * vis * args.patches
         inputs = (n_layers - kept_l) * 2 * h * args.tokens + (depth - kept_v) * 2 * vh * args.patches
         label = "no checkpointing" if k == 0 else (f"checkpoint_every={k} ({n_layers - kept_l}/{n_layers} layers, "

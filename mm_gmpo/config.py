@@ -42,8 +42,9 @@ class ModelConfig:
                                       "faster 3B step on an H100), or auto (grouped on a GPU, transformers on CPU)")
     freeze_vision: bool = f(False, "Do not train the vision tower")
     activation_checkpointing: bool = f(True, "Recompute activations in backward (less memory, ~30% more compute)")
-    checkpoint_every: int = f(1, "With activation_checkpointing: recompute only every k-th decoder layer and vision "
-                                 "block (1 = all; 2 = half of them: less recompute, more activation memory)")
+    checkpoint_every: int = f(1, "With activation_checkpointing: recompute only every k-th layer (vision blocks, then "
+                                 "decoder layers, counted together; transformers' every_n_layers): 1 = all, 2 = "
+                                 "half (less recompute, more activation memory: benchmarks/activation_memory.py)")
     compile: bool = f(False, "torch.compile each decoder layer's and vision block's MLP and RMSNorms (fused "
                              "elementwise kernels; the first step pays the compile; policy.compile_blocks)")
     logprob_chunk_size: int = f(1024, "Response tokens per chunk of the LM head / log-softmax (memory bound)")

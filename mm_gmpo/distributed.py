@@ -141,8 +141,9 @@ def parallelize(
     state on the CPU. Works with world size 1 too (the same code path as multi-GPU).
 
     ``activation_checkpointing`` recomputes each decoder layer's and vision block's activations in backward;
-    ``checkpoint_every=k`` only those of every k-th layer and block (0, k, 2k, ...), keeping the others' activations:
-    less recompute for more memory (torchtitan's selective per-layer checkpointing).
+    ``checkpoint_every=k`` only those of every k-th of them (transformers' ``every_n_layers``: the vision blocks and
+    then the decoder layers counted together from 0), keeping the others' activations: less recompute for more
+    memory (torchtitan's selective per-layer checkpointing).
     """
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
@@ -157,11 +158,13 @@ def parallelize(
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every={checkpoint_every}: use 1 (every layer) or more (every k-th layer)")
     if activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.2x names it so
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False}, every_n_layers=checkpoint_every)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False},
+                                                every_n_layers=checkpoint_every)
         model.config.use_cache = False
-        for layers in (_decoder_layers(model), _vision_blocks(model)):
-            for i, layer in enumerate(layers):
-                layer.gradient_checkpointing = i % checkpoint_every == 0
     if not dist.is_initialized():
         # fully_shard needs a device mesh; a single process gets a 1-rank group of its own
         _init_single_process_group()

@@ -413,6 +413,7 @@ def test_freeze_vision_and_cpu_offload_options():
 
 _SELECTIVE_AC = r"""
 import json, torch
+from transformers.modeling_layers import GradientCheckpointingLayer
 from mm_gmpo import distributed
 from mm_gmpo.policy import Policy, build_model, collate, tiny_qwen2_5_vl_config
 
@@ -423,7 +424,8 @@ def grads(ac, every):
     distributed.parallelize(pol, param_dtype=None, reduce_dtype=None, activation_checkpointing=ac,
                             checkpoint_every=every)
     calls = {}
-    mods = [*distributed._decoder_layers(m), *distributed._vision_blocks(m)]
+    mods = [x for x in m.modules() if isinstance(x, GradientCheckpointingLayer)]  # vision blocks, then layers
+    assert mods == [*distributed._vision_blocks(m), *distributed._decoder_layers(m)]
     for i, layer in enumerate(mods):  # the MLP runs inside the layer: twice where the layer is recomputed
         def counted(*a, i=i, f=layer.mlp.forward, **k):  # (module hooks do not fire in the recompute)
             calls[i] = calls.get(i, 0) + 1
@@ -457,8 +459,9 @@ print(json.dumps(res))
 
 
 def test_selective_activation_checkpointing_recomputes_every_kth_layer():
-    """checkpoint_every=k recomputes layers/blocks 0, k, 2k, ... (their MLP runs twice) and keeps the others'
-    activations; the gradients equal those without checkpointing in float64 whatever k."""
+    """checkpoint_every=k recomputes layers 0, k, 2k, ... of the vision blocks and decoder layers counted together
+    (their MLP runs twice) and keeps the others' activations; the gradients equal those without checkpointing in
+    float64 whatever k."""
     import json
     import os
     import subprocess
@@ -468,10 +471,9 @@ def test_selective_activation_checkpointing_recomputes_every_kth_layer():
                        env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    lm, vis = [0, 1, 2, 3], [0, 1, 2, 3]  # 4 decoder layers, then 4 vision blocks
-    assert out["none"] == [1] * 8
+    assert out["none"] == [1] * 8  # 4 vision blocks, then 4 decoder layers, counted together
     for k in (1, 2, 3):
-        assert out[str(k)] == [2 if i % k == 0 else 1 for i in lm] + [2 if i % k == 0 else 1 for i in vis], k
+        assert out[str(k)] == [2 if i % k == 0 else 1 for i in range(8)], k
         assert out[f"diff{k}"] < 1e-12, (k, out[f"diff{k}"])
     assert "checkpoint_every=0" in out["zero"]
 
