@@ -126,7 +126,8 @@ class TrainerConfig:
     export_hf: bool = f(True, "Write an HF-format copy (safetensors + processor) at the end")
     profile_step: int = f(0, "Profile the update of this step with the torch profiler (time per category: matmul, "
                              "attention, optimizer, FSDP, copies, other ops; busy vs wall) into "
-                             "output_dir/profile_update_stepN.md and .json; 0 = never")
+                             "output_dir/profile_update_stepN.md and .json; that step's timings include the "
+                             "profiler's overhead; 0 = never")
     reward_workers: int = f(2, "Reward scoring processes per rank (0 = in the training process)")
 
 
