@@ -24,7 +24,7 @@
 #   rollout  bench_rollout.py, Qwen2.5-VL-3B, 32 prompts x n=8 x 512 tokens, bare vLLM (per-token output
 #            objects, then flat log-probs without detokenization) vs mm_gmpo's engine
 #   step     GMPO steps (STEPS, default 3) of the geo3k 3B config (random weights, reduced batch) for the stage
-#            breakdown; PARITY_K=bfloat16 (or float32) runs one dtype of the parity test
+#            breakdown, step 2's update profiled (step_profile_update.md); PARITY_K=bfloat16 (or float32) runs one dtype of the parity test
 set -uo pipefail
 OUT="${OUT:-runs/gpu_suite}"
 mkdir -p "$OUT"
@@ -85,8 +85,10 @@ for what in "$@"; do
         --config configs/geo3k_qwen2_5_vl_3b_gmpo.yaml model.path=random:qwen2_5_vl_3b \
         data.train_source=data/geometry3k data.train_split=val trainer.total_steps=${STEPS:-3} trainer.rollout_batch_size=32 \
         trainer.mini_batch_size=32 rollout.max_tokens=512 rollout.enforce_eager=true rollout.gpu_memory_utilization=0.2 trainer.eval_every=0 \
-        trainer.save_every=-1 trainer.export_hf=false logging.tensorboard=false trainer.output_dir="$OUT/step_run"
+        trainer.save_every=-1 trainer.export_hf=false logging.tensorboard=false trainer.output_dir="$OUT/step_run" \
+        trainer.profile_step=2
       cp "$OUT/step_run/metrics.jsonl" "$OUT/step_metrics.jsonl" 2>/dev/null
+      cp "$OUT/step_run/profile_update_step2.md" "$OUT/step_profile_update.md" 2>/dev/null
       rm -rf "$OUT/step_run" ;;
     *) echo "unknown stage $what (env gputests parity update layouts update7b profile sync rollout step)"; exit 2 ;;
   esac
