@@ -24,7 +24,8 @@
 #   rollout  bench_rollout.py, Qwen2.5-VL-3B, 32 prompts x n=8 x 512 tokens, bare vLLM (per-token output
 #            objects, then flat log-probs without detokenization) vs mm_gmpo's engine
 #   step     GMPO steps (STEPS, default 3) of the geo3k 3B config (random weights, reduced batch) for the stage
-#            breakdown, step 2's update profiled (step_profile_update.md); PARITY_K=bfloat16 (or float32) runs one dtype of the parity test
+#            breakdown, step 2's update profiled (step_profile_update.md)
+# PARITY_K=bfloat16 (or float32) runs one dtype of the parity test.
 set -uo pipefail
 OUT="${OUT:-runs/gpu_suite}"
 mkdir -p "$OUT"
