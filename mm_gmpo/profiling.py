@@ -20,8 +20,8 @@ CONV_OPS = {"aten::convolution", "aten::_convolution", "aten::cudnn_convolution"
 COPY_OPS = {"aten::copy_", "aten::_to_copy", "aten::to", "aten::clone", "aten::contiguous", "aten::cat",
             "aten::index_select", "aten::index", "aten::index_put_", "aten::masked_scatter", "aten::fill_",
             "aten::zero_", "aten::zeros", "aten::empty", "aten::empty_strided"}
-CATEGORIES = ("matmul", "attention", "convolution", "optimizer", "FSDP gather/reduce", "copy/cast/index",
-              "other ops (elementwise, norms, softmax)")
+CATEGORIES = ("matmul", "attention", "convolution", "compiled (fused) kernels", "optimizer", "FSDP gather/reduce",
+              "copy/cast/index", "other ops (elementwise, norms, softmax)")
 
 
 def _category(ev) -> str:
@@ -34,6 +34,8 @@ def _category(ev) -> str:
             return "FSDP gather/reduce"
         p = p.cpu_parent
     name = ev.name
+    if "CompiledFxGraph" in name or "CompiledFunction" in name or name.startswith("triton"):
+        return "compiled (fused) kernels"
     if name in MATMUL_OPS:
         return "matmul"
     if "scaled_dot_product" in name or "flash_attention" in name or "efficient_attention" in name \
@@ -51,7 +53,9 @@ def profiled(device: torch.device, *, enabled: bool = True, top: int = 15, trace
     """Run the ``with`` block under the torch profiler and say where its time went: the yielded dict is filled on
     exit (left empty when not ``enabled``, which costs nothing).
 
-    Every op's *self* time (device kernels on a GPU, CPU time on a CPU) goes to one of :data:`CATEGORIES`;
+    Every op's and ``record_function`` range's *self* time (the device kernels it launched itself on a GPU, its CPU
+    time outside child ops on a CPU) goes to one of :data:`CATEGORIES`, so kernels launched from Python inside a
+    range (``torch.compile``'s Triton kernels) count too;
     ``busy_s`` is their sum and ``wall_s`` the block's wall time, so on a GPU ``1 - busy/wall`` is the time the
     GPU sat idle waiting for the host (launch-bound work, host syncs). ``matmul TFLOP/s`` divides the FLOPs the
     profiler counts for matmuls by their own time: the efficiency of the matmuls themselves. ``trace``: also write
@@ -88,7 +92,7 @@ def _summarize(prof, wall: float, cuda: bool, top: int, trace: str | Path | None
     per_op: dict[str, list] = {}
     mm_flops = 0
     for ev in prof.events():
-        if ev.device_type != torch.autograd.DeviceType.CPU or ev.is_user_annotation:
+        if ev.device_type != torch.autograd.DeviceType.CPU:  # device events: counted in the op that launched them
             continue
         us = ev.self_device_time_total if cuda else ev.self_cpu_time_total
         cat = _category(ev)
@@ -127,8 +131,8 @@ def _summarize(prof, wall: float, cuda: bool, top: int, trace: str | Path | None
 def profile_markdown(p: dict) -> str:
     """The breakdown of :func:`profile_breakdown` as two markdown tables."""
     lines = [f"Profiled step: {p['wall_s']:.3f} s wall, {p['busy_s']:.3f} s busy ({p['clock']} self time, "
-             f"{p['busy_s'] / p['wall_s']:.0%} of wall); matmuls {p['matmul TFLOP']:.2f} TFLOP at "
-             f"{p['matmul TFLOP/s']:.1f} TFLOP/s of their own time.", "",
+             f"{p['busy_s'] / p['wall_s']:.0%} of wall); matmuls {p['matmul TFLOP']:.3g} TFLOP at "
+             f"{p['matmul TFLOP/s']:.3g} TFLOP/s of their own time.", "",
              "| category | s | share of busy |", "|---|---|---|"]
     for k, v in p["categories"].items():
         lines.append(f"| {k} | {v:.4f} | {v / p['busy_s']:.1%} |" if p["busy_s"] else f"| {k} | {v:.4f} | - |")
