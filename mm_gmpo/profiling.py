@@ -48,6 +48,15 @@ def _category(ev) -> str:
     return "other ops (elementwise, norms, softmax)"
 
 
+def _own_device_us(ev) -> float:
+    """Device time of the kernels this event launched itself (its children's are theirs). A ``record_function``
+    range also gets its GPU-side twin (same name, spanning every kernel inside it, gaps included) as a "kernel":
+    not counted, or the range would claim the idle time between its children's kernels."""
+    if ev.is_async:
+        return 0.0
+    return float(sum(k.duration for k in ev.kernels if not (ev.is_user_annotation and k.name == ev.name)))
+
+
 @contextlib.contextmanager
 def profiled(device: torch.device, *, enabled: bool = True, top: int = 15, trace: str | Path | None = None):
     """Run the ``with`` block under the torch profiler and say where its time went: the yielded dict is filled on
@@ -94,7 +103,7 @@ def _summarize(prof, wall: float, cuda: bool, top: int, trace: str | Path | None
     for ev in prof.events():
         if ev.device_type != torch.autograd.DeviceType.CPU:  # device events: counted in the op that launched them
             continue
-        us = ev.self_device_time_total if cuda else ev.self_cpu_time_total
+        us = _own_device_us(ev) if cuda else ev.self_cpu_time_total
         cat = _category(ev)
         per_cat[cat] += us / 1e6
         row = per_op.setdefault(ev.name, [0, 0.0, cat])
