@@ -17,6 +17,7 @@ buffers of backward, and the allocator's fragmentation.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from pathlib import Path
 
@@ -43,6 +44,7 @@ def _saved_bytes(fn, exclude: list[torch.Tensor]) -> int:
 
 def per_unit_bytes(cfg, sample: int = 512) -> tuple[float, float]:
     """(bytes saved per token by one decoder layer, bytes per patch by one vision block), in bf16."""
+    cfg = copy.deepcopy(cfg)  # one layer and one block of it
     cfg.text_config.num_hidden_layers = 1
     cfg.vision_config.depth = 1
     cfg.vision_config.fullatt_block_indexes = [0]
@@ -78,7 +80,7 @@ def main() -> None:
     cfg = config_for(args.model)
     n_layers, depth = cfg.text_config.num_hidden_layers, cfg.vision_config.depth
     h, vh = cfg.text_config.hidden_size, cfg.vision_config.hidden_size
-    text, vis = per_unit_bytes(config_for(args.model), args.sample)
+    text, vis = per_unit_bytes(cfg, args.sample)
     figures = {"model": args.model, "decoder layers": n_layers, "vision blocks": depth,
                "saved KB per token per decoder layer (bf16)": text / 1e3,
                "saved KB per patch per vision block (bf16)": vis / 1e3,

@@ -31,7 +31,7 @@ from mm_gmpo.attention import use_grouped_vision_attention
 from mm_gmpo.data.processing import load_processor
 from mm_gmpo.loss import gmpo_loss
 from mm_gmpo.policy import Policy, build_model, collate, compile_blocks, resolve_attention, use_packing
-from mm_gmpo.profiling import profile_breakdown, write_profile
+from mm_gmpo.profiling import profiled, write_profile
 from mm_gmpo.update import UpdateBatch, build_optimizer, peak_bf16_flops, policy_update, training_flops
 
 
@@ -144,7 +144,8 @@ def main() -> None:
     if device.type == "cuda":
         figures["peak memory GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
     if args.profile:
-        prof = profile_breakdown(step, device, trace=Path(args.profile) / "trace.json.gz" if args.trace else None)
+        with profiled(device, trace=Path(args.profile) / "trace.json.gz" if args.trace else None) as prof:
+            step()
         write_profile(prof, Path(args.profile) / "profile")
         figures["profiled busy / wall"] = prof["busy_s"] / prof["wall_s"]
         figures["matmul share of busy"] = prof["categories"]["matmul"] / prof["busy_s"]

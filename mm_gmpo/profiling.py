@@ -1,4 +1,4 @@
-"""Where a stretch of training time goes: one call under the torch profiler, each op's self time put in a category.
+"""Where a stretch of training time goes: a block run under the torch profiler, each op's self time in a category.
 
 Used by ``benchmarks/bench_update.py --profile`` and the trainer's ``trainer.profile_step``. The categories answer
 the question that comes before any optimisation: is the time in the matmuls (then the model FLOPs bound it), in
@@ -89,13 +89,6 @@ def profiled(device: torch.device, *, enabled: bool = True, top: int = 15, trace
     out.update(_summarize(prof, wall, cuda, top, trace))
 
 
-def profile_breakdown(fn, device: torch.device, *, top: int = 15, trace: str | Path | None = None) -> dict:
-    """:func:`profiled` around one call of ``fn()``."""
-    with profiled(device, top=top, trace=trace) as p:
-        fn()
-    return p
-
-
 def _summarize(prof, wall: float, cuda: bool, top: int, trace: str | Path | None) -> dict:
     per_cat = dict.fromkeys(CATEGORIES, 0.0)
     per_op: dict[str, list] = {}
@@ -113,24 +106,13 @@ def _summarize(prof, wall: float, cuda: bool, top: int, trace: str | Path | None
             mm_flops += ev.flops or 0
     busy = sum(per_cat.values())
     if trace is not None:
-        trace = Path(trace)
-        trace.parent.mkdir(parents=True, exist_ok=True)
-        if trace.suffix == ".gz":
-            import gzip
-            import tempfile
-
-            with tempfile.TemporaryDirectory() as tmp:
-                raw = Path(tmp) / "trace.json"
-                prof.export_chrome_trace(str(raw))
-                with open(raw, "rb") as src, gzip.open(trace, "wb") as dst:
-                    dst.write(src.read())
-        else:
-            prof.export_chrome_trace(str(trace))
+        Path(trace).parent.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(trace))  # gzipped by torch when the name ends in .gz
     ops = sorted(per_op.items(), key=lambda kv: -kv[1][1])[:top]
     return {
         "clock": "device (CUDA kernels)" if cuda else "CPU",
         "wall_s": wall, "busy_s": busy,
-        "categories": {k: v for k, v in per_cat.items()},
+        "categories": per_cat,
         "matmul TFLOP": mm_flops / 1e12,
         "matmul TFLOP/s": mm_flops / per_cat["matmul"] / 1e12 if per_cat["matmul"] > 0 else 0.0,
         "top ops": [{"op": k, "calls": c, "s": s, "category": cat} for k, (c, s, cat) in ops],
@@ -138,7 +120,7 @@ def _summarize(prof, wall: float, cuda: bool, top: int, trace: str | Path | None
 
 
 def profile_markdown(p: dict) -> str:
-    """The breakdown of :func:`profile_breakdown` as two markdown tables."""
+    """The breakdown of :func:`profiled` as two markdown tables."""
     lines = [f"Profiled step: {p['wall_s']:.3f} s wall, {p['busy_s']:.3f} s busy ({p['clock']} self time, "
              f"{p['busy_s'] / p['wall_s']:.0%} of wall); matmuls {p['matmul TFLOP']:.3g} TFLOP at "
              f"{p['matmul TFLOP/s']:.3g} TFLOP/s of their own time.", "",
@@ -158,6 +140,7 @@ def write_profile(p: dict, stem: str | Path, is_main: bool = True) -> None:
 
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
+    md = profile_markdown(p)
     stem.with_suffix(".json").write_text(json.dumps(p, indent=1))
-    stem.with_suffix(".md").write_text(profile_markdown(p) + "\n")
-    print(profile_markdown(p))
+    stem.with_suffix(".md").write_text(md + "\n")
+    print(md)

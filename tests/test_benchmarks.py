@@ -27,7 +27,7 @@ def bench(script: str, out: Path, *args: str) -> dict:
 def test_bench_update_reports_throughput(tmp_path):
     f = bench("bench_update.py", tmp_path / "r.jsonl", "--model", "tiny", "--batch", "2", "--seq", "96", "--image",
               "56", "--steps", "2", "--layout", "packed", "--vision-attention", "grouped", "--ac-every", "2",
-              "--profile", str(tmp_path / "prof"))
+              "--profile", str(tmp_path / "prof"), "--trace")
     assert f["tokens per step"] == 2 * 96 and f["patches per image"] == 16
     assert f["vision patches encoded per step"] == 2 * 16
     assert f["layout"] == "packed" and f["vision attention"] == "grouped" and f["attention"] == "sdpa"
@@ -44,6 +44,11 @@ def test_bench_update_reports_throughput(tmp_path):
     assert 0.1 * f["TFLOP per step"] < prof["matmul TFLOP"] < 2 * f["TFLOP per step"]
     assert f["matmul share of busy"] == pytest.approx(prof["categories"]["matmul"] / prof["busy_s"])
     assert "| category | s | share of busy |" in (tmp_path / "prof" / "profile.md").read_text()
+    import gzip
+
+    with gzip.open(tmp_path / "prof" / "trace.json.gz") as f:  # a Chrome trace, gzipped
+        trace = json.load(f)
+    assert any(e.get("name") == "aten::mm" for e in trace["traceEvents"])
 
 
 @pytest.mark.slow

@@ -347,6 +347,19 @@ def test_single_process_checkpoint_roundtrip(tmp_path, image_batch):
     assert sch2.last_epoch == sch.last_epoch
 
 
+def run_script(src: str, *, timeout: int = 300, threads: int = 1) -> dict:
+    """Run ``src`` in a fresh Python (FSDP2 needs a process group of its own) and return the JSON of its last line."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", src], capture_output=True, text=True, timeout=timeout,
+                       env={**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 _FSDP_OPTIONS = r"""
 import json, sys, torch
 from mm_gmpo import distributed
@@ -393,15 +406,7 @@ print(json.dumps({"vision_changed_when_frozen": sum(frozen[n] for n in vis), "n_
 def test_freeze_vision_and_cpu_offload_options():
     """FSDP2 options (one process): a frozen vision tower does not move, the rest does; CPU offload gives the
     same update as no offload on a GPU machine and a clear refusal on a CPU-only one."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    r = subprocess.run([sys.executable, "-c", _FSDP_OPTIONS], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
-    out = json.loads(r.stdout.strip().splitlines()[-1])
+    out = run_script(_FSDP_OPTIONS)
     assert out["n_vision"] > 10 and out["vision_changed_when_frozen"] == 0
     assert out["text_changed_when_frozen"] == out["n_text"]
     assert out["all_changed_plain"]
@@ -462,15 +467,7 @@ def test_selective_activation_checkpointing_recomputes_every_kth_layer():
     """checkpoint_every=k recomputes layers 0, k, 2k, ... of the vision blocks and decoder layers counted together
     (their MLP runs twice) and keeps the others' activations; the gradients equal those without checkpointing in
     float64 whatever k."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    r = subprocess.run([sys.executable, "-c", _SELECTIVE_AC], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
-    out = json.loads(r.stdout.strip().splitlines()[-1])
+    out = run_script(_SELECTIVE_AC)
     assert out["none"] == [1] * 8  # 4 vision blocks, then 4 decoder layers, counted together
     for k in (1, 2, 3):
         assert out[str(k)] == [2 if i % k == 0 else 1 for i in range(8)], k
@@ -517,15 +514,7 @@ def test_compiled_blocks_match_eager():
     """compile_blocks (model.compile): the MLPs and norms of the 2 layers and 2 vision blocks of the tiny model
     compile without graph breaks, a second token count does not recompile, and log-probs and gradients under FSDP2 +
     activation checkpointing equal eager ones (float64 model) to float32 rounding."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    r = subprocess.run([sys.executable, "-c", _COMPILED], capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
-    out = json.loads(r.stdout.strip().splitlines()[-1])
+    out = run_script(_COMPILED, timeout=600, threads=2)
     assert out["compiled"] == 2 * 3 + 2 * 3  # mlp + 2 norms per layer and per block
     # transformers' RMSNorm computes in float32 whatever the model's dtype, so the two differ at float32 rounding
     # (the fused kernel sums in another order), not at float64's
