@@ -281,3 +281,70 @@ def test_score_batch_mixed_tasks_and_length_errors():
     assert [s["accuracy"] for s in scores] == [1.0, 1.0]
     with pytest.raises(ValueError, match="ground truths"):
         score_batch(["a"], [], task="math")
+
+
+# ---------------------------------------------------------------- grading defects found beside EasyR1's grader
+
+
+@pytest.mark.parametrize("response, gt, expected", [
+    ("\\boxed{\\$18}", "18", 1.0),            # escaped dollar in the answer
+    ("\\boxed{18}", "\\$18", 1.0),            # ... and in the ground truth
+    ("\\boxed{\\$18.00}", "#### 18", 1.0),    # GSM8K solution, cents
+    ("\\boxed{\\$1,250}", "1250", 1.0),
+    ("\\boxed{\\$18}", "\\boxed{\\$18}", 1.0),
+    ("\\boxed{\\$19}", "\\$18", 0.0),         # still a different amount
+    ("\\boxed{$18$}", "18", 1.0),             # plain math delimiters as before
+])
+def test_escaped_dollar_is_a_currency_sign(response, gt, expected):
+    assert score(response, gt, task="math", format_weight=0)["accuracy"] == expected
+
+
+CONGRUENCES = ["\\angle 1 \\cong \\angle 3", "\\angle 1 \\cong \\angle Z", "\\angle 2 \\cong \\angle X",
+               "\\angle 3 \\cong \\angle Z"]  # Inter-GPS test 2748, answer D
+
+
+@pytest.mark.parametrize("choices", [None, CONGRUENCES], ids=["free-form", "choices"])
+@pytest.mark.parametrize("named", range(4))
+def test_statement_choices_that_name_the_same_number_are_not_confused(choices, named):
+    """math-verify reads both '\\angle 1 \\cong \\angle 3' and '\\angle 3 \\cong \\angle Z' as 3; only the gold
+    statement may score, whether the gold is given as text or as its letter."""
+    response = f"<think>...</think> \\boxed{{{CONGRUENCES[named]}}}"
+    expected = 1.0 if named == 3 else 0.0
+    assert score(response, CONGRUENCES[3], task="geometry3k", choices=choices)["accuracy"] == expected
+    if choices:
+        assert score(response, "D", task="geometry3k", choices=choices)["accuracy"] == expected
+
+
+@pytest.mark.parametrize("response, gold, expected", [
+    ("x < 60", "x < 60", 1.0), ("x<60", "x < 60", 1.0), ("x < 140", "x < 60", 0.0), ("x = 60", "x < 60", 0.0),
+    ("A D and B E", "A D and B E", 1.0), ("A D and B C", "A D and B E", 0.0),
+    ("angles 2,3, and 4", "angles 2,3, 6, and 7", 0.0),
+    ("\\angle 1 \\cong \\angle 3", "3", 0.0),     # a statement is not the number it mentions
+    ("x = 60", "60", 1.0), ("m \\angle ABC = 60", "60", 1.0),  # a plain assignment gives its value
+    ("60 degrees", "60", 1.0), ("12 cm", "12", 1.0), ("10y^2+5y", "10 y^2 + 5 y", 1.0),
+])
+def test_geometry_statements_compare_as_text_numbers_by_value(response, gold, expected):
+    assert score(f"\\boxed{{{response}}}", gold, task="geometry3k", format_weight=0)["accuracy"] == expected
+
+
+def test_every_inter_gps_statement_choice_scores_only_itself():
+    """All committed problems whose choices are statements: each choice, given as answer text, scores 1 only
+    against itself (free-form, as in the HF setting) and only for its own letter (with choices)."""
+    from mm_gmpo.data import load_geometry3k
+    from mm_gmpo.rewards.score import is_statement
+
+    checked = 0
+    for split in ("test", "val"):
+        for row in load_geometry3k(split=split):
+            choices = list(row["choices"])
+            if not any(is_statement(c) for c in choices):
+                continue
+            for i, c in enumerate(choices):
+                for j, gold in enumerate(choices):
+                    same = c.strip() == gold.strip()
+                    r = f"\\boxed{{{c}}}"
+                    assert score(r, gold, task="geometry3k", format_weight=0)["accuracy"] == float(same), (c, gold)
+                    assert score(r, "ABCD"[j], task="geometry3k", choices=choices, format_weight=0)["accuracy"] == \
+                        float(same), (c, gold)
+            checked += 1
+    assert checked >= 3

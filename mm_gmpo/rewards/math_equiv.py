@@ -46,6 +46,7 @@ def deadline(seconds: float | None):
 
 
 _SPACE = re.compile(r"\s+")
+_MATH_DOLLAR = re.compile(r"(?<!\\)\$")  # a $ that is not escaped
 _UNITS = re.compile(
     r"\s*(?:\\(?:text|mathrm|mbox)\{\s*)?(?:cm|mm|km|m|in|inches|inch|ft|feet|yd|units?|sq|square|degrees?)"
     r"(?:\^?\{?[23]\}?)?\s*\}?\s*$"
@@ -54,7 +55,7 @@ _UNITS = re.compile(
 
 def normalize(ans: str) -> str:
     """Cheap textual normalisation used for the fast path only (math-verify decides everything else)."""
-    s = ans.strip().strip("$").strip()
+    s = ans.replace("\\$", "").strip().strip("$").strip()  # "\\$18" is a currency sign, not a math delimiter
     s = s.replace("\\left", "").replace("\\right", "").replace("\\!", "").replace("\\,", "").replace("\\ ", "")
     s = s.replace("dfrac", "frac").replace("tfrac", "frac").replace("^\\circ", "").replace("^{\\circ}", "")
     s = _UNITS.sub("", s)
@@ -74,7 +75,8 @@ def _plain_float(s: str) -> float | None:
 def _parse(text: str):
     from math_verify import parse
 
-    wrapped = text if "$" in text or "\\boxed" in text else f"${text}$"
+    # an escaped dollar (\\$18) is a currency sign, not a math delimiter: such text still needs wrapping
+    wrapped = text if _MATH_DOLLAR.search(text) or "\\boxed" in text else f"${text}$"
     return parse(wrapped, parsing_timeout=None)
 
 

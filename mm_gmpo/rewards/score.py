@@ -26,7 +26,15 @@ from mm_gmpo.rewards.extract import (
     has_think_then_boxed,
     letter_of,
 )
-from mm_gmpo.rewards.math_equiv import DeadlineExceeded, deadline, math_equal, normalize, numeric_value, warm_up
+from mm_gmpo.rewards.math_equiv import (
+    _UNITS,
+    DeadlineExceeded,
+    deadline,
+    math_equal,
+    normalize,
+    numeric_value,
+    warm_up,
+)
 
 TASKS = ("math", "geometry3k", "exact")
 DEFAULT_DEADLINE_S = 1.5
@@ -60,26 +68,59 @@ def _math_accuracy(response: str, ground_truth: str) -> bool:
     return pred is not None and math_equal(pred, _gold_from_solution(ground_truth))
 
 
+_RELATION = re.compile(r"\\(?:cong|sim|parallel|perp|neq?|leq?|geq?|ne|le|ge)(?![A-Za-z])|[=<>]")
+_LATEX_COMMAND = re.compile(r"\\[A-Za-z]+")
+_WORD = re.compile(r"(?<![A-Za-z])[A-Za-z]{2,}(?![A-Za-z])")
+_ASSIGNMENT = re.compile(r"[^=<>]*?=([^=<>]+)")
+
+
+def is_statement(answer: str) -> bool:
+    """A non-numeric statement ("\\angle 1 \\cong \\angle 3", "x < 60", "A D and B E"): a relation, or words.
+
+    math-verify reduces such text to whatever number or expression it can find in it, so two different statements
+    that mention the same number compare equal; statements are therefore compared as text.
+    """
+    text = _UNITS.sub("", answer.strip().rstrip("."))  # "12 cm", "60 degrees" are numbers with units
+    return bool(_RELATION.search(text) or _WORD.search(_LATEX_COMMAND.sub(" ", text)))
+
+
+def _geo_equal(pred: str, gold: str) -> bool:
+    """Answer equality for geometry: a statement gold by its normalised text; otherwise math-verify, where a
+    predicted statement counts only as a plain assignment ("x = 60", "AB = 5\\sqrt{2}": its right-hand side)."""
+    if is_statement(gold):
+        p = normalize(pred)
+        return bool(p) and p == normalize(gold)
+    if is_statement(pred):
+        m = _ASSIGNMENT.fullmatch(pred.strip())
+        if m is None or is_statement(m.group(1)):
+            return False
+        pred = m.group(1)
+    return math_equal(pred, gold)
+
+
 def _geometry_accuracy(
     response: str, ground_truth: str, choices: list[str] | None, choice_values: list[float | str] | None
 ) -> bool:
+    pred = extract_answer(response)
     if not choices:
-        return _math_accuracy(response, ground_truth)
+        return pred is not None and _geo_equal(pred, _gold_from_solution(ground_truth))
     n = len(choices)
     gt = ground_truth.strip()
     if len(gt) == 1 and gt in LETTERS[:n]:
         gold_idx = LETTERS.index(gt)
-    else:
-        matches = [i for i, c in enumerate(choices) if math_equal(gt, c)]
-        if not matches:  # the ground truth is not one of the choices: grade as free-form
-            return _math_accuracy(response, gt)
+    else:  # the gold text names its choice: by text first; by value only when exactly one choice has it
+        gt_norm = normalize(gt)
+        matches = [i for i, c in enumerate(choices) if normalize(c) == gt_norm]
+        if not matches:
+            matches = [i for i, c in enumerate(choices) if _geo_equal(gt, c)]
+            if len({normalize(choices[i]) for i in matches}) != 1:  # none, or ambiguous: grade as free-form
+                return pred is not None and _geo_equal(pred, gt)
         gold_idx = matches[0]
 
     # choices textually identical to the gold one (Inter-GPS has a few duplicated choices) count as gold
     gold_norm = normalize(choices[gold_idx])
     gold_set = {i for i, c in enumerate(choices) if normalize(c) == gold_norm}
 
-    pred = extract_answer(response)
     if pred is None:  # free-text letter only: "the answer is (B)" / bare final letter
         letter = extract_choice_letter(response, n)
         return letter is not None and LETTERS.index(letter) in gold_set
@@ -90,7 +131,7 @@ def _geometry_accuracy(
     pred_norm = normalize(pred)
     named = {i for i, c in enumerate(choices) if normalize(c) == pred_norm}
     if not named:
-        named = {i for i, c in enumerate(choices) if math_equal(pred, c)}
+        named = {i for i, c in enumerate(choices) if _geo_equal(pred, c)}
     if named:
         return named <= gold_set
     value = numeric_value(pred)
