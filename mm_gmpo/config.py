@@ -52,13 +52,30 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = f("synthetic", "geometry3k, math, or synthetic (the built-in shapes task)")
+    dataset: str = f("synthetic", "files (your own data: data.train_files / val_files), geometry3k, math, or "
+                                  "synthetic (the built-in shapes task)")
+    train_files: str = f("", "files: a .jsonl / .json / .parquet file, a folder of them, or a hub dataset id, "
+                             "optionally with @split (hiyouga/geometry3k@train; the hub default is train)")
+    val_files: str = f("", "files: validation data, same forms (e.g. hiyouga/geometry3k@test); needed when "
+                           "trainer.eval_every > 0")
+    prompt_key: str = f("problem", "files: the field holding the prompt text; <image> marks where each image goes "
+                                   "(no placeholder: images first)")
+    answer_key: str = f("answer", "files: the field holding the ground truth (text or a number)")
+    image_key: str = f("images", "files: the field holding the images: one or a list of paths, bytes, "
+                                 "{bytes|path} dicts; missing or [] = text-only")
+    image_dir: str = f("", "files: base folder of relative image paths (empty: the data file's folder)")
+    system_prompt: str = f("", "files: a system prompt (empty: the template's own, if it has one)")
+    task: str = f("math", "files: built-in reward for the rows when algorithm.reward_function is empty: math "
+                          "(math-verify equivalence), geometry3k (answer text), exact (first word)")
+    max_images: int = f(4, "Prompts with more images are dropped (counted, warned); also vLLM's "
+                           "limit_mm_per_prompt")
     train_source: str = f("", "geometry3k: Inter-GPS folder, parquet, or hub name (hiyouga/geometry3k); "
                               "math: a name in data/math, a jsonl/parquet path, or a hub name")
     train_split: str = f("train", "Split of train_source")
     val_source: str = f("", "Validation source (empty: the committed Geometry3K test split / MATH500)")
     val_split: str = f("test", "Split of val_source")
-    template: str = f("think_boxed", "Prompt template in mm_gmpo/templates (think_boxed, qwen_math, plain)")
+    template: str = f("think_boxed", "Prompt template in mm_gmpo/templates (think_boxed, qwen_math, plain: the text "
+                                     "as it is)")
     show_choices: bool = f(False, "Geometry3K: list the choices in the prompt")
     levels: list = field(default_factory=list, metadata={"doc": "MATH levels to keep, e.g. [3, 4, 5]; empty = all"})
     max_prompt_length: int = f(2048, "Prompts longer than this (tokens, images included) are dropped and counted")
@@ -78,6 +95,9 @@ class RolloutConfig:
     tensor_parallel_size: int = f(1, "vLLM: tensor-parallel ranks per engine")
     enforce_eager: bool = f(False, "vLLM: no CUDA graphs / torch.compile (faster start, slower decode)")
     enable_sleep_mode: bool = f(True, "vLLM: sleep (weights to CPU, KV cache freed) while the policy updates")
+    allowed_tokens: list = field(default_factory=list, metadata={
+        "doc": "Restricted sampling: only these words (each one token) may be generated, and the trainer scores the "
+               "same restricted distribution (classification-style tasks; the built-in task uses its 4 colours)"})
 
 
 @dataclass
@@ -93,6 +113,15 @@ class AlgorithmConfig:
     tis_cap: float = f(0.0, "Truncated importance sampling for the sampler/trainer mismatch: weight min(p_trainer / "
                             "p_sampler, cap) per token; 0 = off (2.0 is a common cap)")
     format_weight: float = f(0.1, "Reward = (1 - w) accuracy + w format (EasyR1: 0.1; paper's text setting: 0)")
+    reward_function: str = f("", "Your reward: path/to/file.py:fn or package.module:fn (runs as code: name only "
+                                 "files you trust); empty = the built-in verifier of the data's task")
+    reward_kwargs: dict = field(default_factory=dict, metadata={"doc": "Keyword arguments passed to "
+                                                                        "reward_function on every call"})
+    reward_type: str = f("auto", "reward_function contract: batch (fn(reward_inputs: list[dict]) -> list[dict], "
+                                 "EasyR1), item (fn(response, ground_truth, **kwargs) -> float | dict), or auto "
+                                 "(batch when fn takes one positional argument)")
+    reward_timeout_s: float = f(10.0, "reward_function: seconds per item before it scores 0 (a batch call gets "
+                                      "this times its size)")
 
 
 @dataclass
@@ -156,7 +185,9 @@ CHOICES = {
     "model.attn_implementation": ("auto", "sdpa", "flash_attention_2", "eager"),
     "model.layout": ("auto", "packed", "padded"),
     "model.vision_attention": ("auto", "transformers", "grouped"),
-    "data.dataset": ("geometry3k", "math", "synthetic"),
+    "data.dataset": ("files", "geometry3k", "math", "synthetic"),
+    "data.task": ("math", "geometry3k", "exact"),
+    "algorithm.reward_type": ("auto", "batch", "item"),
     "data.on_bad_sample": ("error", "skip"),
     "rollout.backend": ("hf", "vllm"),
     "algorithm.objective": ("gmpo", "grpo"),
@@ -195,6 +226,9 @@ def _coerce(value: Any, tp: Any, key: str, origin: str) -> Any:
             return str(value)
     elif tp is list or typing.get_origin(tp) is list:
         if isinstance(value, list):
+            return value
+    elif tp is dict:
+        if isinstance(value, dict):
             return value
     else:
         return value
@@ -328,6 +362,20 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if a.tis_cap < 0 or 0 < a.tis_cap < 1:
         raise ConfigError(f"algorithm.tis_cap = {a.tis_cap}: 0 turns truncated importance sampling off; otherwise it "
                           "is the largest token weight and must be >= 1 (e.g. 2.0)")
+    d = cfg.data
+    if d.dataset == "files" and not d.train_files:
+        raise ConfigError("data.dataset=files needs data.train_files: a .jsonl/.json/.parquet file, a folder of "
+                          "them, or a hub id such as hiyouga/geometry3k@train")
+    if d.dataset == "files" and t.eval_every and not d.val_files:
+        raise ConfigError("data.dataset=files with trainer.eval_every > 0 needs data.val_files; set it, or "
+                          "trainer.eval_every=0")
+    if d.max_images < 0:
+        raise ConfigError(f"data.max_images = {d.max_images}: must be >= 0 (0 = text-only prompts)")
+    if a.reward_function and ":" not in a.reward_function:
+        raise ConfigError(f"algorithm.reward_function = {a.reward_function!r}: expected path/to/file.py:function "
+                          "or package.module:function")
+    if a.reward_timeout_s <= 0:
+        raise ConfigError(f"algorithm.reward_timeout_s = {a.reward_timeout_s}: must be > 0")
     if r.backend == "vllm" and world_size % r.tensor_parallel_size:
         raise ConfigError(f"rollout.tensor_parallel_size ({r.tensor_parallel_size}) must divide the number of "
                           f"ranks ({world_size})")

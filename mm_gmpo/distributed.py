@@ -95,6 +95,15 @@ def all_reduce_mean_metrics(metrics: dict[str, float], device: torch.device | No
     return out
 
 
+def union_keys(keys: list[str]) -> list[str]:
+    """The sorted union of every rank's ``keys`` (metric names that only some ranks produced)."""
+    if not dist.is_initialized():
+        return sorted(set(keys))
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, sorted(set(keys)))
+    return sorted({k for ks in gathered for k in ks})
+
+
 def broadcast_object(obj, src: int = 0):
     if not dist.is_initialized():
         return obj
@@ -177,6 +186,9 @@ def parallelize(
     visual = getattr(model.model, "visual", None)
     if visual is not None:
         fully_shard(visual, reshard_after_forward=reshard_after_forward, **kw)
+        # every rank must all-gather (and reduce-scatter) the vision shards in every micro-batch, also when its
+        # micro-batch holds only text-only prompts: the policy then runs the tower on a blank patch, weighted 0
+        policy.always_run_vision = True
     for layer in _decoder_layers(model):
         fully_shard(layer, reshard_after_forward=reshard_after_forward, **kw)
     fully_shard(policy, reshard_after_forward=reshard_after_forward, **kw)

@@ -11,7 +11,7 @@ under activation checkpointing, so (tokens x 152k vocab) fp32 logits never exist
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -114,11 +114,13 @@ def collate(
     pad_id: int,
     pixel_values: list[torch.Tensor | None] | None = None,
     image_grid_thw: list[torch.Tensor | None] | None = None,
+    image_ids: list[Sequence[Hashable]] | None = None,
 ) -> PolicyBatch:
     """Build a PolicyBatch: prompts left-padded, responses right-padded; per-sample vision inputs concatenated.
 
-    Samples that pass the same ``pixel_values`` tensor object (the n samples of one prompt) share image keys, so a
-    forward computes their vision features once.
+    Images with the same key are computed once per forward. ``image_ids`` gives one id per image of each sample
+    (``EncodedPrompt.image_keys``, content hashes: the same picture in two prompts, or twice in one, is one pass);
+    without it, samples that pass the same ``pixel_values`` tensor object (the n samples of one prompt) share keys.
     """
     B = len(prompt_ids)
     if len(response_ids) != B:
@@ -144,12 +146,19 @@ def collate(
         grids = [g for g in image_grid_thw if g is not None]
         pv = torch.cat(pvs) if pvs else None
         grid = torch.cat(grids) if grids else None
-        first_image: dict[int, int] = {}  # id(sample's pixel tensor) -> key of its first image
-        for x, n in zip(pixel_values, per, strict=True):
-            if x is None or n == 0:
-                continue
-            base = first_image.setdefault(id(x), len(keys))
-            keys.extend(range(base, base + n))
+        if image_ids is not None:
+            if [len(x) for x in image_ids] != per:
+                raise ValueError(f"image_ids give {[len(x) for x in image_ids]} ids per sample, image_grid_thw "
+                                 f"{per} images")
+            key_of: dict[Hashable, int] = {}
+            keys = [key_of.setdefault(k, len(key_of)) for ids in image_ids for k in ids]
+        else:
+            first_image: dict[int, int] = {}  # id(sample's pixel tensor) -> key of its first image
+            for x, n in zip(pixel_values, per, strict=True):
+                if x is None or n == 0:
+                    continue
+                base = first_image.setdefault(id(x), len(keys))
+                keys.extend(range(base, base + n))
     return PolicyBatch(input_ids, attn, resp_mask, pv, grid, per, keys)
 
 
@@ -415,6 +424,7 @@ class Policy(nn.Module):
         self.chunk_size = chunk_size
         self.packed = packed
         self.vision_patches = 0  # patches the vision tower has encoded (a running count, for FLOP accounting)
+        self.always_run_vision = False  # FSDP: run the vision tower even without images (set by parallelize)
         if packed:
             from mm_gmpo.attention import use_packed_text_attention
 
@@ -466,10 +476,23 @@ class Policy(nn.Module):
         per_distinct = torch.split(feats, [(starts[j + 1] - starts[j]) // merge for j in distinct])
         return torch.cat([per_distinct[slot[k]] for k in keys])
 
+    def blank_vision_features(self) -> torch.Tensor:
+        """The vision tower on one blank merged patch: text-only micro-batches under FSDP use it (weighted 0), so
+        that every rank takes part in the vision shards' all-gather and gradient reduce-scatter."""
+        visual = self.model.model.visual
+        pe, merge = visual.patch_embed, visual.spatial_merge_size
+        dim = pe.in_channels * pe.temporal_patch_size * pe.patch_size ** 2
+        device = self.model.model.get_input_embeddings().weight.device
+        grid = torch.tensor([[1, merge, merge]], device=device)
+        out = visual(torch.zeros(merge * merge, dim, device=device, dtype=visual.dtype), grid_thw=grid)
+        return getattr(out, "pooler_output", out)
+
     def input_embeds(self, ids: torch.Tensor, batch: PolicyBatch) -> torch.Tensor:
         """Token embeddings of ``ids`` with each image's placeholder tokens replaced by its vision features."""
         embeds = self.model.model.get_input_embeddings()(ids)
         if batch.pixel_values is None:
+            if self.always_run_vision and self.is_vlm:
+                embeds = embeds + 0.0 * self.blank_vision_features().sum().to(embeds.dtype)
             return embeds
         feats = self.image_features(batch).to(embeds.device, embeds.dtype)
         mask = (ids == self.image_token_id)[..., None].expand_as(embeds)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from mm_gmpo.checkpoint import TrainerState, export_hf, latest_checkpoint, load_
 from mm_gmpo.config import Config, ConfigError, dump_yaml, to_dict, validate
 from mm_gmpo.data.processing import EncodedPrompt, encode_prompts, load_processor
 from mm_gmpo.data.prompts import Prompt
+from mm_gmpo.data.synthetic import COLORS, single_token_ids
 from mm_gmpo.logger import MetricsLogger, plot_training
 from mm_gmpo.loss import get_policy_loss, truncated_is_weights
 from mm_gmpo.policy import (
@@ -42,6 +44,7 @@ from mm_gmpo.policy import (
 )
 from mm_gmpo.profiling import profiled, write_profile
 from mm_gmpo.rewards import score_batch
+from mm_gmpo.rewards.custom import RewardFunction, probe, resolve_spec
 from mm_gmpo.rollout.base import Rollout, SamplingParams
 from mm_gmpo.update import (
     UpdateBatch,
@@ -108,23 +111,53 @@ class PromptSampler:
 
 
 def load_prompts(cfg: Config, split: str) -> list[Prompt]:
-    """Train or validation prompts for the configured dataset."""
+    """Train or validation prompts for the configured dataset; prompts with more than data.max_images images are
+    dropped with a counted warning."""
     d = cfg.data
+    if d.dataset == "files":
+        from mm_gmpo.data.files import Columns, load_file_prompts
+
+        return load_file_prompts(d.train_files if split == "train" else d.val_files,
+                                 columns=Columns(d.prompt_key, d.answer_key, d.image_key),
+                                 image_dir=d.image_dir or None, template=d.template,
+                                 system_prompt=d.system_prompt or None, task=d.task, max_images=d.max_images,
+                                 on_bad_sample=d.on_bad_sample, default_split="train" if split == "train" else "test")
     if d.dataset == "synthetic":
         from mm_gmpo.data.synthetic import synthetic_prompts
 
-        return synthetic_prompts(512 if split == "train" else 64, seed=cfg.trainer.seed, split=split)
-    source = d.train_source if split == "train" else d.val_source
-    which = d.train_split if split == "train" else d.val_split
-    if d.dataset == "geometry3k":
+        prompts = synthetic_prompts(512 if split == "train" else 64, seed=cfg.trainer.seed, split=split)
+    elif d.dataset == "geometry3k":
         from mm_gmpo.data.geometry3k import geometry3k_prompts, load_geometry3k
 
+        source = d.train_source if split == "train" else d.val_source
+        which = d.train_split if split == "train" else d.val_split
         ds = load_geometry3k(source, which, on_bad_sample=d.on_bad_sample) if source else load_geometry3k(split=which)
-        return list(geometry3k_prompts(ds, template=d.template, show_choices=d.show_choices))
-    from mm_gmpo.data.text_math import load_text_math, text_math_prompts
+        prompts = list(geometry3k_prompts(ds, template=d.template, show_choices=d.show_choices))
+    else:
+        from mm_gmpo.data.text_math import load_text_math, text_math_prompts
 
-    ds = load_text_math(source or "math500", split=which, levels=d.levels or None, on_bad_sample=d.on_bad_sample)
-    return list(text_math_prompts(ds, template=d.template))
+        source = d.train_source if split == "train" else d.val_source
+        which = d.train_split if split == "train" else d.val_split
+        ds = load_text_math(source or "math500", split=which, levels=d.levels or None, on_bad_sample=d.on_bad_sample)
+        prompts = list(text_math_prompts(ds, template=d.template))
+    kept = [p for p in prompts if p.n_images <= d.max_images]
+    if len(kept) < len(prompts):
+        warnings.warn(f"{d.dataset} [{split}]: dropped {len(prompts) - len(kept)} prompt(s) with more than "
+                      f"data.max_images={d.max_images} images", stacklevel=2)
+    if not kept:
+        raise ConfigError(f"data.max_images={d.max_images} drops every {split} prompt; raise it")
+    return kept
+
+
+def reward_function(cfg: Config, probe_ground_truth: str) -> RewardFunction | None:
+    """The configured user reward function, loaded and called once on one sample, or None (built-in verifiers).
+    Every mistake in it stops the run here, before the first rollout, with a message naming file and function."""
+    a = cfg.algorithm
+    if not a.reward_function:
+        return None
+    rf = RewardFunction(resolve_spec(a.reward_function), dict(a.reward_kwargs), a.reward_type, a.reward_timeout_s)
+    probe(rf, probe_ground_truth)
+    return rf
 
 
 def _build(cfg: Config, dtype: torch.dtype, seed: int, device: torch.device | None = None):
@@ -150,7 +183,8 @@ def _make_engine(cfg: Config, processor, device: torch.device):
                           tensor_parallel_size=r.tensor_parallel_size, enforce_eager=r.enforce_eager,
                           enable_sleep_mode=r.enable_sleep_mode, load_format="dummy", seed=cfg.trainer.seed,
                           max_model_len=cfg.data.max_prompt_length + r.max_tokens,
-                          min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
+                          min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels,
+                          max_images_per_prompt=cfg.data.max_images)
     from mm_gmpo.rollout.hf import HFEngine
 
     dtype = torch.bfloat16 if cfg.model.dtype == "bf16" else torch.float32
@@ -166,7 +200,8 @@ def rollout_stage(engine, prompts: list[EncodedPrompt], sampling: SamplingParams
     rollouts = engine.generate(prompts, sampling)
     batch = collate([r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts], pad_id=pad_id,
                     pixel_values=[prompts[r.prompt_index].pixel_values for r in rollouts],
-                    image_grid_thw=[prompts[r.prompt_index].image_grid_thw for r in rollouts])
+                    image_grid_thw=[prompts[r.prompt_index].image_grid_thw for r in rollouts],
+                    image_ids=[prompts[r.prompt_index].image_keys for r in rollouts])
     sampler_lp = torch.zeros(batch.response_mask.shape)
     for i, r in enumerate(rollouts):
         if r.logprobs:
@@ -174,19 +209,22 @@ def rollout_stage(engine, prompts: list[EncodedPrompt], sampling: SamplingParams
     return rollouts, batch, sampler_lp
 
 
-def reward_stage(prompts: list[EncodedPrompt], rollouts: list[Rollout], cfg: Config) -> tuple[torch.Tensor, dict]:
+def reward_stage(prompts: list[EncodedPrompt], rollouts: list[Rollout], cfg: Config,
+                 rf: RewardFunction | None) -> tuple[torch.Tensor, dict]:
     ps = [prompts[r.prompt_index].prompt for r in rollouts]
     scores, metrics = score_batch([r.text for r in rollouts], [p.ground_truth for p in ps], task=[p.task for p in ps],
                                   choices=[p.choices for p in ps], choice_values=[p.choice_values for p in ps],
-                                  format_weight=cfg.algorithm.format_weight, workers=cfg.trainer.reward_workers)
+                                  format_weight=cfg.algorithm.format_weight, workers=cfg.trainer.reward_workers,
+                                  reward_function=rf, response_lengths=[len(r.response_ids) for r in rollouts])
     return torch.tensor([s["overall"] for s in scores]), metrics
 
 
-def eval_stage(engine, prompts: list[EncodedPrompt], cfg: Config, sampling: SamplingParams, device) -> tuple[dict, list]:
+def eval_stage(engine, prompts: list[EncodedPrompt], cfg: Config, sampling: SamplingParams, device,
+               rf: RewardFunction | None) -> tuple[dict, list]:
     """Greedy answers to this rank's share of the validation prompts; global means and a few sample records."""
     if prompts:
         rollouts = engine.generate(prompts, sampling)
-        rewards, m = reward_stage(prompts, rollouts, cfg)
+        rewards, m = reward_stage(prompts, rollouts, cfg, rf)
         sums = [float(rewards.sum()), m["reward/accuracy"] * len(rollouts), float(sum(len(x.response_ids)
                                                                                        for x in rollouts)),
                 float(len(rollouts))]
@@ -229,6 +267,7 @@ def train(cfg: Config) -> dict[str, float]:
     processor = load_processor(cfg.model.processor or (ASSETS if is_random_model(cfg.model.path) else cfg.model.path))
     tokenizer = getattr(processor, "tokenizer", processor)
     train_prompts = load_prompts(cfg, "train")
+    rf = reward_function(cfg, train_prompts[0].ground_truth)  # a user reward: loaded and probed before any model
     sampler = PromptSampler(len(train_prompts), seed=t.seed)
     total_steps = t.total_steps or max(1, t.epochs * len(train_prompts) // t.rollout_batch_size)
     val_encoded: list[EncodedPrompt] = []
@@ -237,11 +276,13 @@ def train(cfg: Config) -> dict[str, float]:
         val = val[info.rank::info.world_size]  # each rank answers its share
         val_encoded, _ = encode_prompts(val, processor, max_prompt_length=cfg.data.max_prompt_length,
                                         min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
-    allowed = None
-    if cfg.data.dataset == "synthetic":
-        from mm_gmpo.data.synthetic import answer_token_ids
-
-        allowed = tuple(answer_token_ids(tokenizer))
+    allowed = None  # restricted sampling: the built-in task's four colour words, or rollout.allowed_tokens
+    words = list(r.allowed_tokens) or (list(COLORS) if cfg.data.dataset == "synthetic" else [])
+    if words:
+        try:
+            allowed = tuple(single_token_ids(tokenizer, words))
+        except ValueError as e:
+            raise ConfigError(f"rollout.allowed_tokens: {e}") from None
 
     # policy (FSDP2), optimizer, engine
     compute_dtype = torch.bfloat16 if cfg.model.dtype == "bf16" else None
@@ -316,7 +357,7 @@ def train(cfg: Config) -> dict[str, float]:
 
         # 3. rewards, 4. group advantages
         t0 = time.perf_counter()
-        rewards, reward_metrics = reward_stage(encoded, rollouts, cfg)
+        rewards, reward_metrics = reward_stage(encoded, rollouts, cfg, rf)
         advantages, adv_metrics = group_advantages(rewards, r.n, normalize_std=a.normalize_std, eps=a.adv_eps)
         timings["timing/reward_s"] = time.perf_counter() - t0
 
@@ -356,7 +397,7 @@ def train(cfg: Config) -> dict[str, float]:
         eval_metrics: dict[str, float] = {}
         if t.eval_every and (step % t.eval_every == 0 or step == total_steps):
             t0 = time.perf_counter()
-            eval_metrics, samples = eval_stage(engine, val_encoded, cfg, greedy, info.device)
+            eval_metrics, samples = eval_stage(engine, val_encoded, cfg, greedy, info.device, rf)
             eval_metrics["timing/eval_s"] = time.perf_counter() - t0
             log.samples(step, samples)
         timings["timing/step_s"] = time.perf_counter() - t_step
@@ -369,14 +410,19 @@ def train(cfg: Config) -> dict[str, float]:
             flops = training_flops(policy, tokens, patches)
             perf["perf/mfu"] = flops / timings["timing/update_s"] / (peak * info.world_size)
         resp_len = batch.response_mask.sum(-1)
+        counts = ("reward/errors", "reward/killed_for_time")  # summed over ranks; other reward/* keys averaged
+        reward_keys = distributed.union_keys([k for k in reward_metrics if k.startswith("reward/")
+                                              and k not in counts and k != "reward/overall"])
+        reward_counts = dict(zip(counts, distributed.all_reduce_sum([reward_metrics.get(k, 0.0) for k in counts],
+                                                                    info.device), strict=True))
         local = {
-            **adv_metrics, "reward/accuracy": reward_metrics["reward/accuracy"],
-            "reward/format": reward_metrics["reward/format"],
+            **adv_metrics, **{k: reward_metrics.get(k, 0.0) for k in reward_keys},
             "rollout/response_len_mean": resp_len.mean().item(),
             "rollout/truncated_frac": sum(x.finish_reason == "length" for x in rollouts) / len(rollouts),
             **mismatch_metrics(sampler_lp, old_lp, batch.response_mask), **tis_metrics, **data_metrics,
         }
-        metrics = {**distributed.all_reduce_mean_metrics(local, info.device), **update_metrics, **sync_metrics,
+        metrics = {**distributed.all_reduce_mean_metrics(local, info.device), **reward_counts, **update_metrics,
+                   **sync_metrics,
                    **timings, **perf, **eval_metrics, "train/epoch": float(sampler.epoch)}
         log.log(step, metrics)
         last = metrics

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from mm_gmpo.config import ConfigError, load_config, validate
+from mm_gmpo.data.prompts import DataError
 from mm_gmpo.trainer import train
 
 DEFAULT = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
@@ -31,7 +32,11 @@ def main() -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    train(cfg)
+    try:
+        train(cfg)
+    except (ConfigError, DataError) as e:  # the user's config, data or reward function: one line, no traceback
+        print(f"{'data' if isinstance(e, DataError) else 'config'} error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -339,7 +339,7 @@ def test_every_inter_gps_statement_choice_scores_only_itself():
             choices = list(row["choices"])
             if not any(is_statement(c) for c in choices):
                 continue
-            for i, c in enumerate(choices):
+            for c in choices:
                 for j, gold in enumerate(choices):
                     same = c.strip() == gold.strip()
                     r = f"\\boxed{{{c}}}"

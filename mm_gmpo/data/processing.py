@@ -12,8 +12,9 @@ DataError naming the prompt.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,8 @@ class EncodedPrompt:
     images: the images after resizing, exactly as the model sees them.
     input_ids: prompt token ids, image placeholders expanded to one ``<|image_pad|>`` per merged patch.
     pixel_values / image_grid_thw: vision inputs (None for text-only prompts).
+    image_keys: a content hash per resized image: the same picture in two prompts has the same key, so a forward
+        runs the vision tower on it once (``collate(image_ids=...)``).
     """
 
     prompt: Prompt
@@ -46,6 +49,7 @@ class EncodedPrompt:
     input_ids: list[int]
     pixel_values: torch.Tensor | None
     image_grid_thw: torch.Tensor | None
+    image_keys: list[str] = field(default_factory=list)
 
     @property
     def n_image_tokens(self) -> int:
@@ -122,15 +126,37 @@ def encode_prompt(
     ids = out["input_ids"][0]
     grid = out["image_grid_thw"]
     merge = getattr(processor.image_processor, "merge_size", 2)
-    expected = int(grid.prod(-1).sum()) // (merge * merge)
     pad_id = tok.convert_tokens_to_ids("<|image_pad|>")
-    found = int((ids == pad_id).sum())
+    expected = [int(g.prod()) // (merge * merge) for g in grid]
+    found = _pad_runs(ids.tolist(), pad_id)
     if found != expected or grid.shape[0] != len(images):
         raise DataError(
-            f"prompt {prompt.id}: {found} image tokens in the text but the vision encoder will produce {expected} "
-            f"features for {grid.shape[0]} image(s); check that the chat template and the images agree"
+            f"prompt {prompt.id}: image token counts {found} in the text, but the vision encoder will produce "
+            f"{expected} features for {grid.shape[0]} image(s); check that the chat template and the images agree"
         )
-    return EncodedPrompt(prompt, text, images, ids.tolist(), out["pixel_values"], grid)
+    keys = [image_key(im) for im in images]
+    return EncodedPrompt(prompt, text, images, ids.tolist(), out["pixel_values"], grid, keys)
+
+
+def image_key(image: Image.Image) -> str:
+    """A content hash of a (resized) image: equal keys mean the vision tower sees the same input."""
+    h = hashlib.blake2b(image.tobytes(), digest_size=16)
+    h.update(f"{image.mode}{image.size}".encode())
+    return h.hexdigest()
+
+
+def _pad_runs(ids: list[int], pad_id: int) -> list[int]:
+    """Lengths of the runs of ``pad_id`` in ``ids``: one run per image, in order."""
+    runs: list[int] = []
+    prev = None
+    for t in ids:
+        if t == pad_id:
+            if prev == pad_id:
+                runs[-1] += 1
+            else:
+                runs.append(1)
+        prev = t
+    return runs
 
 
 def encode_prompts(

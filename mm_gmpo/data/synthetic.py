@@ -52,7 +52,13 @@ def synthetic_prompts(n: int, seed: int = 0, split: str = "train") -> list[Promp
 
 def answer_token_ids(tokenizer) -> list[int]:
     """Token ids of the four answers (each a single token in the Qwen2 vocabulary)."""
-    ids = [tokenizer.encode(c, add_special_tokens=False) for c in COLORS]
-    if any(len(x) != 1 for x in ids):
-        raise ValueError(f"the synthetic task needs single-token colour words; this tokenizer gives {ids}")
+    return single_token_ids(tokenizer, list(COLORS))
+
+
+def single_token_ids(tokenizer, words: list[str]) -> list[int]:
+    """The token id of each word; every word must be one token (restricted sampling, ``rollout.allowed_tokens``)."""
+    ids = [tokenizer.encode(w, add_special_tokens=False) for w in words]
+    bad = [(w, x) for w, x in zip(words, ids, strict=True) if len(x) != 1]
+    if bad:
+        raise ValueError(f"restricted sampling needs single-token words; this tokenizer splits {bad}")
     return [x[0] for x in ids]

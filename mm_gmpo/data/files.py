@@ -1,0 +1,318 @@
+"""Any dataset as typed :class:`Prompt` objects: local ``.jsonl`` / ``.json`` / ``.parquet`` files, folders of them,
+or a hub dataset id, with an optional ``@split`` suffix (EasyR1's convention: ``hiyouga/geometry3k@train``).
+
+Rows are read as they are; a column mapping says which field is which:
+
+    prompt_key (problem)   the user text; ``<image>`` marks where each image goes (else all images come first)
+    answer_key (answer)    the ground truth handed to the reward (a string or a number)
+    image_key  (images)    one image or a list: a path (relative paths from ``image_dir``, else the data file's
+                           folder), bytes, a ``{"bytes": ..}`` / ``{"path": ..}`` dict (HF Image feature) or a PIL
+                           image; missing, null or [] means a text-only prompt
+
+Every image is decoded in full when the data is loaded, so a broken file is a :class:`DataError` naming the file,
+row and field now, not an exception in the middle of a training step. With ``on_bad_sample="skip"`` bad rows are
+dropped, counted and reported once.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from mm_gmpo.data.prompts import DataError, OnBadSample, Prompt, SkipReport, render_question
+from mm_gmpo.data.prompts import system_prompt as template_system_prompt
+
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+IMAGE_PLACEHOLDER = "<image>"
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Which field of a row is which (EasyR1's defaults)."""
+
+    prompt_key: str = "problem"
+    answer_key: str = "answer"
+    image_key: str = "images"
+
+
+def parse_source(spec: str, default_split: str = "train") -> tuple[str, str | None]:
+    """``'path/or/hub-id@split'`` -> (source, split). No suffix: split None for local files, ``default_split`` for
+    the hub. A local path that exists is never split at '@' (folder names may contain one)."""
+    spec = spec.strip()
+    if Path(spec).exists():
+        return spec, None
+    if "@" in spec:
+        source, split = spec.rsplit("@", 1)
+        return source, split or None
+    return spec, None if _looks_local(spec) else default_split
+
+
+def _looks_local(spec: str) -> bool:
+    return spec.startswith((".", "/", "~")) or spec.endswith(DATA_SUFFIXES) or spec.count("/") != 1
+
+
+def _files_of(folder: Path, split: str | None) -> list[Path]:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in DATA_SUFFIXES)
+    if split is not None:  # HF layouts: data/train-00000-of-00001.parquet, or <split>/*.parquet
+        files = [p for p in files if p.name.startswith(split) or split in p.relative_to(folder).parts[:-1]]
+    if not files:
+        which = f" for split {split!r}" if split else ""
+        raise DataError(f"{folder}: no {'/'.join(DATA_SUFFIXES)} files{which}")
+    return files
+
+
+def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e}); save it as UTF-8") from None
+    if path.suffix == ".jsonl":
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{path} line {n}", json.loads(line)
+            except json.JSONDecodeError as e:
+                yield f"{path} line {n}", DataError(f"{path} line {n}: not valid JSON ({e.msg} at column {e.colno})")
+        return
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if isinstance(data, dict):  # {"data": [...]} / {"train": [...]}: the one list inside
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise DataError(f"{path}: expected a list of rows (or an object holding exactly one list)")
+        data = lists[0]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a list of rows, got {type(data).__name__}")
+    for i, row in enumerate(data):
+        yield f"{path} row {i}", row
+
+
+def _undecoded_images(ds):
+    """Cast image columns to ``decode=False`` so rows carry bytes/paths that are checked here, not PIL objects
+    decoded lazily (and failing) later."""
+    from datasets import Image as ImageFeature
+    from datasets import List
+
+    for name, feat in ds.features.items():
+        if isinstance(feat, ImageFeature):
+            ds = ds.cast_column(name, ImageFeature(decode=False))
+        elif isinstance(getattr(feat, "feature", None), ImageFeature):
+            ds = ds.cast_column(name, List(ImageFeature(decode=False)))
+    return ds
+
+
+def _table_rows(ds, label: str) -> Iterator[tuple[str, Any]]:
+    for i, row in enumerate(_undecoded_images(ds)):
+        yield f"{label} row {i}", row
+
+
+def read_rows(spec: str, default_split: str = "train") -> tuple[Iterator[tuple[str, Any]], Path | None]:
+    """Rows of a data source as ``(where, row)`` pairs (``where`` names the file and row for messages), and the
+    folder relative image paths are resolved from (None for the hub)."""
+    import datasets
+
+    source, split = parse_source(spec, default_split)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        files = _files_of(path, split)
+        return _chain(files), path
+    if path.is_file():
+        if path.suffix not in DATA_SUFFIXES:
+            raise DataError(f"{path}: unsupported file type; use {', '.join(DATA_SUFFIXES)}, or a folder of them")
+        return _chain([path]), path.parent
+    if _looks_local(source):
+        raise DataError(f"{source}: no such file or folder (data files are .jsonl, .json or .parquet)")
+    try:
+        ds = datasets.load_dataset(source, split=split)
+    except Exception as e:  # network, unknown name, unknown split: say which
+        raise DataError(f"{source}@{split}: cannot load this hub dataset ({type(e).__name__}: {e})") from None
+    return _table_rows(ds, f"{source}@{split}"), None
+
+
+def _chain(files: list[Path]) -> Iterator[tuple[str, Any]]:
+    import datasets
+
+    for f in files:
+        if f.suffix == ".parquet":
+            try:
+                ds = datasets.load_dataset("parquet", data_files=str(f), split="train")
+            except Exception as e:
+                raise DataError(f"{f}: not a readable parquet file ({type(e).__name__}: {e})") from None
+            yield from _table_rows(ds, str(f))
+        else:
+            yield from _json_rows(f)
+
+
+# ---------------------------------------------------------------- images
+
+
+def open_image(entry: Any, where: str, field: str, base_dir: Path | None) -> Image.Image:
+    """One image entry (path, bytes, {"bytes"|"path"} dict or PIL image) decoded in full, as RGB."""
+    if isinstance(entry, Image.Image):
+        try:
+            entry.load()
+            return entry.convert("RGB")
+        except (OSError, ValueError) as e:
+            raise DataError(f"{where}: field '{field}' holds an image that cannot be decoded ({e})") from None
+    data: bytes | None = None
+    path: str | None = None
+    if isinstance(entry, bytes | bytearray):
+        data = bytes(entry)
+    elif isinstance(entry, dict):
+        data, path = entry.get("bytes"), entry.get("path")
+        if data is None and not path:
+            raise DataError(f"{where}: field '{field}' is a dict without 'bytes' or 'path'")
+    elif isinstance(entry, str):
+        path = entry
+    else:
+        raise DataError(f"{where}: field '{field}' holds a {type(entry).__name__}; an image is a path, bytes, a "
+                        "{'bytes': ..} / {'path': ..} dict or a PIL image")
+    if data is None:
+        assert path is not None
+        p = Path(path).expanduser()
+        if not p.is_absolute() and base_dir is not None:
+            p = base_dir / p
+        if not p.exists():
+            hint = " (relative paths start at data.image_dir, else at the data file's folder)"
+            raise DataError(f"{where}: field '{field}': image file {p} not found{hint}")
+        if not p.is_file():
+            raise DataError(f"{where}: field '{field}': {p} is not a regular file")
+        data = p.read_bytes()
+        name = str(p)
+    else:
+        name = "the image bytes"
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()  # decode everything now: a truncated file with a valid header fails here, not mid-training
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"{where}: field '{field}': {name} is not a readable image ({e}); replace it or use "
+                        "data.on_bad_sample=skip") from None
+
+
+def _image_entries(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    if isinstance(value, list | tuple):
+        return list(value)
+    return [value]
+
+
+def interleave(text: str, n_images: int, where: str) -> list[dict[str, Any]]:
+    """User content for ``text`` with an image at each ``<image>`` placeholder (all images first if it has none)."""
+    parts = text.split(IMAGE_PLACEHOLDER)
+    if len(parts) == 1:
+        return [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": text}]
+    if len(parts) - 1 != n_images:
+        raise DataError(f"{where}: the prompt has {len(parts) - 1} {IMAGE_PLACEHOLDER} placeholder(s) but "
+                        f"{n_images} image(s); use one placeholder per image, or none (images then go first)")
+    content: list[dict[str, Any]] = []
+    for k, part in enumerate(parts):
+        if k:
+            content.append({"type": "image"})
+        if part.strip():
+            content.append({"type": "text", "text": part})
+    return content
+
+
+# ---------------------------------------------------------------- rows -> prompts
+
+
+def _row_prompt(where: str, row: Any, index: int, *, cols: Columns, base_dir: Path | None, template: str,
+                system_prompt: str | None, task: str, name: str) -> Prompt:
+    if isinstance(row, DataError):
+        raise row
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: a row must be a JSON object with '{cols.prompt_key}' and '{cols.answer_key}', "
+                        f"got {type(row).__name__}")
+    problem = row.get(cols.prompt_key)
+    if problem is None:
+        keys = ", ".join(sorted(map(str, row))[:8])
+        raise DataError(f"{where}: field '{cols.prompt_key}' missing (row keys: {keys}); set data.prompt_key to "
+                        "the field that holds the prompt")
+    if not isinstance(problem, str) or not problem.strip():
+        raise DataError(f"{where}: field '{cols.prompt_key}' must be non-empty text, got {problem!r:.60}")
+    answer = row.get(cols.answer_key)
+    if answer is None:
+        raise DataError(f"{where}: field '{cols.answer_key}' missing; set data.answer_key to the ground-truth field")
+    if isinstance(answer, bool) or not isinstance(answer, str | int | float) or not str(answer).strip():
+        raise DataError(f"{where}: field '{cols.answer_key}' must be non-empty text or a number, got {answer!r:.60}")
+    images = [open_image(e, where, cols.image_key, base_dir) for e in _image_entries(row.get(cols.image_key))]
+    for tok in ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>"):
+        if tok in problem:
+            raise DataError(f"{where}: field '{cols.prompt_key}' contains the special token {tok}; mark images with "
+                            f"{IMAGE_PLACEHOLDER}")
+    rendered = render_question(template, problem)
+    content = interleave(rendered, len(images), where)
+    system = template_system_prompt(template) if system_prompt is None else system_prompt
+    messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": content if images else rendered})
+    row_id = row.get("id")
+    return Prompt(
+        id=f"{name}/{row_id if isinstance(row_id, str | int) else index}", task=task, messages=messages,
+        images=images, ground_truth=str(answer).strip(), metadata={"source": where},
+    )
+
+
+def load_file_prompts(
+    spec: str,
+    *,
+    columns: Columns = Columns(),
+    image_dir: str | Path | None = None,
+    template: str = "plain",
+    system_prompt: str | None = None,
+    task: str = "math",
+    max_images: int | None = None,
+    on_bad_sample: OnBadSample = "error",
+    default_split: str = "train",
+) -> list[Prompt]:
+    """Prompts from a data file, folder or hub dataset (see the module docstring).
+
+    Args:
+        spec: ``path`` or ``hub/id``, optionally ``@split`` (hub default: ``default_split``).
+        image_dir: base folder of relative image paths (default: the data file's folder).
+        template: a template in ``mm_gmpo/templates`` applied to the prompt text ('plain' leaves it as it is).
+        system_prompt: None = the template's own (if any); '' = none; otherwise this text.
+        task: the built-in reward task of these rows (math, geometry3k or exact).
+        max_images: rows with more images are dropped, counted and reported once (None: no limit).
+        on_bad_sample: 'error' raises a DataError naming the file, row and field; 'skip' drops, counts, warns.
+    """
+    import warnings
+
+    rows, data_dir = read_rows(spec, default_split)
+    base = Path(image_dir).expanduser() if image_dir else data_dir
+    source, _ = parse_source(spec, default_split)
+    name = re.sub(r"[^\w.-]+", "_", Path(source).stem if Path(source).suffix in DATA_SUFFIXES else source).strip("_")
+    report = SkipReport()
+    prompts: list[Prompt] = []
+    too_many = 0
+    for i, (where, row) in enumerate(rows):
+        try:
+            p = _row_prompt(where, row, i, cols=columns, base_dir=base, template=template,
+                            system_prompt=system_prompt, task=task, name=name)
+        except DataError as e:
+            if on_bad_sample == "error":
+                raise
+            report.add(where, str(e))
+            continue
+        if max_images is not None and p.n_images > max_images:
+            too_many += 1
+            continue
+        prompts.append(p)
+    report.warn(spec)
+    if too_many:
+        warnings.warn(f"{spec}: dropped {too_many} prompt(s) with more than data.max_images={max_images} images",
+                      stacklevel=2)
+    if not prompts:
+        raise DataError(f"{spec}: no usable samples (empty, or every row was skipped or had too many images)")
+    return prompts
