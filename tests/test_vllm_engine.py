@@ -134,6 +134,45 @@ def test_engine_generate_maps_outputs(fake_vllm, encoded):
     assert r.logprobs == [-0.25, -0.5] and r.finish_reason == "stop" and r.text == "blue"
 
 
+def two_image_prompts(n: int) -> list:
+    """n prompts, each showing two 56x56 drawings between text (data.dataset=files' <image> placement)."""
+    from mm_gmpo.data.files import interleave
+    from mm_gmpo.data.prompts import Prompt
+
+    singles = synthetic_prompts(2 * n, seed=5)
+    prompts = [Prompt(id=f"two/{i}", task="exact", images=[singles[2 * i].images[0], singles[2 * i + 1].images[0]],
+                      messages=[{"role": "user", "content": interleave("A: <image> B: <image> Colours?", 2, "t")}],
+                      ground_truth="red") for i in range(n)]
+    enc, _ = encode_prompts(prompts, load_processor(), max_prompt_length=512, min_pixels=3136, max_pixels=12544)
+    return enc
+
+
+def test_two_image_prompts_reach_the_engine_whole(fake_vllm):
+    """Each image's pad run collapses to one placeholder (vLLM expands each again), both images travel in order,
+    and limit_mm_per_prompt comes from the config (data.max_images through the trainer)."""
+    from mm_gmpo.config import load_config
+    from mm_gmpo.policy import tiny_qwen2_5_vl_config
+    from mm_gmpo.rollout.vllm_engine import VLLMEngine
+    from mm_gmpo.trainer import _make_engine
+
+    enc = two_image_prompts(2)
+    req = engine_request(enc[0])
+    assert enc[0].input_ids.count(IMAGE_PAD_ID) == 8 and req["prompt_token_ids"].count(IMAGE_PAD_ID) == 2
+    assert req["multi_modal_data"]["image"] == enc[0].images and len(enc[0].images) == 2
+    eng = VLLMEngine("some/model", max_images_per_prompt=3)
+    assert eng.llm.kwargs["limit_mm_per_prompt"] == {"image": 3}
+    rolls = eng.generate(enc, SamplingParams(n=2, max_tokens=4))  # the fake expands each pad run back: ids agree
+    assert [r.prompt_ids for r in rolls] == [enc[0].input_ids] * 2 + [enc[1].input_ids] * 2
+    import json
+    import tempfile
+    from pathlib import Path
+
+    tiny = Path(tempfile.mkdtemp()) / "config.json"
+    tiny.write_text(json.dumps(tiny_qwen2_5_vl_config().to_dict()))
+    cfg = load_config(None, ["rollout.backend=vllm", f"model.path=random:{tiny}", "data.max_images=5"])
+    assert _make_engine(cfg, load_processor(), torch.device("cpu")).llm.kwargs["limit_mm_per_prompt"] == {"image": 5}
+
+
 class _SamplingParamsWithFastOutput(SimpleNamespace):
     """A vLLM SamplingParams (a msgspec Struct) that has flat log-probs and can skip detokenization."""
 
@@ -243,7 +282,8 @@ def test_vllm_logprobs_match_the_trainer_after_sync_on_fresh_and_seen_images(tmp
     seen, fresh = enc[:8], enc[8:]
     # no sleep mode: vLLM allows one sleep-mode (CuMem) engine per process and both dtypes run in this one
     engine = VLLMEngine(folder, dtype=dtype, gpu_memory_utilization=0.35, enforce_eager=True, max_model_len=1024,
-                        min_pixels=3136, max_pixels=12544, enable_sleep_mode=False)
+                        min_pixels=3136, max_pixels=12544, enable_sleep_mode=False, max_images_per_prompt=2)
+    two = two_image_prompts(4)  # prompts with two pictures each, never seen before the sync
     fp32 = Policy(build_model(folder, random_init=True, config=cfg, dtype=torch.float32, seed=0, device="cuda"))
     policy = fp32 if dtype == "float32" else Policy(
         build_model(folder, random_init=True, config=cfg, dtype=torch.bfloat16, seed=0, device="cuda"))
@@ -255,7 +295,8 @@ def test_vllm_logprobs_match_the_trainer_after_sync_on_fresh_and_seen_images(tmp
         rolls = engine.generate(prompts, sampling)
         b = collate([r.prompt_ids for r in rolls], [r.response_ids for r in rolls], pad_id=tok.pad_token_id,
                     pixel_values=[prompts[r.prompt_index].pixel_values for r in rolls],
-                    image_grid_thw=[prompts[r.prompt_index].image_grid_thw for r in rolls]).to("cuda")
+                    image_grid_thw=[prompts[r.prompt_index].image_grid_thw for r in rolls],
+                    image_ids=[prompts[r.prompt_index].image_keys for r in rolls]).to("cuda")
         # cuDNN may run fp32 convolutions in TF32 (torch's default), and transformers' patch embedding is a Conv3d
         # where vLLM's is a plain matmul at full precision: the fp32 reference is computed without TF32
         tf32, torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32, False
@@ -273,11 +314,12 @@ def test_vllm_logprobs_match_the_trainer_after_sync_on_fresh_and_seen_images(tmp
 
     before, _ = gap(seen)
     sync_weights(policy, engine, dtype=getattr(torch, dtype))
-    (after_seen, noise_seen), (after_fresh, noise_fresh) = gap(seen), gap(fresh)
-    noise = max(noise_seen, noise_fresh)
+    (after_seen, noise_seen), (after_fresh, noise_fresh), (after_two, noise_two) = gap(seen), gap(fresh), gap(two)
+    noise = max(noise_seen, noise_fresh, noise_two)
     print(f"\n[{dtype}] mean |logp_vllm - logp_trainer|: before sync {before:.4f}, after sync seen {after_seen:.5f}, "
-          f"fresh {after_fresh:.5f}; trainer bf16-vs-fp32 gap {noise:.5f} (cache reset: {engine.cache_reset})")
+          f"fresh {after_fresh:.5f}, two images {after_two:.5f}; trainer bf16-vs-fp32 gap {noise:.5f} "
+          f"(cache reset: {engine.cache_reset})")
     assert before > 0.1
     tol = 2e-3 if dtype == "float32" else max(0.02, 1.5 * noise)
-    assert after_seen < tol and after_fresh < tol
+    assert after_seen < tol and after_fresh < tol and after_two < tol
     assert before > 5 * max(after_seen, after_fresh)
