@@ -133,9 +133,9 @@ def test_probe_stops_the_run_naming_file_function_and_expectation(user_file, nam
 
 
 def test_spec_errors(tmp_path):
-    with pytest.raises(RewardFunctionError, match="file .*nope.py not found"):
+    with pytest.raises(RewardFunctionError, match=r"file .*nope\.py not found"):
         resolve_spec(f"{tmp_path}/nope.py:fn")
-    with pytest.raises(RewardFunctionError, match="expected path/to/file.py:function"):
+    with pytest.raises(RewardFunctionError, match=r"expected path/to/file\.py:function"):
         resolve_spec("just_a_name")
     with pytest.raises(RewardFunctionError, match=r"importing no_such_module_xyz failed: ModuleNotFoundError"):
         probe(RewardFunction("no_such_module_xyz:fn"), "x")

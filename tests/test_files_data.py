@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from user_data import write_dataset
 
 from mm_gmpo.data import DataError
 from mm_gmpo.data.files import Columns, load_file_prompts, parse_source
 from mm_gmpo.data.processing import encode_prompt, encode_prompts, load_processor
-from user_data import write_dataset
 
 PIX = {"min_pixels": 3136, "max_pixels": 12544}
 
@@ -179,7 +179,7 @@ def test_missing_sources_and_unknown_types(tmp_path):
     with pytest.raises(DataError, match="unsupported file type"):
         load_file_prompts(str(tmp_path / "x.csv"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match="no .jsonl/.json/.parquet files"):
+    with pytest.raises(DataError, match=r"no \.jsonl/\.json/\.parquet files"):
         load_file_prompts(str(tmp_path / "empty"))
     (tmp_path / "blank.jsonl").write_text("\n")
     with pytest.raises(DataError, match="no usable samples"):
