@@ -374,6 +374,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if a.reward_function and ":" not in a.reward_function:
         raise ConfigError(f"algorithm.reward_function = {a.reward_function!r}: expected path/to/file.py:function "
                           "or package.module:function")
+    if any(not isinstance(w, str) or not w for w in r.allowed_tokens):
+        raise ConfigError(f"rollout.allowed_tokens: {[w for w in r.allowed_tokens if not isinstance(w, str) or not w]}"
+                          " are not words; quote them (YAML reads yes/no/on/off as booleans and 1 as a number)")
     if a.reward_timeout_s <= 0:
         raise ConfigError(f"algorithm.reward_timeout_s = {a.reward_timeout_s}: must be > 0")
     if r.backend == "vllm" and world_size % r.tensor_parallel_size:

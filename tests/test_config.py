@@ -33,6 +33,10 @@ def test_overrides_types_and_roundtrip(tmp_path):
                              "trainer.output_dir=runs/x"])
     assert cfg.optim.lr == 3e-6 and isinstance(cfg.optim.lr, float)
     assert cfg.rollout.n == 8 and cfg.data.levels == [3, 4, 5] and cfg.model.freeze_vision is True
+    kw = load_config(None, ["algorithm.reward_kwargs={scale: 2, tag: x}", "rollout.allowed_tokens=[red,'no']"])
+    assert kw.algorithm.reward_kwargs == {"scale": 2, "tag": "x"} and kw.rollout.allowed_tokens == ["red", "no"]
+    with pytest.raises(ConfigError, match=r"algorithm\.reward_kwargs: expected dict, got 3"):
+        load_config(None, ["algorithm.reward_kwargs=3"])
     f = tmp_path / "c.yaml"
     f.write_text(dump_yaml(cfg))
     assert load_config(f) == cfg
@@ -75,6 +79,17 @@ def test_parse_errors_name_the_key(overrides, message):
         (["data.min_pixels=10", "data.max_pixels=5"], 1, r"data\.min_pixels \(10\) is larger"),
         (["rollout.backend=vllm"], 1, r"needs a model folder"),
         (["trainer.save_every=-2"], 1, r"trainer\.save_every = -2: use N > 0 .* or -1 \(never\)"),
+        (["data.dataset=files"], 1, r"data\.dataset=files needs data\.train_files: a \.jsonl"),
+        (["data.dataset=files", "data.train_files=a.jsonl"], 1, r"needs data\.val_files; set it, or "
+                                                                   r"trainer\.eval_every=0"),
+        (["data.dataset=file"], 1, r"'file' is not one of files, geometry3k, math, synthetic \(did you mean"),
+        (["data.task=maths"], 1, r"data\.task: 'maths' is not one of math, geometry3k, exact"),
+        (["data.max_images=-1"], 1, r"data\.max_images = -1: must be >= 0"),
+        (["algorithm.reward_function=my_reward.py"], 1, r"expected path/to/file\.py:function or "
+                                                         r"package\.module:function"),
+        (["algorithm.reward_type=batches"], 1, r"'batches' is not one of auto, batch, item"),
+        (["algorithm.reward_timeout_s=0"], 1, r"reward_timeout_s = 0\.0: must be > 0"),
+        (["rollout.allowed_tokens=[yes,no]"], 1, r"rollout\.allowed_tokens: \[True, False\] are not words; quote"),
     ],
 )
 def test_cross_field_errors_say_what_to_change(overrides, world, message):

@@ -231,6 +231,18 @@ def test_hf_layout_parquet(tmp_path):
     bad.to_parquet(str(tmp_path / "bad.parquet"))
     with pytest.raises(DataError, match="row 0: field 'images' is not a readable image"):
         load_geometry3k(tmp_path / "bad.parquet", "test")
+    # the same folder through data.dataset=files (EasyR1's format, no conversion) gives the same prompts
+    from mm_gmpo.data.files import load_file_prompts
+
+    f = load_file_prompts(f"{tmp_path / 'hf'}@test", template="think_boxed", task="geometry3k")
+    assert [x.messages for x in f] == [x.messages for x in p] and [x.ground_truth for x in f] == ["60", p[1].ground_truth]
+    assert all(a.images[0].tobytes() == b.images[0].tobytes() for a, b in zip(f, p, strict=True))
+    # several images in a row: this loader keeps one diagram per problem and says where to go instead
+    two = datasets.Dataset.from_dict({"images": [[{"bytes": img, "path": None}] * 2], "problem": ["x"],
+                                      "answer": ["1"]}, features=ds.features)
+    two.to_parquet(str(tmp_path / "two.parquet"))
+    with pytest.raises(DataError, match="row 0: field 'images' holds 2 images.*data.dataset=files"):
+        load_geometry3k(tmp_path / "two.parquet", "test")
 
 
 def test_prepare_script_roundtrip(tmp_path):

@@ -111,6 +111,10 @@ def _hf_rows(ds, split: str, source: str, on_bad_sample: OnBadSample, report: Sk
     for i, row in enumerate(ds):
         where = f"{source} [{split}] row {i}"
         try:
+            if image_col == "images" and row[image_col] and len(row[image_col]) > 1:
+                raise DataError(f"{where}: field 'images' holds {len(row[image_col])} images; this loader keeps "
+                                "Geometry3K's one diagram per problem: load the data with data.dataset=files "
+                                "(several images per prompt)")
             img = row[image_col][0] if image_col == "images" and row[image_col] else row[image_col]
             if not img:
                 raise DataError(f"{where}: field '{image_col}' is empty")
