@@ -241,7 +241,7 @@ def test_hf_layout_parquet(tmp_path):
     two = datasets.Dataset.from_dict({"images": [[{"bytes": img, "path": None}] * 2], "problem": ["x"],
                                       "answer": ["1"]}, features=ds.features)
     two.to_parquet(str(tmp_path / "two.parquet"))
-    with pytest.raises(DataError, match="row 0: field 'images' holds 2 images.*data.dataset=files"):
+    with pytest.raises(DataError, match=r"row 0: field 'images' holds 2 images.*data\.dataset=files"):
         load_geometry3k(tmp_path / "two.parquet", "test")
 
 
