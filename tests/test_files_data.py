@@ -52,7 +52,7 @@ def test_jsonl_rows_with_0_1_2_images_and_placeholders(tmp_path, processor):
     assert isinstance(user_content(prompts[0]), str)  # text-only: plain content
     assert [c["type"] for c in user_content(prompts[1])] == ["image", "text"]  # no placeholder: image first
     assert [c["type"] for c in user_content(prompts[2])] == ["text", "image", "text", "image", "text"]
-    assert prompts[2].id == "train/train.jsonl-2" and prompts[2].metadata["source"].endswith("train.jsonl line 3")
+    assert prompts[2].id == "train/train-2" and prompts[2].metadata["source"].endswith("train.jsonl line 3")
     # the processor renders each image where its placeholder was; one pad run per image, checked per image
     enc = encode_prompt(prompts[2], processor, **PIX)
     assert enc.text.index("First picture:") < enc.text.index("<|vision_start|>") < enc.text.index("Second picture")

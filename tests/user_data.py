@@ -41,7 +41,7 @@ def write_dataset(folder: Path, n: int, seed: int, name: str = "train.jsonl") ->
             problem = "What color is the shape? Answer with one word."
         else:
             problem = "First picture: <image> Second picture: <image> Both shapes have one color. Which?"
-        row = {"problem": problem, "answer": color, "id": f"{name}-{i}"}
+        row = {"problem": problem, "answer": color, "id": f"{Path(name).stem}-{i}"}
         if paths:
             row["images"] = paths
         rows.append(row)
