@@ -9,7 +9,7 @@
 # the stages that no longer fit. Stages:
 #   gputests pytest -m gpu tests/test_gpu_update.py (packed, grouped, compiled paths on CUDA vs float64; bf16 packed
 #            as close to the reference as padded)
-#   parity   pytest -m gpu tests/test_vllm_engine.py (vLLM log-probs == trainer's after a sync, fresh + seen images)
+#   parity   pytest -m gpu tests/test_vllm_engine.py (vLLM log-probs == trainer's after a sync, fresh + seen + two-image prompts)
 #   update   bench_update.py, Qwen2.5-VL-3B, 8 x 1024 tokens, 448x448 images, grouped vision attention: packed
 #            and padded micro-batches; packed with compiled MLPs and norms (--compile); packed recomputing every
 #            2nd layer only (--ac-every 2: 26.8 GiB of activations at 8192 tokens is over what fp32 AdamW leaves

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import random
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from mm_gmpo.attention import use_grouped_vision_attention
 from mm_gmpo.checkpoint import TrainerState, export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from mm_gmpo.config import Config, ConfigError, dump_yaml, to_dict, validate
 from mm_gmpo.data.processing import EncodedPrompt, encode_prompts, load_processor
-from mm_gmpo.data.prompts import Prompt
+from mm_gmpo.data.prompts import Prompt, limit_images
 from mm_gmpo.data.synthetic import COLORS, single_token_ids
 from mm_gmpo.logger import MetricsLogger, plot_training
 from mm_gmpo.loss import get_policy_loss, truncated_is_weights
@@ -114,39 +113,31 @@ def load_prompts(cfg: Config, split: str) -> list[Prompt]:
     """Train or validation prompts for the configured dataset; prompts with more than data.max_images images are
     dropped with a counted warning."""
     d = cfg.data
+    source = d.train_source if split == "train" else d.val_source
+    which = d.train_split if split == "train" else d.val_split
     if d.dataset == "files":
         from mm_gmpo.data.files import Columns, load_file_prompts
 
-        return load_file_prompts(d.train_files if split == "train" else d.val_files,
-                                 columns=Columns(d.prompt_key, d.answer_key, d.image_key),
-                                 image_dir=d.image_dir or None, template=d.template,
-                                 system_prompt=d.system_prompt or None, task=d.task, max_images=d.max_images,
-                                 on_bad_sample=d.on_bad_sample, default_split="train" if split == "train" else "test")
-    if d.dataset == "synthetic":
+        source = d.train_files if split == "train" else d.val_files
+        prompts = load_file_prompts(source, columns=Columns(d.prompt_key, d.answer_key, d.image_key),
+                                    image_dir=d.image_dir or None, template=d.template,
+                                    system_prompt=d.system_prompt or None, task=d.task, on_bad_sample=d.on_bad_sample,
+                                    default_split="train" if split == "train" else "test")
+    elif d.dataset == "synthetic":
         from mm_gmpo.data.synthetic import synthetic_prompts
 
         prompts = synthetic_prompts(512 if split == "train" else 64, seed=cfg.trainer.seed, split=split)
     elif d.dataset == "geometry3k":
         from mm_gmpo.data.geometry3k import geometry3k_prompts, load_geometry3k
 
-        source = d.train_source if split == "train" else d.val_source
-        which = d.train_split if split == "train" else d.val_split
         ds = load_geometry3k(source, which, on_bad_sample=d.on_bad_sample) if source else load_geometry3k(split=which)
         prompts = list(geometry3k_prompts(ds, template=d.template, show_choices=d.show_choices))
     else:
         from mm_gmpo.data.text_math import load_text_math, text_math_prompts
 
-        source = d.train_source if split == "train" else d.val_source
-        which = d.train_split if split == "train" else d.val_split
         ds = load_text_math(source or "math500", split=which, levels=d.levels or None, on_bad_sample=d.on_bad_sample)
         prompts = list(text_math_prompts(ds, template=d.template))
-    kept = [p for p in prompts if p.n_images <= d.max_images]
-    if len(kept) < len(prompts):
-        warnings.warn(f"{d.dataset} [{split}]: dropped {len(prompts) - len(kept)} prompt(s) with more than "
-                      f"data.max_images={d.max_images} images", stacklevel=2)
-    if not kept:
-        raise ConfigError(f"data.max_images={d.max_images} drops every {split} prompt; raise it")
-    return kept
+    return limit_images(prompts, d.max_images, source or f"{d.dataset} [{split}]")
 
 
 def reward_function(cfg: Config, probe_ground_truth: str) -> RewardFunction | None:
@@ -422,8 +413,7 @@ def train(cfg: Config) -> dict[str, float]:
             **mismatch_metrics(sampler_lp, old_lp, batch.response_mask), **tis_metrics, **data_metrics,
         }
         metrics = {**distributed.all_reduce_mean_metrics(local, info.device), **reward_counts, **update_metrics,
-                   **sync_metrics,
-                   **timings, **perf, **eval_metrics, "train/epoch": float(sampler.epoch)}
+                   **sync_metrics, **timings, **perf, **eval_metrics, "train/epoch": float(sampler.epoch)}
         log.log(step, metrics)
         last = metrics
         bar.update(1)

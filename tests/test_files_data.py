@@ -164,12 +164,16 @@ def test_skip_mode_drops_counts_and_keeps_the_good_rows(tmp_path):
 
 
 def test_max_images_drops_with_a_counted_warning(tmp_path):
+    from mm_gmpo.data.prompts import limit_images
+
     path = write_dataset(tmp_path, 9, seed=0)
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        prompts = load_file_prompts(str(path), max_images=1)
+        prompts = limit_images(load_file_prompts(str(path)), 1, str(path))
     assert [p.n_images for p in prompts] == [0, 1] * 3
     assert any("dropped 3 prompt(s) with more than data.max_images=1" in str(x.message) for x in w)
+    with pytest.raises(DataError, match=r"data\.max_images=0 drops every prompt"):
+        limit_images([p for p in prompts if p.n_images], 0, str(path))
 
 
 def test_missing_sources_and_unknown_types(tmp_path):

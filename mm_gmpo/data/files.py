@@ -26,6 +26,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from mm_gmpo.data.processing import VISION_TOKENS
 from mm_gmpo.data.prompts import DataError, OnBadSample, Prompt, SkipReport, render_question
 from mm_gmpo.data.prompts import system_prompt as template_system_prompt
 
@@ -247,11 +248,11 @@ def _row_prompt(where: str, row: Any, index: int, *, cols: Columns, base_dir: Pa
         raise DataError(f"{where}: field '{cols.answer_key}' missing; set data.answer_key to the ground-truth field")
     if isinstance(answer, bool) or not isinstance(answer, str | int | float) or not str(answer).strip():
         raise DataError(f"{where}: field '{cols.answer_key}' must be non-empty text or a number, got {answer!r:.60}")
-    images = [open_image(e, where, cols.image_key, base_dir) for e in _image_entries(row.get(cols.image_key))]
-    for tok in ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>"):
+    for tok in VISION_TOKENS:
         if tok in problem:
             raise DataError(f"{where}: field '{cols.prompt_key}' contains the special token {tok}; mark images with "
                             f"{IMAGE_PLACEHOLDER}")
+    images = [open_image(e, where, cols.image_key, base_dir) for e in _image_entries(row.get(cols.image_key))]
     rendered = render_question(template, problem)
     content = interleave(rendered, len(images), where)
     system = template_system_prompt(template) if system_prompt is None else system_prompt
@@ -272,7 +273,6 @@ def load_file_prompts(
     template: str = "plain",
     system_prompt: str | None = None,
     task: str = "math",
-    max_images: int | None = None,
     on_bad_sample: OnBadSample = "error",
     default_split: str = "train",
 ) -> list[Prompt]:
@@ -284,18 +284,14 @@ def load_file_prompts(
         template: a template in ``mm_gmpo/templates`` applied to the prompt text ('plain' leaves it as it is).
         system_prompt: None = the template's own (if any); '' = none; otherwise this text.
         task: the built-in reward task of these rows (math, geometry3k or exact).
-        max_images: rows with more images are dropped, counted and reported once (None: no limit).
         on_bad_sample: 'error' raises a DataError naming the file, row and field; 'skip' drops, counts, warns.
     """
-    import warnings
-
     rows, data_dir = read_rows(spec, default_split)
     base = Path(image_dir).expanduser() if image_dir else data_dir
     source, _ = parse_source(spec, default_split)
     name = re.sub(r"[^\w.-]+", "_", Path(source).stem if Path(source).suffix in DATA_SUFFIXES else source).strip("_")
     report = SkipReport()
     prompts: list[Prompt] = []
-    too_many = 0
     for i, (where, row) in enumerate(rows):
         try:
             p = _row_prompt(where, row, i, cols=columns, base_dir=base, template=template,
@@ -305,14 +301,8 @@ def load_file_prompts(
                 raise
             report.add(where, str(e))
             continue
-        if max_images is not None and p.n_images > max_images:
-            too_many += 1
-            continue
         prompts.append(p)
     report.warn(spec)
-    if too_many:
-        warnings.warn(f"{spec}: dropped {too_many} prompt(s) with more than data.max_images={max_images} images",
-                      stacklevel=2)
     if not prompts:
-        raise DataError(f"{spec}: no usable samples (empty, or every row was skipped or had too many images)")
+        raise DataError(f"{spec}: no usable samples (empty, or every row was skipped)")
     return prompts

@@ -92,3 +92,14 @@ def build_messages(text: str, n_images: int, template: str) -> list[dict[str, An
         messages.append({"role": "system", "content": sys})
     messages.append({"role": "user", "content": content if n_images else text})
     return messages
+
+
+def limit_images(prompts: list[Prompt], max_images: int, source: str) -> list[Prompt]:
+    """Prompts with at most ``max_images`` images; the others are dropped with one counted warning."""
+    kept = [p for p in prompts if p.n_images <= max_images]
+    if len(kept) < len(prompts):
+        warnings.warn(f"{source}: dropped {len(prompts) - len(kept)} prompt(s) with more than data.max_images="
+                      f"{max_images} images", stacklevel=2)
+    if not kept:
+        raise DataError(f"{source}: data.max_images={max_images} drops every prompt; raise it")
+    return kept

@@ -224,7 +224,7 @@ def _score_custom(responses: list[str], ground_truths: list[str], lengths: list[
         results = [res for s in range(0, len(items), chunk) for res in call(items[s:s + chunk])]
         killed = 0
     else:
-        per_wait = rf.timeout_s * (chunk if caller_kind(rf) == "batch" else 1)
+        per_wait = rf.timeout_s * (chunk if caller(rf).kind == "batch" else 1)  # loaded here by the probe already
         results, killed = _pool(workers, rf).map(items, hard_timeout_s=2 * per_wait + grace_s, chunk=chunk,
                                                  zero=zero)
     scores = [sc for sc, _ in results]
@@ -245,8 +245,3 @@ def _score_custom(responses: list[str], ground_truths: list[str], lengths: list[
                       f"(first: {errors[0]})", stacklevel=3)
     out = [{**sc, "accuracy": sc.get("accuracy", sc["overall"])} for sc in scores]
     return out, metrics
-
-
-def caller_kind(rf: RewardFunction) -> str:
-    """'batch' or 'item' for ``rf`` (loads it in this process: the start-up probe already did)."""
-    return caller(rf).kind

@@ -45,7 +45,7 @@ class RewardFunction:
     """What a worker needs to load and call a user reward function (picklable; the function itself is not)."""
 
     spec: str  # "/abs/path/file.py:fn" or "package.module:fn"
-    kwargs: dict = field(default_factory=dict, hash=False, compare=True)
+    kwargs: dict = field(default_factory=dict)
     kind: str = "auto"  # auto | batch | item
     timeout_s: float = 10.0
 
@@ -182,7 +182,7 @@ class _Caller:
             except (Exception, DeadlineExceeded) as e:
                 if len(items) == 1:
                     return [({"overall": 0.0}, _describe(e))]
-            return [r for it in items for r in self(_one(it))]  # find the items that fail
+            return [r for it in items for r in self([it])]  # find the items that fail
         out = []
         for it in items:
             try:
@@ -190,10 +190,6 @@ class _Caller:
             except (Exception, DeadlineExceeded) as e:
                 out.append(({"overall": 0.0}, _describe(e)))
         return out
-
-
-def _one(item: dict) -> list[dict]:
-    return [item]
 
 
 def _describe(e: BaseException) -> str:
