@@ -26,6 +26,8 @@ import torch
 from torch import nn
 
 from mm_gmpo import distributed
+from mm_gmpo.lora import lora_scalings, merge_lora
+from mm_gmpo.lora import save_adapter as save_adapter_folder
 
 STEP_PREFIX = "step_"
 
@@ -160,10 +162,12 @@ def load_checkpoint(
     return state
 
 
-def export_hf(policy: nn.Module, out_dir: str | Path, processor=None) -> Path | None:
+def export_hf(policy: nn.Module, out_dir: str | Path, processor=None, *, save_adapter: bool = True) -> Path | None:
     """Write an HF-format folder (safetensors + config + processor) that transformers and vLLM load directly.
 
-    All ranks call this (the full state dict is gathered); rank 0 writes, through a temp folder renamed at the end.
+    With LoRA the weights are merged (base + scaling * B @ A) under the plain names, and with ``save_adapter``
+    the PEFT adapter folder goes to ``<out_dir>/adapter`` too. All ranks call this (the full state dict is
+    gathered); rank 0 writes, through a temp folder renamed at the end.
     """
     out_dir = Path(out_dir)
     sd = distributed.full_model_state_dict(policy)
@@ -171,8 +175,11 @@ def export_hf(policy: nn.Module, out_dir: str | Path, processor=None) -> Path | 
         tmp = out_dir.with_name(f".tmp_{out_dir.name}")
         shutil.rmtree(tmp, ignore_errors=True)
         model = policy.model
-        sd = {k: v.to(model.config.dtype if isinstance(model.config.dtype, torch.dtype) else v.dtype) for k, v in
-              sd.items()}
+        scalings = lora_scalings(model)
+        if scalings and save_adapter:
+            save_adapter_folder(model, sd, tmp / "adapter")
+        dtype = model.config.dtype if isinstance(model.config.dtype, torch.dtype) else None
+        sd = {k: v.to(dtype or v.dtype) for k, v in merge_lora(sd.items(), scalings)}
         model.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
         if processor is not None:
             processor.save_pretrained(tmp)

@@ -26,6 +26,20 @@ def f(default: Any, doc: str) -> Any:
 
 
 @dataclass
+class LoraConfig:
+    rank: int = f(0, "LoRA rank (peft); 0 = full fine-tuning. Only the adapters train and hold optimizer state")
+    alpha: float = f(0.0, "LoRA alpha (scaling = alpha / rank); 0 = 2 x rank")
+    target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                          "up_proj", "down_proj"],
+                                 metadata={"doc": "Linear layers of the language model's decoder layers to adapt"})
+    vision: bool = f(False, "Also adapt the vision blocks (qkv, proj, MLP); false = vision tower frozen (EasyR1)")
+    modules_to_save: list = field(default_factory=list, metadata={
+        "doc": "Modules trained in full beside the adapters (peft's modules_to_save; full-match module names, e.g. "
+               "model.language_model.norm)"})
+    save_adapter: bool = f(True, "With trainer.export_hf: also write the PEFT adapter folder (hf_export/adapter)")
+
+
+@dataclass
 class ModelConfig:
     path: str = f("tiny-random", "Policy: an HF folder or hub name (e.g. Qwen/Qwen2.5-VL-7B-Instruct), or "
                                  "'tiny-random' (random tiny Qwen2.5-VL: plumbing only), or 'random:NAME' (random weights from a "
@@ -48,6 +62,7 @@ class ModelConfig:
     compile: bool = f(False, "torch.compile each decoder layer's and vision block's MLP and RMSNorms (fused "
                              "elementwise kernels; the first step pays the compile; policy.compile_blocks)")
     logprob_chunk_size: int = f(1024, "Response tokens per chunk of the LM head / log-softmax (memory bound)")
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -377,6 +392,12 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if any(not isinstance(w, str) or not w for w in r.allowed_tokens):
         raise ConfigError(f"rollout.allowed_tokens: {[w for w in r.allowed_tokens if not isinstance(w, str) or not w]}"
                           " are not words; quote them (YAML reads yes/no/on/off as booleans and 1 as a number)")
+    lo = cfg.model.lora
+    if lo.rank < 0 or lo.alpha < 0:
+        raise ConfigError(f"model.lora.rank = {lo.rank}, alpha = {lo.alpha}: use rank > 0 (e.g. 64) for LoRA or 0 for "
+                          "full fine-tuning, alpha >= 0 (0 = 2 x rank)")
+    if lo.rank and not lo.target_modules:
+        raise ConfigError("model.lora.target_modules is empty; e.g. [q_proj, k_proj, v_proj, o_proj]")
     if a.reward_timeout_s <= 0:
         raise ConfigError(f"algorithm.reward_timeout_s = {a.reward_timeout_s}: must be > 0")
     if r.backend == "vllm" and world_size % r.tensor_parallel_size:
@@ -392,11 +413,17 @@ def _divisor_near(n: int, target: int) -> int:
 def reference() -> str:
     """A markdown table of every key, its default and its doc."""
     rows = ["| key | default | meaning |", "|---|---|---|"]
-    for section in dataclasses.fields(Config):
-        for fl in dataclasses.fields(section.type if isinstance(section.type, type) else
-                                     typing.get_type_hints(Config)[section.name]):
+
+    def walk(cls, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for fl in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[fl.name]):
+                walk(hints[fl.name], f"{prefix}{fl.name}.")
+                continue
             default = fl.default if fl.default is not dataclasses.MISSING else fl.default_factory()
-            rows.append(f"| `{section.name}.{fl.name}` | `{default}` | {fl.metadata.get('doc', '')} |")
+            rows.append(f"| `{prefix}{fl.name}` | `{default}` | {fl.metadata.get('doc', '')} |")
+
+    walk(Config, "")
     return "\n".join(rows)
 
 

@@ -229,10 +229,23 @@ def full_model_state_dict(policy: nn.Module) -> dict[str, torch.Tensor]:
     return sd if rank() == 0 else {}
 
 
+def _dcp_options(policy: nn.Module):
+    """With LoRA a checkpoint holds the adapters only: the frozen base weights come from model.path again."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    from mm_gmpo.lora import has_lora
+
+    return StateDictOptions(ignore_frozen_params=True, strict=False) if has_lora(policy) else None
+
+
 def _dcp_state(policy: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    model_sd, optim_sd = get_state_dict(policy, optimizer if optimizer is not None else [])
+    options = _dcp_options(policy)
+    model_sd, optim_sd = get_state_dict(policy, optimizer if optimizer is not None else [], options=options)
+    if options is not None:  # a tied LM head is listed apart from the frozen embedding it shares: drop it too
+        trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
+        model_sd = {k: v for k, v in model_sd.items() if k in trainable}
     return {"model": model_sd, "optim": optim_sd} if optimizer is not None else {"model": model_sd}
 
 
@@ -251,4 +264,4 @@ def load_sharded(path: Path, policy: nn.Module, optimizer: torch.optim.Optimizer
     state = _dcp_state(policy, optimizer)
     dcp.load(state, checkpoint_id=str(path))
     set_state_dict(policy, optimizer if optimizer is not None else [], model_state_dict=state["model"],
-                   optim_state_dict=state.get("optim", {}))
+                   optim_state_dict=state.get("optim", {}), options=_dcp_options(policy))

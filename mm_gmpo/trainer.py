@@ -27,6 +27,7 @@ from mm_gmpo.data.processing import EncodedPrompt, encode_prompts, load_processo
 from mm_gmpo.data.prompts import Prompt, limit_images
 from mm_gmpo.data.synthetic import COLORS, single_token_ids
 from mm_gmpo.logger import MetricsLogger, plot_training
+from mm_gmpo.lora import add_lora
 from mm_gmpo.loss import get_policy_loss, truncated_is_weights
 from mm_gmpo.policy import (
     ASSETS,
@@ -282,6 +283,17 @@ def train(cfg: Config) -> dict[str, float]:
     if info.is_main:
         print(f"attention: {attn}; micro-batches: {'packed (padding-free)' if packed else 'padded'}")
     model = _build(cfg, torch.float32, seed=t.seed, device=info.device)
+    lo = cfg.model.lora
+    if lo.rank:  # adapters only: base weights and (unless lora.vision) the vision tower frozen
+        try:
+            n_adapted = add_lora(model, rank=lo.rank, alpha=lo.alpha or 2 * lo.rank,
+                                 target_modules=lo.target_modules, vision=lo.vision,
+                                 modules_to_save=lo.modules_to_save)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if info.is_main:
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            print(f"LoRA rank {lo.rank}: {n_adapted} linear layers, {trainable:,} trainable parameters")
     if cfg.model.vision_attention == "grouped" or (cfg.model.vision_attention == "auto" and info.device.type == "cuda"):
         use_grouped_vision_attention(model)
     if cfg.model.compile:
@@ -425,7 +437,7 @@ def train(cfg: Config) -> dict[str, float]:
     bar.close()
 
     if t.export_hf:
-        export_hf(policy, out / "hf_export", processor=processor)
+        export_hf(policy, out / "hf_export", processor=processor, save_adapter=cfg.model.lora.save_adapter)
     if info.is_main:
         png = plot_training(out / "metrics.jsonl", out / "training.png")
         print(f"run folder: {out} (metrics.jsonl, tensorboard/, checkpoints/{', training.png' if png else ''})")

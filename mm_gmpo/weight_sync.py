@@ -6,6 +6,9 @@ tensor (the 152k x hidden embedding). Names are the transformers names (``model.
 ``model.visual.*``, ``lm_head.*``), which vLLM's Qwen2.5-VL ``load_weights`` accepts as they are. Every engine's
 ``update_weights`` must leave no state computed with the old weights behind (vLLM: prefix cache and the
 multimodal encoder/processor caches), which is why sync goes through this one function.
+
+With LoRA the engine gets merged weights under the plain names (``mm_gmpo.lora.merge_lora``: one layer's base
+weight and adapters at a time, ``W + scaling * B @ A`` in float32, then cast).
 """
 
 from __future__ import annotations
@@ -16,15 +19,21 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from mm_gmpo.lora import lora_scalings, merge_lora
 from mm_gmpo.rollout.base import RolloutEngine
 
 
-def _full_named_tensors(policy: nn.Module, dtype: torch.dtype | None, stats: dict) -> Iterator[tuple[str, torch.Tensor]]:
-    model = getattr(policy, "model", policy)
+def _gathered(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     for name, param in model.named_parameters():  # tied weights appear once (lm_head <- embed_tokens)
         t = param.data
         if hasattr(t, "full_tensor"):  # an FSDP2 shard: all ranks gather it together, in the same order
             t = t.full_tensor()
+        yield name, t
+
+
+def _full_named_tensors(policy: nn.Module, dtype: torch.dtype | None, stats: dict) -> Iterator[tuple[str, torch.Tensor]]:
+    model = getattr(policy, "model", policy)
+    for name, t in merge_lora(_gathered(model), lora_scalings(model)):
         if dtype is not None:
             t = t.to(dtype)
         stats["tensors"] += 1
