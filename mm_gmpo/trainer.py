@@ -231,6 +231,18 @@ def eval_stage(engine, prompts: list[EncodedPrompt], cfg: Config, sampling: Samp
     return metrics, samples
 
 
+def memory_metrics(device: torch.device) -> dict[str, float]:
+    """Peak GPU memory allocated since start (the largest over ranks) and the largest host RSS of any rank."""
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30  # Linux reports KiB
+    out = {"perf/host_rss_gib": distributed.all_reduce_max(rss, device)}
+    if device.type == "cuda":
+        out["perf/max_memory_allocated_gib"] = distributed.all_reduce_max(
+            torch.cuda.max_memory_allocated(device) / 2**30, device)
+    return out
+
+
 def mismatch_metrics(sampler_lp: torch.Tensor, trainer_lp: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
     """|log p_sampler - log p_trainer| over response tokens: the train/inference mismatch."""
     m = mask.bool()
@@ -407,7 +419,7 @@ def train(cfg: Config) -> dict[str, float]:
         tokens, patches = distributed.all_reduce_sum(
             [float(batch.n_tokens()) * t.ppo_epochs, float(policy.vision_patches - patches_before)], info.device)
         perf = {"perf/update_tokens_per_s": tokens / max(timings["timing/update_s"], 1e-9),
-                "perf/update_vision_patches": patches}
+                "perf/update_vision_patches": patches, **memory_metrics(info.device)}
         peak = peak_bf16_flops(info.device)
         if peak:
             flops = training_flops(policy, tokens, patches)

@@ -122,3 +122,50 @@ def test_activation_memory_adds_up(tmp_path):
     assert every1 == pytest.approx(2 * 2 * h * 1000 + 2 * 2 * 32 * 300)  # inputs only, bf16
     every2 = f["activations GiB, checkpoint_every=2 (1/2 layers, 1/2 blocks recomputed)"] * 2**30
     assert every2 == pytest.approx((text + 2 * h) * 1000 + (vis + 2 * 32) * 300)
+
+
+@pytest.mark.parametrize("overrides", [[], ["model.lora.rank=4"], ["model.freeze_vision=true"],
+                                       ["model.lora.rank=4", "model.lora.vision=true"]], ids=str)
+def test_memory_plan_counts_what_one_step_allocates(overrides):
+    """benchmarks/memory_plan.py's parameter, gradient and optimizer bytes equal the tensor bytes a real FSDP2
+    step of the tiny model holds (one process, CPU), for full fine-tuning, LoRA and a frozen vision tower."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from memory_plan import plan
+
+    from mm_gmpo import distributed
+    from mm_gmpo.config import load_config
+    from mm_gmpo.lora import add_lora
+    from mm_gmpo.policy import Policy, build_model, collate, tiny_qwen2_5_vl_config
+    from mm_gmpo.update import build_optimizer
+
+    cfg = load_config(None, ["model.path=tiny-random", "rollout.backend=hf", *overrides])
+    p = plan(cfg, gpus=1, gpu_gib=80, unit_bytes=(1000.0, 1000.0))
+    model = build_model("t", random_init=True, config=tiny_qwen2_5_vl_config(), dtype=torch.float32, seed=0)
+    lo = cfg.model.lora
+    if lo.rank:
+        add_lora(model, rank=lo.rank, alpha=2 * lo.rank, vision=lo.vision)
+    policy = Policy(model)
+    distributed.parallelize(policy, param_dtype=None, activation_checkpointing=False,
+                            freeze_vision=cfg.model.freeze_vision)
+    opt = build_optimizer(policy, lr=1e-3)
+
+    def nbytes(t):
+        t = t.to_local() if hasattr(t, "to_local") else t
+        return t.numel() * t.element_size()
+
+    ids = torch.randint(0, 1000, (2, 12))
+    b = collate(ids[:, :8].tolist(), ids[:, 8:].tolist(), pad_id=0)
+    lp, _ = policy(b)
+    lp.sum().backward()
+    params = sum(nbytes(x) for x in policy.parameters())
+    grads = sum(nbytes(x.grad) for x in policy.parameters() if x.grad is not None)
+    opt.step()
+    state = sum(nbytes(v) for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
+    u = p["update"]
+    assert params == u["parameters (fp32, sharded)"]
+    assert grads == u["gradients (fp32, sharded)"]
+    assert state == u["optimizer (AdamW fp32 m, v + step)"]
+    if lo.rank:
+        assert grads < params / 20  # adapters only

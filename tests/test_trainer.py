@@ -39,9 +39,11 @@ def test_three_steps_write_metrics_checkpoint_export_and_plot(run3):
     for key in ("reward/mean", "reward/accuracy", "adv/degenerate_group_frac", "loss/policy", "loss/total",
                 "ratio/clip_frac_upper", "ratio/token_log_ratio_max", "actor/grad_norm", "actor/lr",
                 "timing/rollout_s", "timing/reward_s", "timing/old_logprob_s", "timing/update_s",
-                "timing/weight_sync_s", "timing/step_s", "perf/update_tokens_per_s", "rollout/logprob_diff_mean"):
+                "timing/weight_sync_s", "timing/step_s", "perf/update_tokens_per_s", "rollout/logprob_diff_mean",
+                "perf/host_rss_gib", "reward/errors"):
         assert key in rows[-1], key
     assert all(0.0 <= r["reward/mean"] <= 1.0 for r in rows)
+    assert all(0.1 < r["perf/host_rss_gib"] < 64 and r["reward/errors"] == 0 for r in rows)
     assert all(r["rollout/response_len_mean"] == 1.0 for r in rows)  # one answer token
     assert rows[0]["rollout/logprob_diff_max"] < 1e-4  # the trainer scores the sampler's restricted distribution
     # eval at step 2 and at the last step: greedy answers to all 64 held-out prompts, split over the 2 ranks

@@ -1,0 +1,192 @@
+"""Memory plan: will this config fit, per GPU, before launching it?
+
+    python benchmarks/memory_plan.py --config configs/geo3k_qwen2_5_vl_7b_gmpo.yaml --gpus 8 --gpu-gib 80
+    python benchmarks/memory_plan.py --config configs/geo3k_qwen2_5_vl_7b_gmpo.yaml --gpus 1 --gpu-gib 141 \\
+        model.lora.rank=64
+
+Counts, per GPU, for the trainer as it is built (fp32 parameters sharded by FSDP2 over --gpus ranks, bf16 compute):
+parameters, gradients and AdamW state of what trains (LoRA: the adapters only), the bf16 units FSDP2 gathers at a
+time, activations of one micro-batch (``trainer.max_tokens_per_micro_batch`` tokens; bytes per token per decoder
+layer and per patch per vision block measured exactly by ``activation_memory.py``'s method, and what
+``model.checkpoint_every`` keeps), the LM-head chunk, and vLLM's share (``rollout.gpu_memory_utilization`` of the
+GPU: bf16 weights, the rest KV cache). The update and the rollout happen at different times: while vLLM generates,
+the trainer keeps its parameters and optimizer state (gradients are freed after each update); while the trainer
+updates, vLLM sleeps (weights on the host, KV cache freed). The verdict takes the larger of the two phases.
+Parameter counts are exact (the model is built on the meta device); ``trainer.cpu_offload`` moves parameters,
+gradients and optimizer state to the host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from activation_memory import per_unit_bytes
+
+from mm_gmpo.config import Config, load_config
+from mm_gmpo.policy import model_config, random_model_config
+
+GIB = 2**30
+CUDA_CONTEXT = 1.0 * GIB  # CUDA context, NCCL buffers, a sleeping vLLM's residue
+VLLM_OVERHEAD = 2.0 * GIB  # vLLM's profiled activations and CUDA graphs inside its budget
+LOGIT_COPIES = 3  # fp32 logits of a chunk, their softmax, their gradient
+
+
+BUNDLED = {"Qwen/Qwen2.5-VL-7B-Instruct": "qwen2_5_vl_7b", "Qwen/Qwen2.5-VL-3B-Instruct": "qwen2_5_vl_3b"}
+
+
+def hf_config(cfg: Config):
+    """The model's transformers config: random:/tiny-random, a bundled copy of a known hub name, or a folder/hub."""
+    return random_model_config(cfg.model.path) or model_config(BUNDLED.get(cfg.model.path, cfg.model.path))
+
+
+@dataclass
+class Counts:
+    """Exact parameter counts of the configured model (and its LoRA adapters)."""
+
+    total: int
+    trainable: int
+    trainable_tensors: int
+    largest_layer: int  # parameters of the largest FSDP unit (a decoder layer or vision block)
+    root: int  # parameters outside the layers and blocks (embeddings, LM head, norms, patch embed, merger)
+    vocab: int
+    hidden: int
+    layers: int
+    vision_depth: int
+    kv_bytes_per_token: int  # vLLM KV cache, bf16
+
+
+def count(cfg: Config) -> Counts:
+    """Build the model on the meta device (no memory) with the config's LoRA, and count."""
+    from mm_gmpo.lora import add_lora
+    from mm_gmpo.policy import build_model
+
+    hf_cfg = hf_config(cfg)
+    model = build_model("plan", random_init=True, config=hf_cfg, dtype=torch.float32, attn_implementation="sdpa",
+                        device="meta")
+    lo = cfg.model.lora
+    if lo.rank:
+        add_lora(model, rank=lo.rank, alpha=lo.alpha or 2 * lo.rank, target_modules=lo.target_modules,
+                 vision=lo.vision, modules_to_save=lo.modules_to_save)
+    elif cfg.model.freeze_vision:
+        model.model.visual.requires_grad_(False)
+    params = list(model.parameters())  # tied weights once
+    trainable = [p for p in params if p.requires_grad]
+    lm = model.model.language_model
+    units = [*lm.layers, *model.model.visual.blocks]
+    unit_sizes = [sum(p.numel() for p in u.parameters()) for u in units]
+    text = hf_cfg.text_config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return Counts(
+        total=sum(p.numel() for p in params), trainable=sum(p.numel() for p in trainable),
+        trainable_tensors=len(trainable), largest_layer=max(unit_sizes),
+        root=sum(p.numel() for p in params) - sum(unit_sizes), vocab=text.vocab_size, hidden=text.hidden_size,
+        layers=text.num_hidden_layers, vision_depth=hf_cfg.vision_config.depth,
+        kv_bytes_per_token=2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * 2,
+    )
+
+
+def default_patches_per_token(cfg: Config) -> float:
+    """Vision patches per trained token, for images at data.min_pixels (Geometry3K diagrams are upscaled to it):
+    one image's patches shared by the n samples of its prompt, over a sample of prompt + half the response."""
+    patches = cfg.data.min_pixels / (14 * 14)
+    sample_tokens = patches / 4 + 128 + cfg.rollout.max_tokens / 2
+    return patches / cfg.rollout.n / sample_tokens
+
+
+def plan(cfg: Config, gpus: int, gpu_gib: float, *, patches_per_token: float | None = None,
+         unit_bytes: tuple[float, float] | None = None, counts: Counts | None = None) -> dict:
+    """Bytes per GPU of each part, for the update and the rollout phase, and the verdict (see module doc)."""
+    c = counts or count(cfg)
+    hf_cfg = hf_config(cfg)
+    text_b, vis_b = unit_bytes or per_unit_bytes(hf_cfg, sample=128)
+    offload = cfg.trainer.cpu_offload
+    ppt = default_patches_per_token(cfg) if patches_per_token is None else patches_per_token
+    vh = hf_cfg.vision_config.hidden_size
+
+    state = {
+        "parameters (fp32, sharded)": 4 * c.total / gpus,
+        "gradients (fp32, sharded)": 4 * c.trainable / gpus,
+        "optimizer (AdamW fp32 m, v + step)": (8 * c.trainable + 4 * c.trainable_tensors) / gpus,
+    }
+    on_gpu = {k: 0.0 if offload else v for k, v in state.items()}
+    gathered = 2 * (c.root + 2 * c.largest_layer) + 2 * c.largest_layer  # bf16: root + 2 layers, a layer's grads
+
+    def activations(tokens: float) -> float:
+        patches = tokens * ppt
+        k, depth, layers = cfg.model.checkpoint_every, c.vision_depth, c.layers
+        if not cfg.model.activation_checkpointing:
+            kept_v, kept_l = depth, layers
+        else:  # transformers' every_n_layers: vision blocks then decoder layers, counted together
+            kept_v = sum(i % k != 0 for i in range(depth))
+            kept_l = sum(i % k != 0 for i in range(depth, depth + layers))
+        full = kept_l * text_b * tokens + kept_v * vis_b * patches
+        inputs = (layers - kept_l) * 2 * c.hidden * tokens + (depth - kept_v) * 2 * vh * patches
+        recompute = (text_b * tokens + vis_b * patches) if cfg.model.activation_checkpointing else 0.0
+        return full + inputs + recompute
+
+    tokens = cfg.trainer.max_tokens_per_micro_batch
+    chunk = LOGIT_COPIES * 4 * c.vocab * min(cfg.model.logprob_chunk_size, tokens)
+    update = {**on_gpu, "FSDP2 gathered units (bf16)": float(gathered),
+              f"activations ({tokens} tokens, {tokens * ppt:.0f} patches)": activations(tokens),
+              "LM-head chunk (fp32 logits)": float(chunk), "CUDA context, sleeping vLLM": CUDA_CONTEXT}
+    vllm_budget = cfg.rollout.gpu_memory_utilization * gpu_gib * GIB if cfg.rollout.backend == "vllm" else 0.0
+    vllm_weights = 2 * c.total / max(cfg.rollout.tensor_parallel_size, 1)
+    kv = max(vllm_budget - vllm_weights - VLLM_OVERHEAD, 0.0) if vllm_budget else 0.0
+    resident = on_gpu["parameters (fp32, sharded)"] + on_gpu["optimizer (AdamW fp32 m, v + step)"]
+    rollout = {"trainer parameters + optimizer (resident)": resident,
+               "vLLM weights (bf16)": vllm_weights if vllm_budget else 0.0,
+               "vLLM KV cache": kv, "vLLM activations, graphs": VLLM_OVERHEAD if vllm_budget else 0.0}
+    peak_update, peak_rollout = sum(update.values()), max(sum(rollout.values()), resident + vllm_budget)
+    limit = gpu_gib * GIB
+    per_token = activations(1.0) - activations(0.0)
+    room = limit - (peak_update - update[f"activations ({tokens} tokens, {tokens * ppt:.0f} patches)"])
+    best = int(max(room, 0) / per_token) // 1024 * 1024 if per_token > 0 else 0
+    host = sum(state.values()) * gpus if offload else 0.0
+    return {
+        "counts": c, "update": update, "rollout": rollout, "peak_update": peak_update, "peak_rollout": peak_rollout,
+        "fits": max(peak_update, peak_rollout) <= limit and (not vllm_budget or kv > 0),
+        "kv_tokens": kv / c.kv_bytes_per_token if vllm_budget else 0.0, "largest_micro_batch_tokens": best,
+        "host_state_gib_per_node": host / GIB, "patches_per_token": ppt,
+    }
+
+
+def render(p: dict, gpus: int, gpu_gib: float, label: str) -> str:
+    c = p["counts"]
+    lines = [f"## {label}: {gpus} x {gpu_gib:g} GiB", "",
+             f"{c.total / 1e9:.2f}B parameters, {c.trainable / 1e9:.3f}B trainable; patches per token "
+             f"{p['patches_per_token']:.3f}", "", "| phase | part | GiB per GPU |", "|---|---|---|"]
+    for phase in ("update", "rollout"):
+        for k, v in p[phase].items():
+            lines.append(f"| {phase} | {k} | {v / GIB:.2f} |")
+        lines.append(f"| {phase} | **total** | **{p['peak_' + phase] / GIB:.2f}** |")
+    lines += ["", f"verdict: {'FITS' if p['fits'] else 'DOES NOT FIT'} (larger phase "
+              f"{max(p['peak_update'], p['peak_rollout']) / GIB:.1f} of {gpu_gib:g} GiB); vLLM KV cache holds "
+              f"{p['kv_tokens']:,.0f} tokens; largest micro-batch that fits the update: "
+              f"{p['largest_micro_batch_tokens']:,} tokens"]
+    if p["host_state_gib_per_node"]:
+        lines.append(f"host memory for offloaded state: {p['host_state_gib_per_node']:.1f} GiB per node")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--gpus", type=int, default=8, help="ranks (GPUs) the model is sharded over")
+    ap.add_argument("--gpu-gib", type=float, default=80.0, help="memory of one GPU (H100 80, H200 141)")
+    ap.add_argument("--patches-per-token", type=float, default=None,
+                    help="vision patches per trained token (default: estimated from data.min_pixels and rollout.n)")
+    ap.add_argument("overrides", nargs="*", help="key.sub=value, as for train_mm.py")
+    args = ap.parse_args()
+    cfg = load_config(args.config, args.overrides)
+    p = plan(cfg, args.gpus, args.gpu_gib, patches_per_token=args.patches_per_token)
+    print(render(p, args.gpus, args.gpu_gib, f"{Path(args.config).stem} {' '.join(args.overrides)}".strip()))
+
+
+if __name__ == "__main__":
+    main()
