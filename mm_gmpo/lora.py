@@ -57,6 +57,8 @@ def add_lora(model: nn.Module, *, rank: int, alpha: float, target_modules: Itera
 
 def lora_scalings(model: nn.Module) -> dict[str, float]:
     """``{linear layer name: scaling}`` for every adapted layer (empty without LoRA)."""
+    if not has_lora(model):  # no peft import on the full fine-tuning path
+        return {}
     from peft.tuners.lora import LoraLayer
 
     return {name: float(m.scaling[m.active_adapters[0]]) for name, m in model.named_modules()
