@@ -124,9 +124,27 @@ def test_activation_memory_adds_up(tmp_path):
     assert every2 == pytest.approx((text + 2 * h) * 1000 + (vis + 2 * 32) * 300)
 
 
+@pytest.fixture
+def own_process_group():
+    """A one-process gloo group for FSDP2 in this test only: torchrun tests later in the session must not inherit
+    its MASTER_ADDR / MASTER_PORT (the port stays bound while the group lives)."""
+    import torch.distributed as dist
+
+    saved = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT")}
+    was_initialized = dist.is_initialized()
+    yield
+    if dist.is_initialized() and not was_initialized:
+        dist.destroy_process_group()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.mark.parametrize("overrides", [[], ["model.lora.rank=4"], ["model.freeze_vision=true"],
                                        ["model.lora.rank=4", "model.lora.vision=true"]], ids=str)
-def test_memory_plan_counts_what_one_step_allocates(overrides):
+def test_memory_plan_counts_what_one_step_allocates(overrides, own_process_group):
     """benchmarks/memory_plan.py's parameter, gradient and optimizer bytes equal the tensor bytes a real FSDP2
     step of the tiny model holds (one process, CPU), for full fine-tuning, LoRA and a frozen vision tower."""
     import torch
