@@ -52,6 +52,7 @@ class Counts:
     total: int
     trainable: int
     trainable_tensors: int
+    trainable_numels: list[int]  # per trainable tensor (8-bit optimizer state depends on each size)
     largest_layer: int  # parameters of the largest FSDP unit (a decoder layer or vision block)
     root: int  # parameters outside the layers and blocks (embeddings, LM head, norms, patch embed, merger)
     vocab: int
@@ -84,11 +85,25 @@ def count(cfg: Config) -> Counts:
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     return Counts(
         total=sum(p.numel() for p in params), trainable=sum(p.numel() for p in trainable),
-        trainable_tensors=len(trainable), largest_layer=max(unit_sizes),
+        trainable_tensors=len(trainable), trainable_numels=[p.numel() for p in trainable], largest_layer=max(unit_sizes),
         root=sum(p.numel() for p in params) - sum(unit_sizes), vocab=text.vocab_size, hidden=text.hidden_size,
         layers=text.num_hidden_layers, vision_depth=hf_cfg.vision_config.depth,
         kv_bytes_per_token=2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * 2,
     )
+
+
+def optimizer_bytes(numels: list[int], name: str) -> float:
+    """AdamW state bytes: fp32 m and v and a 4-byte step per tensor; adamw_8bit (torchao AdamW8bit) keeps m and v of
+    tensors with >= 4096 values (and a multiple of its 256-value block) as 8-bit codes, an fp32 scale per block
+    and a 256-entry fp32 code map each."""
+    total = 0
+    for n in numels:
+        if name == "adamw_8bit" and n >= 4096 and n % 256 == 0:
+            total += 2 * (n + 4 * (n // 256) + 4 * 256)
+        else:
+            total += 8 * n
+        total += 4
+    return float(total)
 
 
 def default_patches_per_token(cfg: Config) -> float:
@@ -112,7 +127,7 @@ def plan(cfg: Config, gpus: int, gpu_gib: float, *, patches_per_token: float | N
     state = {
         "parameters (fp32, sharded)": 4 * c.total / gpus,
         "gradients (fp32, sharded)": 4 * c.trainable / gpus,
-        "optimizer (AdamW fp32 m, v + step)": (8 * c.trainable + 4 * c.trainable_tensors) / gpus,
+        f"optimizer ({cfg.optim.name} state)": optimizer_bytes(c.trainable_numels, cfg.optim.name) / gpus,
     }
     on_gpu = {k: 0.0 if offload else v for k, v in state.items()}
     gathered = 2 * (c.root + 2 * c.largest_layer) + 2 * c.largest_layer  # bf16: root + 2 layers, a layer's grads
@@ -138,7 +153,7 @@ def plan(cfg: Config, gpus: int, gpu_gib: float, *, patches_per_token: float | N
     vllm_budget = cfg.rollout.gpu_memory_utilization * gpu_gib * GIB if cfg.rollout.backend == "vllm" else 0.0
     vllm_weights = 2 * c.total / max(cfg.rollout.tensor_parallel_size, 1)
     kv = max(vllm_budget - vllm_weights - VLLM_OVERHEAD, 0.0) if vllm_budget else 0.0
-    resident = on_gpu["parameters (fp32, sharded)"] + on_gpu["optimizer (AdamW fp32 m, v + step)"]
+    resident = on_gpu["parameters (fp32, sharded)"] + on_gpu[f"optimizer ({cfg.optim.name} state)"]
     rollout = {"trainer parameters + optimizer (resident)": resident,
                "vLLM weights (bf16)": vllm_weights if vllm_budget else 0.0,
                "vLLM KV cache": kv, "vLLM activations, graphs": VLLM_OVERHEAD if vllm_budget else 0.0}

@@ -66,6 +66,18 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         np.random.set_state(state["numpy"])
 
 
+def _plain(x: Any) -> Any:
+    """JSON-ready values: 0-d tensors become floats (torchao's optimizers keep each group's lr as a tensor, which
+    the LR scheduler's state then holds; ``json.dumps(default=str)`` would store "tensor(0.0010)")."""
+    if torch.is_tensor(x) and x.ndim == 0:
+        return x.item()
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_plain(v) for v in x]
+    return x
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -124,7 +136,7 @@ def save_checkpoint(
     distributed.barrier()
     if distributed.rank() == 0:
         if scheduler is not None:
-            state.scheduler = scheduler.state_dict()
+            state.scheduler = _plain(scheduler.state_dict())
         _atomic_write_text(tmp / "trainer_state.json", json.dumps(asdict(state), indent=2, default=str))
         _fsync_dir(tmp)
         if final.exists():  # re-saving the same step: keep the old one until the new one is complete

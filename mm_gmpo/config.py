@@ -141,6 +141,8 @@ class AlgorithmConfig:
 
 @dataclass
 class OptimConfig:
+    name: str = f("adamw", "adamw (fp32 moments, 8 bytes per trained parameter) or adamw_8bit (torchao AdamW8bit: "
+                           "8-bit moments, ~2 bytes; fp32 weights keep updates at lr 1e-6)")
     lr: float = f(1e-6, "AdamW learning rate")
     weight_decay: float = f(0.01, "AdamW weight decay (not on biases and norms)")
     betas: list = field(default_factory=lambda: [0.9, 0.999], metadata={"doc": "AdamW betas"})
@@ -208,6 +210,7 @@ CHOICES = {
     "algorithm.objective": ("gmpo", "grpo"),
     "algorithm.loss_agg": ("token_mean", "seq_mean_token_mean"),
     "optim.lr_schedule": ("constant", "cosine"),
+    "optim.name": ("adamw", "adamw_8bit"),
 }
 
 

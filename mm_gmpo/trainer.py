@@ -317,7 +317,7 @@ def train(cfg: Config) -> dict[str, float]:
                             checkpoint_every=cfg.model.checkpoint_every,
                             cpu_offload=t.cpu_offload, freeze_vision=cfg.model.freeze_vision)
     optimizer = build_optimizer(policy, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
-                                betas=tuple(cfg.optim.betas))
+                                betas=tuple(cfg.optim.betas), name=cfg.optim.name)
     n_updates = total_steps * t.ppo_epochs * (t.rollout_batch_size // t.mini_batch_size)
     scheduler = build_scheduler(optimizer, schedule=cfg.optim.lr_schedule, warmup_steps=cfg.optim.warmup_steps,
                                 total_steps=n_updates, min_lr_ratio=cfg.optim.min_lr_ratio)

@@ -132,15 +132,29 @@ def update_schedule(n_samples: int, group_size: int, n_mini: int, ppo_epochs: in
             for part in group_minibatches(n_samples, group_size, n_mini, seed=step + 1_000_003 * epoch)]
 
 
+OPTIMIZERS = ("adamw", "adamw_8bit")
+
+
 def build_optimizer(policy: nn.Module, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999),
-                    eps: float = 1e-8) -> torch.optim.Optimizer:
-    """AdamW over trainable parameters (no decay on biases and norms); fused kernels on CUDA."""
+                    eps: float = 1e-8, name: str = "adamw") -> torch.optim.Optimizer:
+    """AdamW over trainable parameters (no decay on biases and norms).
+
+    name: 'adamw' (torch, fp32 moments; fused kernels on CUDA) or 'adamw_8bit' (torchao's AdamW8bit: the moments of
+    every tensor of >= 4096 values in 8 bits with a scale per 256, about 2 bytes per parameter instead of 8; the
+    weights stay fp32, so updates at RL learning rates are kept).
+    """
     decay, no_decay = [], []
-    for name, p in policy.named_parameters():
+    for pname, p in policy.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
+        (no_decay if p.ndim < 2 or "norm" in pname else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if name == "adamw_8bit":
+        from torchao.optim import AdamW8bit
+
+        return AdamW8bit(groups, lr=lr, betas=betas, eps=eps)
+    if name != "adamw":
+        raise ValueError(f"optimizer {name!r}: choose one of {OPTIMIZERS}")
     fused = all(p.is_cuda for p in decay + no_decay) and len(decay + no_decay) > 0
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
 
@@ -159,6 +173,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, *, schedule: str, warmup_s
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
+    for group in optimizer.param_groups:  # torchao keeps lr as a tensor: schedule from a float, as after a resume
+        if torch.is_tensor(group["lr"]):
+            group.setdefault("initial_lr", float(group["lr"]))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
