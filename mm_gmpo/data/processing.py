@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,16 +148,7 @@ def image_key(image: Image.Image) -> str:
 
 def _pad_runs(ids: list[int], pad_id: int) -> list[int]:
     """Lengths of the runs of ``pad_id`` in ``ids``: one run per image, in order."""
-    runs: list[int] = []
-    prev = None
-    for t in ids:
-        if t == pad_id:
-            if prev == pad_id:
-                runs[-1] += 1
-            else:
-                runs.append(1)
-        prev = t
-    return runs
+    return [len(list(run)) for tok, run in itertools.groupby(ids) if tok == pad_id]
 
 
 def encode_prompts(

@@ -12,6 +12,7 @@ import atexit
 import multiprocessing as mp
 import os
 import time
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
@@ -186,15 +187,15 @@ def score_batch(
     choice_values = choice_values if choice_values is not None else [None] * n
     if not (len(tasks) == len(choices) == len(choice_values) == n):
         raise ValueError("task, choices and choice_values must have one entry per response")
+    workers = min(2, os.cpu_count() or 1) if workers is None else workers
+    if reward_function is not None:
+        lengths = response_lengths if response_lengths is not None else [len(r) for r in responses]
+        return _score_custom(responses, ground_truths, lengths, reward_function, workers, grace_s)
     items = [
         dict(response=r, ground_truth=g, task=t, choices=c, choice_values=v, format_weight=format_weight,
              format_pattern=format_pattern, timeout_s=timeout_s)
         for r, g, t, c, v in zip(responses, ground_truths, tasks, choices, choice_values, strict=True)
     ]
-    workers = min(2, os.cpu_count() or 1) if workers is None else workers
-    if reward_function is not None:
-        lengths = response_lengths if response_lengths is not None else [len(r) for r in responses]
-        return _score_custom(responses, ground_truths, lengths, reward_function, workers, grace_s)
     t0 = time.perf_counter()
     if workers <= 0 or n == 0:
         scores, killed = [score(**it) for it in items], 0
@@ -239,8 +240,6 @@ def _score_custom(responses: list[str], ground_truths: list[str], lengths: list[
     metrics["reward/killed_for_time"] = float(killed)
     metrics["timing/reward_s"] = time.perf_counter() - t0
     if errors:
-        import warnings
-
         warnings.warn(f"reward function {rf.spec}: {len(errors)} of {len(items)} items scored 0 "
                       f"(first: {errors[0]})", stacklevel=3)
     out = [{**sc, "accuracy": sc.get("accuracy", sc["overall"])} for sc in scores]
