@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import config_for, report
 
-from mm_gmpo.policy import build_model
+from mm_gmpo.models import build_model
 
 
 def _saved_bytes(fn, exclude: list[torch.Tensor]) -> int:

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Timer, config_for, image_prompts, report
 
 from mm_gmpo.data.processing import load_processor
-from mm_gmpo.policy import build_model, write_model_folder
+from mm_gmpo.models import build_model, write_model_folder
 from mm_gmpo.rollout.base import SamplingParams
 
 

@@ -23,7 +23,8 @@ from common import Timer, config_for, report
 
 from mm_gmpo import distributed
 from mm_gmpo.data.processing import load_processor
-from mm_gmpo.policy import Policy, build_model, write_model_folder
+from mm_gmpo.models import build_model, write_model_folder
+from mm_gmpo.policy import Policy
 from mm_gmpo.weight_sync import sync_weights
 
 

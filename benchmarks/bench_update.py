@@ -30,7 +30,8 @@ from mm_gmpo import distributed
 from mm_gmpo.attention import use_grouped_vision_attention
 from mm_gmpo.data.processing import load_processor
 from mm_gmpo.loss import gmpo_loss
-from mm_gmpo.policy import Policy, build_model, collate, compile_blocks, resolve_attention, use_packing
+from mm_gmpo.models import build_model, compile_blocks, resolve_attention
+from mm_gmpo.policy import Policy, collate, use_packing
 from mm_gmpo.profiling import profiled, write_profile
 from mm_gmpo.update import UpdateBatch, build_optimizer, peak_bf16_flops, policy_update, training_flops
 

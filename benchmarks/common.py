@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from mm_gmpo.policy import model_config, tiny_qwen2_5_vl_config
+from mm_gmpo.models import model_config, tiny_qwen2_5_vl_config
 
 
 def config_for(name: str):

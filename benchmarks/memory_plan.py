@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from activation_memory import per_unit_bytes
 
 from mm_gmpo.config import Config, load_config
-from mm_gmpo.policy import model_config, random_model_config
+from mm_gmpo.models import model_config, random_model_config
 
 GIB = 2**30
 CUDA_CONTEXT = 1.0 * GIB  # CUDA context, NCCL buffers, a sleeping vLLM's residue
@@ -65,7 +65,7 @@ class Counts:
 def count(cfg: Config) -> Counts:
     """Build the model on the meta device (no memory) with the config's LoRA, and count."""
     from mm_gmpo.lora import add_lora
-    from mm_gmpo.policy import build_model
+    from mm_gmpo.models import build_model
 
     hf_cfg = hf_config(cfg)
     model = build_model("plan", random_init=True, config=hf_cfg, dtype=torch.float32, attn_implementation="sdpa",

@@ -179,7 +179,7 @@ def make_engine(backend: str, model: str, *, device: str | None = None, batch_si
     import torch
 
     from mm_gmpo.data.processing import load_processor
-    from mm_gmpo.policy import is_random_model, random_model_config
+    from mm_gmpo.models import is_random_model, random_model_config
 
     is_random = is_random_model(model)
     if backend in ("oracle", "oracle-wrong"):
@@ -198,7 +198,7 @@ def make_engine(backend: str, model: str, *, device: str | None = None, batch_si
         return engine, load_processor(model)
     if backend != "hf":
         raise SystemExit(f"unknown backend {backend!r}; choose vllm, hf, oracle or oracle-wrong")
-    from mm_gmpo.policy import build_model
+    from mm_gmpo.models import build_model
     from mm_gmpo.rollout.hf import HFEngine
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

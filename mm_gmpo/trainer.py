@@ -29,19 +29,16 @@ from mm_gmpo.data.synthetic import COLORS, single_token_ids
 from mm_gmpo.logger import MetricsLogger, plot_training
 from mm_gmpo.lora import add_lora
 from mm_gmpo.loss import get_policy_loss, truncated_is_weights
-from mm_gmpo.policy import (
+from mm_gmpo.models import (
     ASSETS,
-    Policy,
-    PolicyBatch,
     build_model,
-    collate,
     compile_blocks,
     is_random_model,
     random_model_config,
     resolve_attention,
-    use_packing,
     write_model_folder,
 )
+from mm_gmpo.policy import Policy, PolicyBatch, collate, use_packing
 from mm_gmpo.profiling import profiled, write_profile
 from mm_gmpo.rewards import score_batch
 from mm_gmpo.rewards.custom import RewardFunction, probe, resolve_spec

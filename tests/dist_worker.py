@@ -18,7 +18,8 @@ import torch
 from mm_gmpo import distributed
 from mm_gmpo.checkpoint import TrainerState, export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from mm_gmpo.loss import gmpo_loss
-from mm_gmpo.policy import Policy, build_model, collate, tiny_qwen2_5_vl_config
+from mm_gmpo.models import build_model, tiny_qwen2_5_vl_config
+from mm_gmpo.policy import Policy, collate
 from mm_gmpo.update import UpdateBatch, build_optimizer, build_scheduler, policy_update
 
 VISION_START, IMAGE_PAD, VISION_END, PAD = 151652, 151655, 151653, 151643
@@ -104,7 +105,7 @@ def main() -> None:
     if args.mode == "sync":  # every rank: a fresh HF engine with other weights, then sync from the FSDP policy
         from transformers import AutoTokenizer
 
-        from mm_gmpo.policy import ASSETS
+        from mm_gmpo.models import ASSETS
         from mm_gmpo.rollout.hf import HFEngine
         from mm_gmpo.weight_sync import sync_weights
 

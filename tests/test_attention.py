@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from mm_gmpo.attention import NAME, grouped_varlen_sdpa, use_grouped_vision_attention
-from mm_gmpo.policy import build_model, model_config, tiny_qwen2_5_vl_config
+from mm_gmpo.models import build_model, model_config, tiny_qwen2_5_vl_config
 
 
 def per_segment_reference(q, k, v, cu, scale):

@@ -61,7 +61,7 @@ def test_bench_rollout_hf_reports_tokens(tmp_path):
 
 @pytest.mark.slow
 def test_bench_sync_hf_moves_every_parameter(tmp_path):
-    from mm_gmpo.policy import build_model, tiny_qwen2_5_vl_config
+    from mm_gmpo.models import build_model, tiny_qwen2_5_vl_config
 
     f = bench("bench_sync.py", tmp_path / "r.jsonl", "--backend", "hf", "--model", "tiny", "--repeats", "2")
     m = build_model("t", random_init=True, config=tiny_qwen2_5_vl_config())
@@ -156,7 +156,8 @@ def test_memory_plan_counts_what_one_step_allocates(overrides, own_process_group
     from mm_gmpo import distributed
     from mm_gmpo.config import load_config
     from mm_gmpo.lora import add_lora
-    from mm_gmpo.policy import Policy, build_model, collate, tiny_qwen2_5_vl_config
+    from mm_gmpo.models import build_model, tiny_qwen2_5_vl_config
+    from mm_gmpo.policy import Policy, collate
     from mm_gmpo.update import build_optimizer
 
     cfg = load_config(None, ["model.path=tiny-random", "rollout.backend=hf", *overrides])

@@ -10,7 +10,8 @@ import torch
 from mm_gmpo.data import geometry3k_prompts, load_geometry3k, load_text_math, text_math_prompts
 from mm_gmpo.data.processing import encode_prompt, load_processor
 from mm_gmpo.evaluation import evaluate, make_engine, read_generations
-from mm_gmpo.policy import Policy, build_model, collate, tiny_qwen2_5_vl_config
+from mm_gmpo.models import build_model, tiny_qwen2_5_vl_config
+from mm_gmpo.policy import Policy, collate
 from mm_gmpo.rollout.base import SamplingParams
 from mm_gmpo.rollout.hf import HFEngine
 from mm_gmpo.rollout.oracle import OracleEngine

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from mm_gmpo.attention import use_grouped_vision_attention
-from mm_gmpo.policy import Policy, build_model, collate, compile_blocks, tiny_qwen2_5_vl_config
+from mm_gmpo.models import build_model, compile_blocks, tiny_qwen2_5_vl_config
+from mm_gmpo.policy import Policy, collate
 
 ON_CPU = os.environ.get("MM_GMPO_GPU_TESTS_ON_CPU") == "1"
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not (torch.cuda.is_available() or ON_CPU), reason="needs a CUDA GPU")]

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from mm_gmpo.lora import add_lora, lora_scalings, merge_lora
-from mm_gmpo.policy import Policy, build_model, collate, tiny_qwen2_5_vl_config
+from mm_gmpo.models import build_model, tiny_qwen2_5_vl_config
+from mm_gmpo.policy import Policy, collate
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}

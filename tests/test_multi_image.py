@@ -10,7 +10,8 @@ import torch
 from mm_gmpo.data.processing import encode_prompt, load_processor
 from mm_gmpo.data.prompts import Prompt
 from mm_gmpo.data.synthetic import COLORS, SHAPES, draw
-from mm_gmpo.policy import Policy, build_model, collate, tiny_qwen2_5_vl_config
+from mm_gmpo.models import build_model, tiny_qwen2_5_vl_config
+from mm_gmpo.policy import Policy, collate
 
 PAD = 151643
 IMAGE_PAD = 151655

@@ -10,7 +10,8 @@ from mm_gmpo.checkpoint import TrainerState, latest_checkpoint, load_checkpoint,
 from mm_gmpo.data import geometry3k_prompts, load_geometry3k
 from mm_gmpo.data.processing import encode_prompt, load_processor
 from mm_gmpo.loss import gmpo_loss
-from mm_gmpo.policy import Policy, build_model, collate, split_by_token_budget, tiny_qwen2_5_vl_config
+from mm_gmpo.models import build_model, tiny_qwen2_5_vl_config
+from mm_gmpo.policy import Policy, collate, split_by_token_budget
 from mm_gmpo.update import UpdateBatch, build_optimizer, build_scheduler, policy_update
 
 PAD = 151643
@@ -119,7 +120,7 @@ def test_packed_layout_equals_padded(image_batch, with_grad):
 
 def test_packed_layout_text_only_lm():
     """A text-only causal LM (Qwen2, as Qwen2.5-Math) packs the same way, with 1-D positions."""
-    from mm_gmpo.policy import model_config
+    from mm_gmpo.models import model_config
 
     cfg = model_config({"model_type": "qwen2", "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 128,
                         "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1})
@@ -364,7 +365,8 @@ _FSDP_OPTIONS = r"""
 import json, sys, torch
 from mm_gmpo import distributed
 from mm_gmpo.loss import gmpo_loss
-from mm_gmpo.policy import Policy, build_model, collate, tiny_qwen2_5_vl_config
+from mm_gmpo.models import build_model, tiny_qwen2_5_vl_config
+from mm_gmpo.policy import Policy, collate
 from mm_gmpo.update import UpdateBatch, build_optimizer, policy_update
 
 def run(**opts):
@@ -420,7 +422,8 @@ _SELECTIVE_AC = r"""
 import json, torch
 from transformers.modeling_layers import GradientCheckpointingLayer
 from mm_gmpo import distributed
-from mm_gmpo.policy import Policy, build_model, collate, tiny_qwen2_5_vl_config
+from mm_gmpo.models import build_model, tiny_qwen2_5_vl_config
+from mm_gmpo.policy import Policy, collate
 
 def grads(ac, every):
     cfg = tiny_qwen2_5_vl_config(layers=4, vision_depth=4)
@@ -479,7 +482,8 @@ _COMPILED = r"""
 import json, torch
 from torch._dynamo.utils import counters
 from mm_gmpo import distributed
-from mm_gmpo.policy import Policy, build_model, collate, compile_blocks, tiny_qwen2_5_vl_config
+from mm_gmpo.models import build_model, compile_blocks, tiny_qwen2_5_vl_config
+from mm_gmpo.policy import Policy, collate
 
 def run(compiled):
     m = build_model("t", random_init=True, config=tiny_qwen2_5_vl_config(), dtype=torch.float64, seed=3)
@@ -538,7 +542,7 @@ def test_group_minibatches_keep_prompt_groups_whole():
 def test_training_flops_count_each_matmul_parameter_once():
     """6 x params x inputs: LM parameters over tokens (a tied embedding once, an untied input embedding not at
     all: it is a lookup), vision parameters over the patches encoded."""
-    from mm_gmpo.policy import model_config
+    from mm_gmpo.models import model_config
     from mm_gmpo.update import training_flops
 
     vl = Policy(build_model("t", random_init=True, config=tiny_qwen2_5_vl_config(), dtype=torch.float32))

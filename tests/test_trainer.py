@@ -80,7 +80,7 @@ def test_three_steps_write_metrics_checkpoint_export_and_plot(run3):
 def test_every_trainable_parameter_changed(run3):
     from transformers import AutoModelForImageTextToText
 
-    from mm_gmpo.policy import build_model, tiny_qwen2_5_vl_config
+    from mm_gmpo.models import build_model, tiny_qwen2_5_vl_config
 
     init = build_model("t", random_init=True, config=tiny_qwen2_5_vl_config(), dtype=torch.float32, seed=1)
     final = AutoModelForImageTextToText.from_pretrained(run3 / "hf_export", dtype=torch.float32)
@@ -185,7 +185,7 @@ def test_metrics_logger_rewind_forgets_steps_after_the_checkpoint(tmp_path):
 
 def test_random_model_paths_build_the_named_config(tmp_path):
     from mm_gmpo.config import Config
-    from mm_gmpo.policy import random_model_config, tiny_qwen2_5_vl_config
+    from mm_gmpo.models import random_model_config, tiny_qwen2_5_vl_config
     from mm_gmpo.trainer import _build
 
     assert random_model_config("Qwen/Qwen2.5-VL-3B-Instruct") is None  # real weights

@@ -151,7 +151,7 @@ def test_two_image_prompts_reach_the_engine_whole(fake_vllm):
     """Each image's pad run collapses to one placeholder (vLLM expands each again), both images travel in order,
     and limit_mm_per_prompt comes from the config (data.max_images through the trainer)."""
     from mm_gmpo.config import load_config
-    from mm_gmpo.policy import tiny_qwen2_5_vl_config
+    from mm_gmpo.models import tiny_qwen2_5_vl_config
     from mm_gmpo.rollout.vllm_engine import VLLMEngine
     from mm_gmpo.trainer import _make_engine
 
@@ -269,7 +269,8 @@ def test_vllm_logprobs_match_the_trainer_after_sync_on_fresh_and_seen_images(tmp
     (0.0361 vs a 0.0364 floor); fp32 gave 2.4e-3, over its bound, with cuDNN's TF32 still on for the trainer's
     Conv3d patch embedding (vLLM's is a full-precision matmul); TF32 is now off here, not yet re-run on a GPU.
     """
-    from mm_gmpo.policy import Policy, build_model, collate, model_config, write_model_folder
+    from mm_gmpo.models import build_model, model_config, write_model_folder
+    from mm_gmpo.policy import Policy, collate
     from mm_gmpo.rollout.vllm_engine import VLLMEngine
     from mm_gmpo.weight_sync import sync_weights
 

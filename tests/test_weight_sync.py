@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from mm_gmpo.data.processing import load_processor
-from mm_gmpo.policy import Policy, build_model, collate, tiny_qwen2_5_vl_config
+from mm_gmpo.models import build_model, tiny_qwen2_5_vl_config
+from mm_gmpo.policy import Policy, collate
 from mm_gmpo.rollout.hf import HFEngine
 from mm_gmpo.weight_sync import sync_weights
 
