@@ -163,11 +163,18 @@ def plan(cfg: Config, gpus: int, gpu_gib: float, *, patches_per_token: float | N
     room = limit - (peak_update - update[f"activations ({tokens} tokens, {tokens * ppt:.0f} patches)"])
     best = int(max(room, 0) / per_token) // 1024 * 1024 if per_token > 0 else 0
     host = sum(state.values()) * gpus if offload else 0.0
+    # loading: model.load=full builds the whole fp32 model on every rank's host first; sharded reads each rank's
+    # rows of one tensor at a time (bf16 on disk; the largest is the embedding), random models one fp32 module
+    sharded = cfg.model.load == "sharded" or (cfg.model.load == "auto" and cfg.model.path != "tiny-random")
+    random = cfg.model.path.startswith("random:") or cfg.model.path == "tiny-random"
+    largest = (4 * c.vocab * c.hidden) if random else 2 * c.vocab * c.hidden / gpus
+    load_host = gpus * (largest if sharded else 4 * c.total)
     return {
         "counts": c, "update": update, "rollout": rollout, "peak_update": peak_update, "peak_rollout": peak_rollout,
         "fits": max(peak_update, peak_rollout) <= limit and (not vllm_budget or kv > 0),
         "kv_tokens": kv / c.kv_bytes_per_token if vllm_budget else 0.0, "largest_micro_batch_tokens": best,
         "host_state_gib_per_node": host / GIB, "patches_per_token": ppt,
+        "host_load_gib_per_node": load_host / GIB, "load": "sharded" if sharded else "full",
     }
 
 
@@ -184,6 +191,8 @@ def render(p: dict, gpus: int, gpu_gib: float, label: str) -> str:
               f"{max(p['peak_update'], p['peak_rollout']) / GIB:.1f} of {gpu_gib:g} GiB); vLLM KV cache holds "
               f"{p['kv_tokens']:,.0f} tokens; largest micro-batch that fits the update: "
               f"{p['largest_micro_batch_tokens']:,} tokens"]
+    lines.append(f"loading (model.load={p['load']}): at most {p['host_load_gib_per_node']:.1f} GiB of host memory per "
+                 f"node for the weights being read")
     if p["host_state_gib_per_node"]:
         lines.append(f"host memory for offloaded state: {p['host_state_gib_per_node']:.1f} GiB per node")
     return "\n".join(lines) + "\n"

@@ -46,6 +46,10 @@ class ModelConfig:
                                  "bundled config, qwen2_5_vl_3b / qwen2_5_vl_7b, or a config.json: speed only)")
     processor: str = f("", "Processor/tokenizer folder or hub name; empty = same as path (bundled for tiny-random and random:NAME)")
     dtype: str = f("bf16", "Parameter dtype for compute: bf16 or fp32 (use fp32 on CPU)")
+    load: str = f("auto", "sharded: build on the meta device, shard, then each rank reads only its rows of every "
+                          "safetensors tensor (random models: initialises them), so a rank never holds the whole "
+                          "model; full: every rank builds the whole model first (any checkpoint format); auto: "
+                          "sharded, except tiny-random")
     attn_implementation: str = f("auto", "auto (flash_attention_2 when flash-attn is installed and a GPU is present, "
                                          "else sdpa), sdpa, flash_attention_2, or eager")
     layout: str = f("auto", "How a micro-batch enters the trainer's model: packed (one padding-free row; each "
@@ -201,6 +205,7 @@ CHOICES = {
     "model.dtype": ("bf16", "fp32"),
     "model.attn_implementation": ("auto", "sdpa", "flash_attention_2", "eager"),
     "model.layout": ("auto", "packed", "padded"),
+    "model.load": ("auto", "sharded", "full"),
     "model.vision_attention": ("auto", "transformers", "grouped"),
     "data.dataset": ("files", "geometry3k", "math", "synthetic"),
     "data.task": ("math", "geometry3k", "exact"),

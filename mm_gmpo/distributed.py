@@ -195,6 +195,43 @@ def parallelize(
     return policy
 
 
+def local_rows(param: torch.Tensor) -> slice:
+    """The rows of the full tensor that this rank's shard of ``param`` holds (FSDP2: Shard(0), chunked as
+    ``torch.chunk``: ceil(rows / ranks) each, the last ranks shorter or empty); all rows of a plain tensor."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(param, DTensor):
+        return slice(None)
+    if tuple(param.placements) != (Shard(0),):
+        raise ValueError(f"materialize reads row shards; this parameter is placed as {param.placements}")
+    n, ranks, me = param.shape[0], param.device_mesh.size(), param.device_mesh.get_local_rank()
+    chunk = -(-n // ranks)
+    return slice(min(me * chunk, n), min((me + 1) * chunk, n))
+
+
+@torch.no_grad()
+def materialize(policy: nn.Module, source, device: torch.device | str) -> dict[str, float]:
+    """Give a policy built on the meta device (``mm_gmpo.models.empty_model``) and sharded by :func:`parallelize`
+    its memory on ``device`` and fill this rank's shards from ``source`` (``read(name, rows)``: a
+    ``CheckpointSource`` or ``RandomSource`` over the inner model's parameter names). No rank ever holds more
+    than its shards and one slice being read; returns {'bytes_read', 'largest_held'} of this rank's source."""
+    from torch.distributed.tensor import DTensor
+
+    buffers = dict(policy.named_buffers())  # real CPU tensors (rotary tables): to_empty would discard them
+    policy.to_empty(device=device)
+    for name, b in policy.named_buffers():
+        b.copy_(buffers[name])
+    for name, p in policy.named_parameters():
+        local = p.to_local() if isinstance(p, DTensor) else p
+        rows = local_rows(p)
+        part = source.read(name.removeprefix("model."), rows)
+        if part.shape != local.shape:
+            raise ValueError(f"{name}: the source gives {tuple(part.shape)} for rows {rows}, the shard is "
+                             f"{tuple(local.shape)}")
+        local.copy_(part)
+    return {"bytes_read": float(source.bytes_read), "largest_held": float(source.largest_held)}
+
+
 def _init_single_process_group() -> None:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:

@@ -150,3 +150,138 @@ def build_model(
     else:
         model = auto.from_pretrained(str(source), dtype=dtype, attn_implementation=attn_implementation)
     return model
+
+
+# ---------------------------------------------------------------- building on the meta device, filling by rows
+
+
+def empty_model(config, *, dtype: torch.dtype = torch.float32, attn_implementation: str = "auto") -> nn.Module:
+    """The model of ``config`` with its parameters on the meta device (no memory) and its buffers (the rotary
+    tables, computed from the config) real, on the CPU: what ``mm_gmpo.distributed.materialize`` fills after
+    ``parallelize`` has sharded it."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    attn_implementation = resolve_attention(attn_implementation)
+    auto = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
+    config._attn_implementation = attn_implementation
+    with init_empty_weights(include_buffers=False):
+        model = auto.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    model.tie_weights()  # from_config ties on a real device only: a tied head must stay one parameter
+    return model
+
+
+class CheckpointSource:
+    """Rows of the model's parameters read from its safetensors files, one slice at a time (memory-mapped: a rank
+    that asks for its rows reads those rows, never the whole tensor).
+
+    Checkpoint keys are mapped to the model's parameter names with transformers' own conversion mapping (Qwen2.5-VL
+    checkpoints say ``model.layers.N``, transformers 5 modules ``model.language_model.layers.N``); LoRA's
+    ``.base_layer`` reads its linear layer's weight. ``bytes_read`` counts what was read,
+    ``largest_held`` the largest slice held at once.
+    """
+
+    def __init__(self, model: nn.Module, folder: str | Path, seed: int = 0):
+        from safetensors import safe_open
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, rename_source_key
+
+        self.files = checkpoint_files(folder)
+        transforms = get_model_conversion_mapping(model)
+        renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        plain = {n.replace(".base_layer.", "."): n for n, _ in model.named_parameters()}
+        meta = dict.fromkeys(plain)  # rename_source_key only asks whether a name exists
+        self._handles = [safe_open(str(f), framework="pt") for f in self.files]
+        self.where: dict[str, tuple[int, str]] = {}  # parameter name -> (file index, checkpoint key)
+        for i, handle in enumerate(self._handles):
+            for key in handle.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
+                name, converter = rename_source_key(key, renamings, converters, model.base_model_prefix, meta)
+                if converter is not None:
+                    raise ValueError(f"{self.files[i]}: {key} needs transformers' weight conversion "
+                                     f"({converter}); load this model with model.load=full")
+                if name in plain:
+                    self.where[plain[name]] = (i, key)
+        lora = (".lora_A.", ".lora_B.")
+        missing = [n for n in plain.values() if n not in self.where and not any(s in n for s in lora)]
+        if missing:
+            raise ValueError(f"{folder}: no checkpoint tensor for {len(missing)} parameters, e.g. {missing[:3]}: "
+                             "is this the model that config.json describes?")
+        self.adapters = RandomSource(model, seed, only=lora)  # LoRA adapters start fresh, as peft starts them
+        self.bytes_read = self.largest_held = 0
+
+    def read(self, name: str, rows: slice) -> torch.Tensor:
+        if name not in self.where:
+            return self.adapters.read(name, rows)
+        i, key = self.where[name]
+        part = self._handles[i].get_slice(key)[rows]
+        self.bytes_read += part.numel() * part.element_size()
+        self.largest_held = max(self.largest_held, part.numel() * part.element_size())
+        return part
+
+
+class RandomSource:
+    """Rows of freshly initialised parameters, the same values whatever rows are asked for and in what order: each
+    leaf module (at most one embedding matrix) is initialised on its own, on the CPU, by transformers'
+    ``_init_weights`` under a seed derived from ``seed`` and its name, so a random model is identical on any
+    number of ranks. LoRA adapters start as peft starts them: A Kaiming-uniform, B zero. ``largest_held``: the
+    largest module held at once (an embedding matrix: a random model costs one full tensor per rank, not a shard)."""
+
+    def __init__(self, model: nn.Module, seed: int, only: tuple[str, ...] = ()):
+        import copy
+
+        self.model, self.seed = model, seed
+        self.leaf: dict[str, tuple[str, nn.Module]] = {}  # parameter name -> (module name, meta copy of module)
+        for mname, module in model.named_modules():
+            direct = list(module.named_parameters(recurse=False))
+            if direct and (not only or any(s in f"{mname}." for s in only)):
+                meta_copy = copy.deepcopy(module) if not list(module.children()) else None
+                for pname, _ in direct:
+                    self.leaf[f"{mname}.{pname}" if mname else pname] = (mname, meta_copy)
+        self._cached: tuple[str, dict[str, torch.Tensor]] | None = None
+        self.bytes_read = self.largest_held = 0
+
+    def _module_tensors(self, mname: str, meta_copy: nn.Module | None) -> dict[str, torch.Tensor]:
+        import zlib
+
+        if meta_copy is None:
+            raise ValueError(f"{mname} holds parameters of its own and has children: no per-module init for it")
+        module = meta_copy.to_empty(device="cpu")
+        gen_state = torch.random.get_rng_state()
+        torch.manual_seed(self.seed * 1_000_003 + zlib.crc32(mname.encode()))
+        with torch.no_grad():
+            if ".lora_B." in mname + ".":
+                module.weight.zero_()
+            elif ".lora_A." in mname + ".":
+                module.reset_parameters()
+            else:
+                self.model._init_weights(module)
+        torch.random.set_rng_state(gen_state)
+        return {n: t.detach() for n, t in module.named_parameters(recurse=False)}
+
+    def read(self, name: str, rows: slice) -> torch.Tensor:
+        mname, meta_copy = self.leaf[name]
+        if self._cached is None or self._cached[0] != mname:
+            self._cached = (mname, self._module_tensors(mname, meta_copy))
+            held = sum(t.numel() * t.element_size() for t in self._cached[1].values())
+            self.largest_held = max(self.largest_held, held)  # the whole module exists while its rows are read
+        part = self._cached[1][name.removeprefix(mname + ".") if mname else name][rows]
+        self.bytes_read += part.numel() * part.element_size()
+        return part
+
+
+def checkpoint_files(source: str | Path) -> list[Path]:
+    """The safetensors files of a model folder or hub name (a hub name is downloaded to the cache first)."""
+    folder = Path(source)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(str(source), allow_patterns=["*.safetensors", "*.json"]))
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        return [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    single = folder / "model.safetensors"
+    if single.exists():
+        return [single]
+    raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json; sharded loading "
+                            "reads safetensors only: set model.load=full to load other formats")

@@ -31,9 +31,13 @@ from mm_gmpo.lora import add_lora
 from mm_gmpo.loss import get_policy_loss, truncated_is_weights
 from mm_gmpo.models import (
     ASSETS,
+    CheckpointSource,
+    RandomSource,
     build_model,
     compile_blocks,
+    empty_model,
     is_random_model,
+    model_config,
     random_model_config,
     resolve_attention,
     write_model_folder,
@@ -291,7 +295,13 @@ def train(cfg: Config) -> dict[str, float]:
     packed = use_packing(cfg.model.layout, attn)
     if info.is_main:
         print(f"attention: {attn}; micro-batches: {'packed (padding-free)' if packed else 'padded'}")
-    model = _build(cfg, torch.float32, seed=t.seed, device=info.device)
+    rand = random_model_config(cfg.model.path)
+    sharded = cfg.model.load == "sharded" or (cfg.model.load == "auto" and cfg.model.path != "tiny-random")
+    if sharded:  # parameters on the meta device until parallelize has sharded them; then each rank fills its own
+        model = empty_model(rand or model_config(cfg.model.path), dtype=torch.float32,
+                            attn_implementation=cfg.model.attn_implementation)
+    else:
+        model = _build(cfg, torch.float32, seed=t.seed, device=info.device)
     lo = cfg.model.lora
     if lo.rank:  # adapters only: base weights and (unless lora.vision) the vision tower frozen
         try:
@@ -307,12 +317,25 @@ def train(cfg: Config) -> dict[str, float]:
         use_grouped_vision_attention(model)
     if cfg.model.compile:
         compile_blocks(model)
+    if sharded:
+        try:
+            source = RandomSource(model, t.seed) if rand else CheckpointSource(model, cfg.model.path, seed=t.seed)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"model.path: {e}") from None
     policy = Policy(model, chunk_size=cfg.model.logprob_chunk_size, packed=packed)
-    policy.to(info.device)
+    if not sharded:
+        policy.to(info.device)
     distributed.parallelize(policy, param_dtype=compute_dtype, reduce_dtype=torch.float32,
                             activation_checkpointing=cfg.model.activation_checkpointing,
                             checkpoint_every=cfg.model.checkpoint_every,
                             cpu_offload=t.cpu_offload, freeze_vision=cfg.model.freeze_vision)
+    if sharded:
+        t_load = time.perf_counter()
+        loaded = distributed.materialize(policy, source, torch.device("cpu") if t.cpu_offload else info.device)
+        if info.is_main:
+            print(f"sharded load: {'initialised' if rand else 'read'} {loaded['bytes_read'] / 2**30:.2f} GiB on "
+                  f"this rank in {time.perf_counter() - t_load:.1f} s (largest tensor held: "
+                  f"{loaded['largest_held'] / 2**30:.2f} GiB)")
     optimizer = build_optimizer(policy, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                                 betas=tuple(cfg.optim.betas), name=cfg.optim.name)
     n_updates = total_steps * t.ppo_epochs * (t.rollout_batch_size // t.mini_batch_size)
