@@ -95,9 +95,12 @@ def count(cfg: Config) -> Counts:
 def optimizer_bytes(numels: list[int], name: str) -> float:
     """AdamW state bytes: fp32 m and v and a 4-byte step per tensor; adamw_8bit (torchao AdamW8bit) keeps m and v of
     tensors with >= 4096 values (and a multiple of its 256-value block) as 8-bit codes, an fp32 scale per block
-    and a 256-entry fp32 code map each."""
+    and a 256-entry fp32 code map each; adamw_bf16 (optimi) bf16 m, v and Kahan compensation, its step a float."""
     total = 0
     for n in numels:
+        if name == "adamw_bf16":
+            total += 6 * n
+            continue
         if name == "adamw_8bit" and n >= 4096 and n % 256 == 0:
             total += 2 * (n + 4 * (n // 256) + 4 * 256)
         else:
@@ -124,9 +127,10 @@ def plan(cfg: Config, gpus: int, gpu_gib: float, *, patches_per_token: float | N
     ppt = default_patches_per_token(cfg) if patches_per_token is None else patches_per_token
     vh = hf_cfg.vision_config.hidden_size
 
+    wbytes, wname = (2, "bf16") if cfg.optim.name == "adamw_bf16" else (4, "fp32")  # update.master_dtype
     state = {
-        "parameters (fp32, sharded)": 4 * c.total / gpus,
-        "gradients (fp32, sharded)": 4 * c.trainable / gpus,
+        f"parameters ({wname}, sharded)": wbytes * c.total / gpus,
+        f"gradients ({wname}, sharded)": wbytes * c.trainable / gpus,
         f"optimizer ({cfg.optim.name} state)": optimizer_bytes(c.trainable_numels, cfg.optim.name) / gpus,
     }
     on_gpu = {k: 0.0 if offload else v for k, v in state.items()}
@@ -153,7 +157,7 @@ def plan(cfg: Config, gpus: int, gpu_gib: float, *, patches_per_token: float | N
     vllm_budget = cfg.rollout.gpu_memory_utilization * gpu_gib * GIB if cfg.rollout.backend == "vllm" else 0.0
     vllm_weights = 2 * c.total / max(cfg.rollout.tensor_parallel_size, 1)
     kv = max(vllm_budget - vllm_weights - VLLM_OVERHEAD, 0.0) if vllm_budget else 0.0
-    resident = on_gpu["parameters (fp32, sharded)"] + on_gpu[f"optimizer ({cfg.optim.name} state)"]
+    resident = on_gpu[f"parameters ({wname}, sharded)"] + on_gpu[f"optimizer ({cfg.optim.name} state)"]
     rollout = {"trainer parameters + optimizer (resident)": resident,
                "vLLM weights (bf16)": vllm_weights if vllm_budget else 0.0,
                "vLLM KV cache": kv, "vLLM activations, graphs": VLLM_OVERHEAD if vllm_budget else 0.0}

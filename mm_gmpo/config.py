@@ -145,8 +145,10 @@ class AlgorithmConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = f("adamw", "adamw (fp32 moments, 8 bytes per trained parameter) or adamw_8bit (torchao AdamW8bit: "
-                           "8-bit moments, ~2 bytes; fp32 weights keep updates at lr 1e-6)")
+    name: str = f("adamw", "adamw (fp32 weights and moments: 16 bytes per trained parameter with its gradient), "
+                           "adamw_8bit (torchao AdamW8bit: 8-bit moments, ~10 bytes; fp32 weights keep updates at "
+                           "lr 1e-6), or adamw_bf16 (optimi AdamW: bf16 weights, gradients and moments with a Kahan-"
+                           "compensated update, 10 bytes, also for frozen weights; needs model.dtype=bf16)")
     lr: float = f(1e-6, "AdamW learning rate")
     weight_decay: float = f(0.01, "AdamW weight decay (not on biases and norms)")
     betas: list = field(default_factory=lambda: [0.9, 0.999], metadata={"doc": "AdamW betas"})
@@ -167,6 +169,10 @@ class TrainerConfig:
     epochs: int = f(15, "Epochs over the train set when total_steps is 0")
     seed: int = f(1, "Seed for data order, sampling and initialisation")
     cpu_offload: bool = f(False, "FSDP2: keep sharded params and optimizer state on the CPU")
+    offload_params: bool = f(False, "Move this rank's parameter shards to the CPU while the engine generates (its KV "
+                                    "cache gets the memory) and back for the log-probs and update (EasyR1's "
+                                    "offload_params); the weight sync reads them from the CPU. Costs two copies a step")
+    offload_optimizer: bool = f(False, "The same for the optimizer state (EasyR1's offload_optimizer)")
     output_dir: str = f("runs/default", "Run folder: checkpoints, metrics.jsonl, TensorBoard, plots")
     save_every: int = f(20, "Checkpoint every N steps (and at the end); 0 = only at the end; "
                                  "-1 = never (benchmark runs)")
@@ -215,7 +221,7 @@ CHOICES = {
     "algorithm.objective": ("gmpo", "grpo"),
     "algorithm.loss_agg": ("token_mean", "seq_mean_token_mean"),
     "optim.lr_schedule": ("constant", "cosine"),
-    "optim.name": ("adamw", "adamw_8bit"),
+    "optim.name": ("adamw", "adamw_8bit", "adamw_bf16"),
 }
 
 
@@ -408,6 +414,12 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError("model.lora.target_modules is empty; e.g. [q_proj, k_proj, v_proj, o_proj]")
     if a.reward_timeout_s <= 0:
         raise ConfigError(f"algorithm.reward_timeout_s = {a.reward_timeout_s}: must be > 0")
+    if t.cpu_offload and (t.offload_params or t.offload_optimizer):
+        raise ConfigError("trainer.cpu_offload already keeps parameters and optimizer state on the CPU for the "
+                          "whole run; set trainer.offload_params=false and trainer.offload_optimizer=false")
+    if cfg.optim.name == "adamw_bf16" and cfg.model.dtype != "bf16":
+        raise ConfigError("optim.name=adamw_bf16 keeps the weights in bf16, so the model computes in bf16: set "
+                          "model.dtype=bf16, or use optim.name=adamw_8bit to keep fp32 weights")
     if r.backend == "vllm" and world_size % r.tensor_parallel_size:
         raise ConfigError(f"rollout.tensor_parallel_size ({r.tensor_parallel_size}) must divide the number of "
                           f"ranks ({world_size})")

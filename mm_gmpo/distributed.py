@@ -254,6 +254,56 @@ def clip_grad_norm(params, max_norm: float) -> float:
     return float(norm)
 
 
+# ---------------------------------------------------------------- offload between stages
+
+
+def _moved_state(optimizer: torch.optim.Optimizer, device: torch.device) -> list[tuple[dict, str, torch.Tensor]]:
+    """The optimizer's per-parameter tensors not on ``device``; scalars (AdamW's step) stay where the optimizer
+    keeps them (the CPU unless fused)."""
+    return [(state, k, v) for state in optimizer.state.values() for k, v in state.items()
+            if torch.is_tensor(v) and v.ndim > 0 and v.device != device]
+
+
+@torch.no_grad()
+def move_train_state(policy: nn.Module, optimizer: torch.optim.Optimizer | None, device: torch.device, *,
+                     params: bool = True, optimizer_state: bool = True) -> float:
+    """Move this rank's parameter shards (``params``) and optimizer state (``optimizer_state``) to ``device``: the
+    CPU while the rollout engine generates (its KV cache gets the GPU memory), back to the GPU for the log-probs
+    and the update (EasyR1's offload_params / offload_optimizer). Returns the bytes moved. Gradients are freed
+    after every update, so there are none to move."""
+    moved = 0
+    if params:
+        moved += sum(_local(p).numel() * p.element_size() for p in policy.parameters() if p.device != device)
+        policy.to(device)  # FSDP2 re-registers its sharded parameters after a move
+    if optimizer_state and optimizer is not None:
+        for state, k, v in _moved_state(optimizer, device):
+            moved += _local(v).numel() * v.element_size()
+            state[k] = v.to(device, non_blocking=True)
+    if device.type == "cpu" and torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # hand the freed blocks back for the engine's wake-up
+    return float(moved)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def full_tensor(param: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2 shard (every rank calls it, in the same order), also when the shard was moved
+    to the CPU between stages and the process group is NCCL: it then travels through the GPU one tensor at a
+    time."""
+    if not hasattr(param, "full_tensor"):
+        return param
+    comm = _comm_device()
+    if param.device != comm:
+        from torch.distributed.tensor import DTensor
+
+        param = DTensor.from_local(param.to_local().to(comm), param.device_mesh, param.placements,
+                                   shape=param.shape, stride=param.stride())
+    return param.full_tensor()
+
+
 # ---------------------------------------------------------------- state dicts and checkpoints
 
 

@@ -52,6 +52,7 @@ from mm_gmpo.update import (
     build_optimizer,
     build_scheduler,
     compute_logprobs,
+    master_dtype,
     peak_bf16_flops,
     policy_update,
     training_flops,
@@ -295,13 +296,14 @@ def train(cfg: Config) -> dict[str, float]:
     packed = use_packing(cfg.model.layout, attn)
     if info.is_main:
         print(f"attention: {attn}; micro-batches: {'packed (padding-free)' if packed else 'padded'}")
+    master = master_dtype(cfg.optim.name)  # the dtype of the trained (sharded) weights: fp32, bf16 for adamw_bf16
     rand = random_model_config(cfg.model.path)
     sharded = cfg.model.load == "sharded" or (cfg.model.load == "auto" and cfg.model.path != "tiny-random")
     if sharded:  # parameters on the meta device until parallelize has sharded them; then each rank fills its own
-        model = empty_model(rand or model_config(cfg.model.path), dtype=torch.float32,
+        model = empty_model(rand or model_config(cfg.model.path), dtype=master,
                             attn_implementation=cfg.model.attn_implementation)
     else:
-        model = _build(cfg, torch.float32, seed=t.seed, device=info.device)
+        model = _build(cfg, master, seed=t.seed, device=info.device)
     lo = cfg.model.lora
     if lo.rank:  # adapters only: base weights and (unless lora.vision) the vision tower frozen
         try:
@@ -347,6 +349,10 @@ def train(cfg: Config) -> dict[str, float]:
     if a.objective == "grpo":
         loss_kwargs["loss_agg"] = a.loss_agg
     normalize_by = "tokens" if a.objective == "grpo" and a.loss_agg == "token_mean" else "sequences"
+    offload = {"params": t.offload_params, "optimizer_state": t.offload_optimizer}
+    cpu = torch.device("cpu")
+    if any(offload.values()):  # the engine is created (and sizes its KV cache) without the trainer's state
+        distributed.move_train_state(policy, optimizer, cpu, **offload)
     engine = _make_engine(cfg, processor, info.device)
 
     # resume
@@ -389,6 +395,10 @@ def train(cfg: Config) -> dict[str, float]:
             rollouts, batch, sampler_lp = rollout_stage(engine, encoded, sampling, tokenizer.pad_token_id)
         engine.sleep()  # vLLM: give the GPU memory to the update
         timings["timing/rollout_s"] = time.perf_counter() - t0
+        if any(offload.values()):  # trainer.offload_*: parameters and optimizer state back for the update
+            t0 = time.perf_counter()
+            distributed.move_train_state(policy, optimizer, info.device, **offload)
+            timings["timing/reload_s"] = time.perf_counter() - t0
 
         # 3. rewards, 4. group advantages
         t0 = time.perf_counter()
@@ -425,6 +435,10 @@ def train(cfg: Config) -> dict[str, float]:
             write_profile(prof, Path(t.output_dir) / f"profile_update_step{step}", info.is_main)
 
         # 7. weight sync (the engine wakes up first; it must forget everything computed with the old weights)
+        if any(offload.values()):  # to the CPU before the engine takes its memory back; sync reads them there
+            t0 = time.perf_counter()
+            timings["perf/offloaded_gb"] = distributed.move_train_state(policy, optimizer, cpu, **offload) / 1e9
+            timings["timing/offload_s"] = time.perf_counter() - t0
         engine.wake_up()
         sync_metrics = sync_weights(policy, engine, dtype=sync_dtype)
 
@@ -465,9 +479,15 @@ def train(cfg: Config) -> dict[str, float]:
         state.step = step
         state.data_position = sampler.state_dict()
         if t.save_every >= 0 and ((t.save_every and step % t.save_every == 0) or step == total_steps):
+            if any(offload.values()):  # save from the devices the state was created on
+                distributed.move_train_state(policy, optimizer, info.device, **offload)
             save_checkpoint(ckpt_dir, policy, optimizer, scheduler, state, keep_last=t.keep_last)
+            if any(offload.values()) and step < total_steps:
+                distributed.move_train_state(policy, optimizer, cpu, **offload)
     bar.close()
 
+    if any(offload.values()):
+        distributed.move_train_state(policy, optimizer, info.device, **offload)
     if t.export_hf:
         export_hf(policy, out / "hf_export", processor=processor, save_adapter=cfg.model.lora.save_adapter)
     if info.is_main:

@@ -132,7 +132,12 @@ def update_schedule(n_samples: int, group_size: int, n_mini: int, ppo_epochs: in
             for part in group_minibatches(n_samples, group_size, n_mini, seed=step + 1_000_003 * epoch)]
 
 
-OPTIMIZERS = ("adamw", "adamw_8bit")
+OPTIMIZERS = ("adamw", "adamw_8bit", "adamw_bf16")
+
+
+def master_dtype(optimizer_name: str) -> torch.dtype:
+    """The dtype the trainer keeps its (sharded) weights in: bf16 for adamw_bf16, else fp32."""
+    return torch.bfloat16 if optimizer_name == "adamw_bf16" else torch.float32
 
 
 def build_optimizer(policy: nn.Module, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999),
@@ -141,7 +146,9 @@ def build_optimizer(policy: nn.Module, lr: float, weight_decay: float = 0.0, bet
 
     name: 'adamw' (torch, fp32 moments; fused kernels on CUDA) or 'adamw_8bit' (torchao's AdamW8bit: the moments of
     every tensor of >= 4096 values in 8 bits with a scale per 256, about 2 bytes per parameter instead of 8; the
-    weights stay fp32, so updates at RL learning rates are kept).
+    weights stay fp32, so updates at RL learning rates are kept) or 'adamw_bf16' (optimi's AdamW over bf16 weights:
+    bf16 moments and a bf16 Kahan compensation per weight that carries the part of each update bf16 rounds away,
+    so the updates of lr 1e-6 accumulate instead of vanishing; build the model in bf16, see master_dtype).
     """
     decay, no_decay = [], []
     for pname, p in policy.named_parameters():
@@ -153,6 +160,13 @@ def build_optimizer(policy: nn.Module, lr: float, weight_decay: float = 0.0, bet
         from torchao.optim import AdamW8bit
 
         return AdamW8bit(groups, lr=lr, betas=betas, eps=eps)
+    if name == "adamw_bf16":
+        from optimi import AdamW
+
+        if any(p.dtype != torch.bfloat16 for g in groups for p in g["params"]):
+            raise ValueError("adamw_bf16 updates bf16 weights: build the model with dtype=torch.bfloat16")
+        # triton=False: optimi's Triton kernels take plain tensors, FSDP2 hands it DTensors (foreach handles them)
+        return AdamW(groups, lr=lr, betas=betas, eps=eps, kahan_sum=True, triton=False)
     if name != "adamw":
         raise ValueError(f"optimizer {name!r}: choose one of {OPTIMIZERS}")
     fused = all(p.is_cuda for p in decay + no_decay) and len(decay + no_decay) > 0

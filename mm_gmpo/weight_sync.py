@@ -19,16 +19,14 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from mm_gmpo.distributed import full_tensor
 from mm_gmpo.lora import lora_scalings, merge_lora
 from mm_gmpo.rollout.base import RolloutEngine
 
 
 def _gathered(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     for name, param in model.named_parameters():  # tied weights appear once (lm_head <- embed_tokens)
-        t = param.data
-        if hasattr(t, "full_tensor"):  # an FSDP2 shard: all ranks gather it together, in the same order
-            t = t.full_tensor()
-        yield name, t
+        yield name, full_tensor(param.data)  # FSDP2 shards: all ranks gather together, wherever the shards are
 
 
 def _full_named_tensors(policy: nn.Module, dtype: torch.dtype | None, stats: dict) -> Iterator[tuple[str, torch.Tensor]]:

@@ -124,26 +124,9 @@ def test_activation_memory_adds_up(tmp_path):
     assert every2 == pytest.approx((text + 2 * h) * 1000 + (vis + 2 * 32) * 300)
 
 
-@pytest.fixture
-def own_process_group():
-    """A one-process gloo group for FSDP2 in this test only: torchrun tests later in the session must not inherit
-    its MASTER_ADDR / MASTER_PORT (the port stays bound while the group lives)."""
-    import torch.distributed as dist
-
-    saved = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT")}
-    was_initialized = dist.is_initialized()
-    yield
-    if dist.is_initialized() and not was_initialized:
-        dist.destroy_process_group()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
 @pytest.mark.parametrize("overrides", [[], ["model.lora.rank=4"], ["model.freeze_vision=true"],
-                                       ["model.lora.rank=4", "model.lora.vision=true"], ["optim.name=adamw_8bit"]],
+                                       ["model.lora.rank=4", "model.lora.vision=true"], ["optim.name=adamw_8bit"],
+                                       ["optim.name=adamw_bf16"], ["optim.name=adamw_bf16", "model.lora.rank=4"]],
                          ids=str)
 def test_memory_plan_counts_what_one_step_allocates(overrides, own_process_group):
     """benchmarks/memory_plan.py's parameter, gradient and optimizer bytes equal the tensor bytes a real FSDP2
@@ -158,11 +141,12 @@ def test_memory_plan_counts_what_one_step_allocates(overrides, own_process_group
     from mm_gmpo.lora import add_lora
     from mm_gmpo.models import build_model, tiny_qwen2_5_vl_config
     from mm_gmpo.policy import Policy, collate
-    from mm_gmpo.update import build_optimizer
+    from mm_gmpo.update import build_optimizer, master_dtype
 
     cfg = load_config(None, ["model.path=tiny-random", "rollout.backend=hf", *overrides])
     p = plan(cfg, gpus=1, gpu_gib=80, unit_bytes=(1000.0, 1000.0))
-    model = build_model("t", random_init=True, config=tiny_qwen2_5_vl_config(), dtype=torch.float32, seed=0)
+    model = build_model("t", random_init=True, config=tiny_qwen2_5_vl_config(), dtype=master_dtype(cfg.optim.name),
+                        seed=0)
     lo = cfg.model.lora
     if lo.rank:
         add_lora(model, rank=lo.rank, alpha=2 * lo.rank, vision=lo.vision)
@@ -186,10 +170,13 @@ def test_memory_plan_counts_what_one_step_allocates(overrides, own_process_group
     opt.step()
     state = sum(nbytes(v) for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
     u = p["update"]
-    assert params == u["parameters (fp32, sharded)"]
-    assert grads == u["gradients (fp32, sharded)"]
+    w = "bf16" if cfg.optim.name == "adamw_bf16" else "fp32"
+    assert params == u[f"parameters ({w}, sharded)"]
+    assert grads == u[f"gradients ({w}, sharded)"]
     assert state == u[f"optimizer ({cfg.optim.name} state)"]
     if cfg.optim.name == "adamw_8bit":
         assert state < params * 0.7  # ~2 bytes per parameter instead of 8
+    if cfg.optim.name == "adamw_bf16" and not lo.rank:
+        assert state == 3 * params and grads == params  # bf16 m, v, compensation; bf16 gradients
     if lo.rank:
         assert grads < params / 20  # adapters only
