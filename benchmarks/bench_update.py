@@ -29,11 +29,12 @@ from common import Timer, config_for, image_prompts, report
 from mm_gmpo import distributed
 from mm_gmpo.attention import use_grouped_vision_attention
 from mm_gmpo.data.processing import load_processor
+from mm_gmpo.lora import add_lora
 from mm_gmpo.loss import gmpo_loss
 from mm_gmpo.models import build_model, compile_blocks, resolve_attention
 from mm_gmpo.policy import Policy, collate, use_packing
 from mm_gmpo.profiling import profiled, write_profile
-from mm_gmpo.update import UpdateBatch, build_optimizer, peak_bf16_flops, policy_update, training_flops
+from mm_gmpo.update import UpdateBatch, build_optimizer, master_dtype, peak_bf16_flops, policy_update, training_flops
 
 
 def make_batch(n: int, seq: int, side: int, processor, vocab: int, min_seq: int | None = None, group: int = 1):
@@ -69,6 +70,9 @@ def main() -> None:
     ap.add_argument("--micro-tokens", type=int, default=8192, help="token budget per micro-batch")
     ap.add_argument("--no-ac", action="store_true", help="no activation checkpointing")
     ap.add_argument("--cpu-offload", action="store_true")
+    ap.add_argument("--optim", default="adamw", choices=["adamw", "adamw_8bit", "adamw_bf16"],
+                    help="optim.name (adamw_bf16 keeps bf16 weights)")
+    ap.add_argument("--lora", type=int, default=0, help="LoRA rank (model.lora.rank); 0 = full fine-tuning")
     ap.add_argument("--freeze-vision", action="store_true")
     ap.add_argument("--attn", default="auto", help="auto (flash_attention_2 when installed), sdpa or flash_attention_2")
     ap.add_argument("--layout", default="auto", choices=["auto", "packed", "padded"],
@@ -92,8 +96,10 @@ def main() -> None:
     torch.manual_seed(0)
     attn = resolve_attention(args.attn)
     packed = use_packing(args.layout, attn)
-    model = build_model(args.model, random_init=True, config=cfg, dtype=torch.float32, attn_implementation=attn,
-                        device=None if args.cpu_offload else device)
+    model = build_model(args.model, random_init=True, config=cfg, dtype=master_dtype(args.optim),
+                        attn_implementation=attn, device=None if args.cpu_offload else device)
+    if args.lora:
+        add_lora(model, rank=args.lora, alpha=2 * args.lora)
     grouped = args.vision_attention == "grouped" and use_grouped_vision_attention(model)
     if args.compile:
         compile_blocks(model)
@@ -101,7 +107,7 @@ def main() -> None:
     distributed.parallelize(policy, param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32,
                             activation_checkpointing=not args.no_ac, checkpoint_every=args.ac_every, cpu_offload=args.cpu_offload,
                             freeze_vision=args.freeze_vision)
-    opt = build_optimizer(policy, lr=1e-6)
+    opt = build_optimizer(policy, lr=1e-6, name=args.optim)
     batch, n_patches = make_batch(args.batch, args.seq, args.image, load_processor(), cfg.text_config.vocab_size
                                   if hasattr(cfg, "text_config") else cfg.vocab_size, min_seq=args.min_seq, group=args.group)
     g = torch.Generator().manual_seed(1)

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# The GPU checks and benchmarks of issues 6 and 9, in priority order, each under its own time limit so one hang
+# The GPU checks and benchmarks of issues 6, 9 and 18, in priority order, each under its own time limit so one hang
 # cannot eat the rest. Run from the repository root on a GPU machine with vLLM installed:
 #
-#   bash benchmarks/gpu_suite.sh env gputests update profile  # needs no vLLM: before carrying it
+#   bash benchmarks/gpu_suite.sh env gputests plan7b update profile  # needs no vLLM: before carrying it
 #   bash benchmarks/gpu_suite.sh parity rollout step sync  # with vLLM installed (../shared/gpu/)
 #
 # Logs and benchmarks/results.jsonl rows go to $OUT (default: runs/gpu_suite); SUITE_BUDGET_S (seconds) skips
 # the stages that no longer fit. Stages:
 #   gputests pytest -m gpu tests/test_gpu_update.py (packed, grouped, compiled paths on CUDA vs float64; bf16 packed
-#            as close to the reference as padded)
+#            as close to the reference as padded); tests/test_offload.py round trips (shards and optimizer state to
+#            the CPU and back, the run unchanged)
 #   parity   pytest -m gpu tests/test_vllm_engine.py (vLLM log-probs == trainer's after a sync, fresh + seen + two-image prompts)
 #   update   bench_update.py, Qwen2.5-VL-3B, 8 x 1024 tokens, 448x448 images, grouped vision attention: packed
 #            and padded micro-batches; packed with compiled MLPs and norms (--compile); packed recomputing every
@@ -18,6 +19,9 @@
 #   layouts  padded vs packed with lengths spread over 384..1024 (what packing saves on uneven responses)
 #   update7b Qwen2.5-VL-7B, 4 x 1024 tokens, FSDP2 CPU offload, frozen vision tower (fp32 AdamW state of the
 #            whole 8.3B model, 133 GB, fits neither the GPU nor this machine's 128 GiB of host memory)
+#   plan7b   Qwen2.5-VL-7B update with the memory plan's one-H200 setting (optim.name=adamw_8bit, 4096-token
+#            micro-batches): measured peak memory, then the plan's update total for the same setting (issue 18:
+#            within 10%)
 #   profile  one 3B update step (packed) under the torch profiler: time per category (matmul, attention,
 #            optimizer, FSDP, copies, other ops), busy vs wall, matmul TFLOP/s; $OUT/profile.md
 #   sync     bench_sync.py, Qwen2.5-VL-7B FSDP2 -> vLLM
@@ -57,7 +61,8 @@ for what in "$@"; do
       "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
       "$PY" -c "import vllm; print('vllm', vllm.__version__)" 2>&1 | tail -1 ;;
     gputests)
-      stage gputests 240 "$PY" -m pytest -m gpu tests/test_gpu_update.py -q -p no:cacheprovider ;;
+      stage gputests 240 "$PY" -m pytest -m gpu tests/test_gpu_update.py -q -p no:cacheprovider
+      stage offload 120 "$PY" -m pytest tests/test_offload.py -k round_trip -q -p no:cacheprovider ;;
     parity)
       stage parity 300 "$PY" -m pytest -m gpu tests/test_vllm_engine.py -s -q -p no:cacheprovider ${PARITY_K:+-k "$PARITY_K"} ;;
     update)
@@ -72,6 +77,11 @@ for what in "$@"; do
     update7b)
       stage update7b 420 "$PY" benchmarks/bench_update.py --model qwen2_5_vl_7b --batch 4 --seq 1024 --image 448 \
         --steps 1 --vision-attention grouped --layout packed --cpu-offload --freeze-vision ;;
+    plan7b)
+      stage plan7b 300 "$PY" benchmarks/bench_update.py --model qwen2_5_vl_7b --batch 4 --seq 1024 --image 448 \
+        --steps 1 --vision-attention grouped --layout packed --optim adamw_8bit --micro-tokens 4096
+      "$PY" benchmarks/memory_plan.py --config configs/geo3k_qwen2_5_vl_7b_gmpo.yaml --gpus 1 --gpu-gib 141 \
+        --patches-per-token 0.25 optim.name=adamw_8bit trainer.max_tokens_per_micro_batch=4096 | grep "update |" ;;
     profile)
       stage profile 200 "$PY" benchmarks/bench_update.py --model qwen2_5_vl_3b --batch 8 --seq 1024 --image 448 \
         --steps 1 --vision-attention grouped --layout packed --profile "$OUT"
@@ -91,7 +101,7 @@ for what in "$@"; do
       cp "$OUT/step_run/metrics.jsonl" "$OUT/step_metrics.jsonl" 2>/dev/null
       cp "$OUT/step_run/profile_update_step2.md" "$OUT/step_profile_update.md" 2>/dev/null
       rm -rf "$OUT/step_run" ;;
-    *) echo "unknown stage $what (env gputests parity update layouts update7b profile sync rollout step)"; exit 2 ;;
+    *) echo "unknown stage $what (env gputests parity update layouts update7b plan7b profile sync rollout step)"; exit 2 ;;
   esac
 done
 echo "=== done at +$(( $(date +%s) - t_start ))s"

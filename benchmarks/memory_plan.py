@@ -4,7 +4,7 @@
     python benchmarks/memory_plan.py --config configs/geo3k_qwen2_5_vl_7b_gmpo.yaml --gpus 1 --gpu-gib 141 \\
         model.lora.rank=64
 
-Counts, per GPU, for the trainer as it is built (fp32 parameters sharded by FSDP2 over --gpus ranks, bf16 compute):
+Counts, per GPU, for the trainer as it is built (parameters sharded by FSDP2 over --gpus ranks, bf16 compute):
 parameters, gradients and AdamW state of what trains (LoRA: the adapters only), the bf16 units FSDP2 gathers at a
 time, activations of one micro-batch (``trainer.max_tokens_per_micro_batch`` tokens; bytes per token per decoder
 layer and per patch per vision block measured exactly by ``activation_memory.py``'s method, and what
@@ -13,7 +13,9 @@ GPU: bf16 weights, the rest KV cache). The update and the rollout happen at diff
 the trainer keeps its parameters and optimizer state (gradients are freed after each update); while the trainer
 updates, vLLM sleeps (weights on the host, KV cache freed). The verdict takes the larger of the two phases.
 Parameter counts are exact (the model is built on the meta device); ``trainer.cpu_offload`` moves parameters,
-gradients and optimizer state to the host.
+gradients and optimizer state to the host for the whole run; ``trainer.offload_params`` / ``offload_optimizer``
+only while vLLM generates (the rollout phase), so vLLM may take a larger ``gpu_memory_utilization``.
+``optim.name=adamw_bf16`` keeps weights and gradients in bf16 (2 bytes each) and its state in 6 bytes.
 """
 
 from __future__ import annotations
@@ -157,7 +159,10 @@ def plan(cfg: Config, gpus: int, gpu_gib: float, *, patches_per_token: float | N
     vllm_budget = cfg.rollout.gpu_memory_utilization * gpu_gib * GIB if cfg.rollout.backend == "vllm" else 0.0
     vllm_weights = 2 * c.total / max(cfg.rollout.tensor_parallel_size, 1)
     kv = max(vllm_budget - vllm_weights - VLLM_OVERHEAD, 0.0) if vllm_budget else 0.0
-    resident = on_gpu[f"parameters ({wname}, sharded)"] + on_gpu[f"optimizer ({cfg.optim.name} state)"]
+    t = cfg.trainer  # offload between stages: on the host while vLLM generates, on the GPU for the update
+    kept_params = 0.0 if t.offload_params else on_gpu[f"parameters ({wname}, sharded)"]
+    kept_optim = 0.0 if t.offload_optimizer else on_gpu[f"optimizer ({cfg.optim.name} state)"]
+    resident = kept_params + kept_optim
     rollout = {"trainer parameters + optimizer (resident)": resident,
                "vLLM weights (bf16)": vllm_weights if vllm_budget else 0.0,
                "vLLM KV cache": kv, "vLLM activations, graphs": VLLM_OVERHEAD if vllm_budget else 0.0}
@@ -166,7 +171,10 @@ def plan(cfg: Config, gpus: int, gpu_gib: float, *, patches_per_token: float | N
     per_token = activations(1.0) - activations(0.0)
     room = limit - (peak_update - update[f"activations ({tokens} tokens, {tokens * ppt:.0f} patches)"])
     best = int(max(room, 0) / per_token) // 1024 * 1024 if per_token > 0 else 0
-    host = sum(state.values()) * gpus if offload else 0.0
+    between = (state[f"parameters ({wname}, sharded)"] if t.offload_params else 0.0) + \
+        (state[f"optimizer ({cfg.optim.name} state)"] if t.offload_optimizer else 0.0)
+    host = (sum(state.values()) if offload else between) * gpus
+    max_util = max(limit - resident - CUDA_CONTEXT, 0.0) / limit  # the largest vLLM share beside the resident state
     # loading: model.load=full builds the whole fp32 model on every rank's host first; sharded reads each rank's
     # rows of one tensor at a time (bf16 on disk; the largest is the embedding), random models one fp32 module
     sharded = cfg.model.load == "sharded" or (cfg.model.load == "auto" and cfg.model.path != "tiny-random")
@@ -179,6 +187,7 @@ def plan(cfg: Config, gpus: int, gpu_gib: float, *, patches_per_token: float | N
         "kv_tokens": kv / c.kv_bytes_per_token if vllm_budget else 0.0, "largest_micro_batch_tokens": best,
         "host_state_gib_per_node": host / GIB, "patches_per_token": ppt,
         "host_load_gib_per_node": load_host / GIB, "load": "sharded" if sharded else "full",
+        "max_gpu_memory_utilization": max_util if vllm_budget else None,
     }
 
 
@@ -197,6 +206,9 @@ def render(p: dict, gpus: int, gpu_gib: float, label: str) -> str:
               f"{p['largest_micro_batch_tokens']:,} tokens"]
     lines.append(f"loading (model.load={p['load']}): at most {p['host_load_gib_per_node']:.1f} GiB of host memory per "
                  f"node for the weights being read")
+    if p["max_gpu_memory_utilization"] is not None:
+        lines.append(f"largest rollout.gpu_memory_utilization beside the trainer's resident state: "
+                     f"{p['max_gpu_memory_utilization']:.2f}")
     if p["host_state_gib_per_node"]:
         lines.append(f"host memory for offloaded state: {p['host_state_gib_per_node']:.1f} GiB per node")
     return "\n".join(lines) + "\n"
