@@ -53,3 +53,29 @@ def group_advantages(
     names = ["reward/mean", "reward/std", "reward/min", "reward/max",
              "adv/degenerate_group_frac", "reward/group_std_mean", "adv/abs_mean"]
     return adv, dict(zip(names, metrics, strict=True))
+
+
+def groups_in_band(values: torch.Tensor, group_size: int, low: float, high: float) -> torch.Tensor:
+    """Online filtering (DAPO): a (G,) bool mask of the groups whose mean of ``values`` (per-sample accuracy or
+    reward, N = G x group_size, samples of a prompt consecutive) lies within [low, high]. A group outside the band
+    (all wrong, all right) has advantage 0 everywhere: it costs an update pass and teaches nothing."""
+    if values.dim() != 1 or values.numel() % group_size:
+        raise ValueError(f"values must be (G x {group_size},), got shape {tuple(values.shape)}")
+    means = values.float().view(-1, group_size).mean(-1)
+    return (means >= low) & (means <= high)
+
+
+def kl_shaped_rewards(rewards: torch.Tensor, token_kl: torch.Tensor, mask: torch.Tensor, kl_coef: float
+                      ) -> tuple[torch.Tensor, Metrics]:
+    """``algorithm.kl_in_reward``: each response's reward minus ``kl_coef`` x its summed per-token KL to the
+    reference (PPO-style shaping, as verl's apply_kl_penalty sums it for outcome advantages). (N,), (N, T), (N, T)."""
+    kl_seq = torch.where(mask.bool(), token_kl.float(), 0.0).sum(-1)
+    shaped = rewards.float() - kl_coef * kl_seq
+    return shaped, {"actor/kl_in_reward_mean": kl_seq.mean().item()}
+
+
+def pass_at_k(correct: torch.Tensor, k: int) -> tuple[float, float]:
+    """(mean@k, pass@k) of (P x k,) per-sample correctness (samples of a prompt consecutive): the mean accuracy
+    over all samples, and the fraction of prompts with at least one correct sample."""
+    per_prompt = correct.float().view(-1, k)
+    return per_prompt.mean().item(), (per_prompt.max(-1).values > 0).float().mean().item()

@@ -114,6 +114,10 @@ class RolloutConfig:
     tensor_parallel_size: int = f(1, "vLLM: tensor-parallel ranks per engine")
     enforce_eager: bool = f(False, "vLLM: no CUDA graphs / torch.compile (faster start, slower decode)")
     enable_sleep_mode: bool = f(True, "vLLM: sleep (weights to CPU, KV cache freed) while the policy updates")
+    val_temperature: float = f(0.0, "Validation sampling temperature; 0 = greedy (the paper's multimodal eval: 0.5 "
+                                    "with val_n=16)")
+    val_top_p: float = f(1.0, "Validation nucleus sampling")
+    val_n: int = f(1, "Validation samples per prompt; > 1 logs eval/mean@k and eval/pass@k")
     allowed_tokens: list = field(default_factory=list, metadata={
         "doc": "Restricted sampling: only these words (each one token) may be generated, and the trainer scores the "
                "same restricted distribution (classification-style tasks; the built-in task uses its 4 colours)"})
@@ -127,7 +131,22 @@ class AlgorithmConfig:
     loss_agg: str = f("token_mean", "grpo only: token_mean or seq_mean_token_mean (gmpo is per sequence)")
     normalize_std: bool = f(True, "Divide advantages by the group std (False = Dr. GRPO)")
     adv_eps: float = f(1e-6, "Added to the group std")
-    kl_coef: float = f(0.0, "k3 KL penalty to the initial policy (the paper uses none)")
+    clip_ratio_c: float | None = f(3.0, "grpo only: dual-clip, for A < 0 the token loss is at most -A x c (verl's "
+                                       "default 3.0); null = off. GMPO's log-space clip already bounds its ratio")
+    kl_coef: float = f(0.0, "KL to the reference policy (the initial policy; with LoRA the base with adapters "
+                            "off): its weight. 0 = no reference is built (the GMPO paper uses none; EasyR1's "
+                            "GRPO recipe 1e-2)")
+    kl_penalty: str = f("low_var_kl", "Per-token KL estimator: k1 (logp - ref), k2 / mse ((logp - ref)^2 / 2), "
+                                      "k3 / low_var_kl (exp(ref - logp) - (ref - logp) - 1, clamped as EasyR1), abs")
+    kl_in_reward: bool = f(False, "false: KL is a loss term (GRPO/EasyR1); true: kl_coef x the response's summed "
+                                  "KL is subtracted from its reward before the group advantages (PPO-style)")
+    online_filtering: bool = f(False, "DAPO-style: drop prompt groups whose mean filter_key is outside "
+                                      "[filter_low, filter_high] (all wrong or all right: no signal) and roll out "
+                                      "more prompts until the batch is full or max_filter_rounds is reached")
+    filter_key: str = f("accuracy", "online_filtering: accuracy or overall (the reward)")
+    filter_low: float = f(0.01, "online_filtering: keep groups whose mean is >= this")
+    filter_high: float = f(0.99, "online_filtering: ... and <= this")
+    max_filter_rounds: int = f(4, "online_filtering: rollout rounds per step at most (then train on what there is)")
     entropy_coef: float = f(0.0, "Entropy bonus")
     tis_cap: float = f(0.0, "Truncated importance sampling for the sampler/trainer mismatch: weight min(p_trainer / "
                             "p_sampler, cap) per token; 0 = off (2.0 is a common cap)")
@@ -178,6 +197,7 @@ class TrainerConfig:
                                  "-1 = never (benchmark runs)")
     keep_last: int = f(2, "Finished checkpoints to keep")
     eval_every: int = f(5, "Validate every N steps; 0 = never")
+    val_before_train: bool = f(False, "Validate once before the first step (logged as step 0), as EasyR1 does")
     resume: str = f("auto", "auto (latest checkpoint in output_dir if any), none, or a checkpoint path")
     export_hf: bool = f(True, "Write an HF-format copy (safetensors + processor) at the end")
     profile_step: int = f(0, "Profile the update of this step with the torch profiler (time per category: matmul, "
@@ -220,6 +240,8 @@ CHOICES = {
     "rollout.backend": ("hf", "vllm"),
     "algorithm.objective": ("gmpo", "grpo"),
     "algorithm.loss_agg": ("token_mean", "seq_mean_token_mean"),
+    "algorithm.kl_penalty": ("k1", "k2", "k3", "low_var_kl", "abs", "mse"),
+    "algorithm.filter_key": ("accuracy", "overall"),
     "optim.lr_schedule": ("constant", "cosine"),
     "optim.name": ("adamw", "adamw_8bit", "adamw_bf16"),
 }
@@ -234,6 +256,11 @@ def _hint(key: str, options) -> str:
 
 
 def _coerce(value: Any, tp: Any, key: str, origin: str) -> Any:
+    args = typing.get_args(tp)
+    if type(None) in args:  # float | None: YAML null (or "null"/"none" on the command line) turns it off
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
+            return None
+        tp = next(a for a in args if a is not type(None))
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -377,9 +404,27 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if r.backend == "vllm" and cfg.model.path == "tiny-random":
         raise ConfigError("rollout.backend=vllm needs a model folder with a config.json; use rollout.backend=hf "
                           "with model.path=tiny-random")
-    if a.kl_coef > 0:
-        raise ConfigError("algorithm.kl_coef > 0 needs a reference policy, which the trainer does not build yet; "
-                          "set algorithm.kl_coef=0 (the GMPO paper uses no KL)")
+    if a.kl_coef < 0:
+        raise ConfigError(f"algorithm.kl_coef = {a.kl_coef}: must be >= 0 (0 = no KL, e.g. 0.01 as EasyR1)")
+    if a.clip_ratio_c is not None and a.clip_ratio_c <= 1:
+        raise ConfigError(f"algorithm.clip_ratio_c = {a.clip_ratio_c}: must be > 1 (verl: 3.0), or null for no "
+                          "dual-clip")
+    if a.online_filtering and not 0 <= a.filter_low <= a.filter_high <= 1:
+        raise ConfigError(f"algorithm.filter_low ({a.filter_low}) and filter_high ({a.filter_high}) must satisfy "
+                          "0 <= filter_low <= filter_high <= 1 (e.g. 0.01 and 0.99: drop all-wrong and all-right "
+                          "groups)")
+    if a.max_filter_rounds < 1:
+        raise ConfigError(f"algorithm.max_filter_rounds = {a.max_filter_rounds}: must be >= 1")
+    if a.kl_coef > 0 and cfg.model.lora.rank and cfg.model.lora.modules_to_save:
+        raise ConfigError("algorithm.kl_coef > 0 with LoRA takes the base model (adapters off) as the reference, "
+                          "but model.lora.modules_to_save trains modules in full, which have no frozen copy; "
+                          "drop modules_to_save or set algorithm.kl_coef=0")
+    if r.val_n < 1 or r.val_temperature < 0:
+        raise ConfigError(f"rollout.val_n = {r.val_n}, val_temperature = {r.val_temperature}: need val_n >= 1 and "
+                          "val_temperature >= 0 (0 = greedy)")
+    if r.val_n > 1 and r.val_temperature == 0:
+        raise ConfigError(f"rollout.val_n = {r.val_n} with val_temperature = 0: greedy samples are identical; set "
+                          "rollout.val_temperature (the paper: 0.5) or val_n=1")
     if t.save_every < -1:
         raise ConfigError(f"trainer.save_every = {t.save_every}: use N > 0 (every N steps), 0 (only at the end) or "
                           "-1 (never)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -63,6 +64,26 @@ def lora_scalings(model: nn.Module) -> dict[str, float]:
 
     return {name: float(m.scaling[m.active_adapters[0]]) for name, m in model.named_modules()
             if isinstance(m, LoraLayer)}
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` as its frozen base inside the block: every LoRA layer computes ``W x`` alone (peft's
+    ``enable_adapters(False)``), the reference policy of a LoRA run without a second copy of the model. The
+    adapters' ``requires_grad`` flags are restored afterwards."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    flags = {p: p.requires_grad for m in layers for p in m.parameters()}
+    for m in layers:
+        m.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.enable_adapters(True)
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
 
 
 def has_lora(module: nn.Module) -> bool:

@@ -62,10 +62,26 @@ def _check_shapes(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages
         )
 
 
-def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """Per-token k3 estimator of KL(pi || ref) for tokens sampled from pi: exp(ref - logp) - (ref - logp) - 1 >= 0."""
-    log_ratio = (ref_logprobs - logprobs).clamp(-20.0, 20.0)
-    return torch.exp(log_ratio) - log_ratio - 1.0
+KL_PENALTIES = ("k1", "k2", "k3", "low_var_kl", "abs", "mse")
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "low_var_kl") -> torch.Tensor:
+    """Per-token estimate of KL(pi || ref) for tokens sampled from pi, with d = logprobs - ref_logprobs:
+
+    k1: d.  abs: |d|.  k2 / mse: d^2 / 2.  k3 / low_var_kl: exp(-d) + d - 1 (>= 0, unbiased, low variance), with
+    -d clamped to [-20, 20] and the result to [-10, 10], as verl and EasyR1 clamp it.
+    """
+    d = logprobs - ref_logprobs
+    if kind == "k1":
+        return d
+    if kind == "abs":
+        return d.abs()
+    if kind in ("k2", "mse"):
+        return 0.5 * d.square()
+    if kind in ("k3", "low_var_kl"):
+        log_ratio = (-d).clamp(-20.0, 20.0)
+        return (torch.exp(log_ratio) - log_ratio - 1.0).clamp(-10.0, 10.0)
+    raise ValueError(f"unknown KL penalty {kind!r}; choose one of {', '.join(KL_PENALTIES)}")
 
 
 def truncated_is_weights(
@@ -108,6 +124,7 @@ def _regularisers(
     lengths: torch.Tensor,
     ref_logprobs: torch.Tensor | None,
     kl_coef: float,
+    kl_kind: str,
     entropy: torch.Tensor | None,
     entropy_coef: float,
     reduce: Callable[[torch.Tensor], torch.Tensor],
@@ -116,16 +133,17 @@ def _regularisers(
     extra = per_token_logprobs.new_zeros(())
     stats: dict[str, torch.Tensor] = {}
     if ref_logprobs is not None:
-        kl = k3_kl(per_token_logprobs, ref_logprobs.to(per_token_logprobs.dtype))
+        kl = kl_penalty(per_token_logprobs, ref_logprobs.to(per_token_logprobs.dtype), kl_kind)
         kl_term = reduce(kl)
         if kl_coef:
             extra = extra + kl_coef * kl_term
-        stats["kl_ref"] = kl_term.detach()
+        stats["loss/kl"] = kl_term.detach()  # the penalty's value before kl_coef (summed over micro-batches)
+        stats["actor/kl_mean"] = torch.where(mask, kl, 0.0).sum().detach() / mask.sum().clamp(min=1)
     if entropy is not None:
         ent_term = reduce(entropy.float())
         if entropy_coef:
             extra = extra - entropy_coef * ent_term
-        stats["entropy"] = ent_term.detach()
+        stats["actor/entropy"] = ent_term.detach()
     return extra, stats
 
 
@@ -166,6 +184,7 @@ def gmpo_loss(
     normalizer: float | None = None,
     ref_logprobs: torch.Tensor | None = None,
     kl_coef: float = 0.0,
+    kl_penalty: str = "low_var_kl",
     entropy: torch.Tensor | None = None,
     entropy_coef: float = 0.0,
     is_weights: torch.Tensor | None = None,
@@ -181,9 +200,10 @@ def gmpo_loss(
         clip_high: log-space clip for A > 0 (delta is clipped above at +clip_high).
         normalizer: divide the summed sequence losses by this (the global number of sequences when the batch is
             split across micro-batches/ranks); default: B.
-        ref_logprobs: (B, T) reference-policy log-probs; enables the k3 KL metric and, with kl_coef > 0, the
-            penalty ``kl_coef * mean_i(masked token mean of k3)``. Paper setting: no KL.
+        ref_logprobs: (B, T) reference-policy log-probs; enables the KL metrics and, with kl_coef > 0, the
+            penalty ``kl_coef * mean_i(masked token mean of kl_penalty)``. Paper setting: no KL.
         kl_coef: weight of the KL penalty.
+        kl_penalty: the per-token estimator (:func:`kl_penalty`; default low_var_kl = clamped k3).
         entropy: (B, T) per-token entropy of the policy; reported, and with entropy_coef > 0 subtracted.
         entropy_coef: weight of the entropy bonus.
         is_weights: (B, T) truncated importance weights for the train/inference mismatch (see
@@ -215,7 +235,7 @@ def gmpo_loss(
         return _masked_seq_mean(x, mask, lengths).sum() / n_seq
 
     extra, reg_stats = _regularisers(
-        logprobs32, mask, lengths, ref_logprobs, kl_coef, entropy, entropy_coef, seq_reduce
+        logprobs32, mask, lengths, ref_logprobs, kl_coef, kl_penalty, entropy, entropy_coef, seq_reduce
     )
     loss = loss + extra
 
@@ -228,7 +248,7 @@ def gmpo_loss(
             **_ratio_metrics(delta, mask, lengths),
             "ratio/seq_weight_mean": weight[lengths > 0].sum() / (lengths > 0).sum().clamp(min=1),
             "adv/zero_frac": (adv == 0).float().mean(),
-            **{f"loss/{k}" if k == "kl_ref" else f"actor/{k}": v for k, v in reg_stats.items()},
+            **reg_stats,
         }
     return loss, _finish(stats)
 
@@ -242,9 +262,11 @@ def grpo_loss(
     clip_high: float = 0.2,
     *,
     loss_agg: LossAgg = "token_mean",
+    clip_ratio_c: float | None = 3.0,
     normalizer: float | None = None,
     ref_logprobs: torch.Tensor | None = None,
     kl_coef: float = 0.0,
+    kl_penalty: str = "low_var_kl",
     entropy: torch.Tensor | None = None,
     entropy_coef: float = 0.0,
     is_weights: torch.Tensor | None = None,
@@ -254,11 +276,16 @@ def grpo_loss(
     ``clip_low``/``clip_high`` are ratio-space epsilons: the token ratio is clipped to
     [1 - clip_low, 1 + clip_high] (defaults 0.2/0.2; DAPO's clip-higher uses clip_high=0.28).
 
+    ``clip_ratio_c`` (dual-clip PPO, Ye et al. 2020; verl's default 3.0): for A < 0 the token loss is also capped
+    at ``-A * clip_ratio_c``, so one token whose ratio exploded cannot dominate the batch; None turns it off.
+
     ``loss_agg``:
         ``token_mean`` (default, as verl/EasyR1/DAPO): sum over all valid tokens / number of valid tokens
             (``normalizer`` = global valid-token count when split into micro-batches).
         ``seq_mean_token_mean`` (the original GRPO paper): per-sequence token mean, then mean over sequences
-            (``normalizer`` = global sequence count).
+            (``normalizer`` = global sequence count, empty responses included: they add 0 to the sum and count
+            in the denominator, so one empty response does not raise the others' weight; verl divides by the
+            non-empty rows of each micro-batch).
     """
     _check_shapes(logprobs, old_logprobs, advantages, mask)
     if loss_agg not in ("token_mean", "seq_mean_token_mean"):
@@ -273,6 +300,11 @@ def grpo_loss(
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
     per_token = torch.maximum(unclipped, clipped)
+    if clip_ratio_c is not None:  # dual-clip: for A < 0 the loss is at most -A * c, however large the ratio
+        if clip_ratio_c <= 1.0:
+            raise ValueError(f"clip_ratio_c must be > 1 (verl's default is 3), got {clip_ratio_c}")
+        dual = adv < 0
+        per_token = torch.where(dual, torch.minimum(per_token, -adv * clip_ratio_c), per_token)
     if is_weights is not None:
         per_token = per_token * _checked_is_weights(is_weights, logprobs)
 
@@ -288,7 +320,8 @@ def grpo_loss(
             return _masked_seq_mean(x, mask, lengths).sum() / n_seq
 
     policy = reduce(per_token)
-    extra, reg_stats = _regularisers(logprobs32, mask, lengths, ref_logprobs, kl_coef, entropy, entropy_coef, reduce)
+    extra, reg_stats = _regularisers(logprobs32, mask, lengths, ref_logprobs, kl_coef, kl_penalty, entropy,
+                                     entropy_coef, reduce)
     loss = policy + extra
 
     with torch.no_grad():
@@ -298,9 +331,11 @@ def grpo_loss(
             "loss/policy": policy.detach(),
             "ratio/clip_frac_upper": (mask & pos & (ratio > 1.0 + clip_high)).sum() / n_tok,
             "ratio/clip_frac_lower": (mask & neg & (ratio < 1.0 - clip_low)).sum() / n_tok,
+            "ratio/dual_clip_frac": ((mask & neg & (ratio > clip_ratio_c)).sum() / n_tok if clip_ratio_c is not None
+                                     else n_tok.new_zeros((), dtype=torch.float32)),
             **_ratio_metrics(delta, mask, lengths),
             "adv/zero_frac": (advantages.detach() == 0).float().mean(),
-            **{f"loss/{k}" if k == "kl_ref" else f"actor/{k}": v for k, v in reg_stats.items()},
+            **reg_stats,
         }
     return loss, _finish(stats)
 

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from mm_gmpo import distributed
-from mm_gmpo.advantage import group_advantages
+from mm_gmpo.advantage import group_advantages, groups_in_band, kl_shaped_rewards
 from mm_gmpo.attention import use_grouped_vision_attention
 from mm_gmpo.checkpoint import TrainerState, export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from mm_gmpo.config import Config, ConfigError, dump_yaml, to_dict, validate
@@ -27,8 +27,8 @@ from mm_gmpo.data.processing import EncodedPrompt, encode_prompts, load_processo
 from mm_gmpo.data.prompts import Prompt, limit_images
 from mm_gmpo.data.synthetic import COLORS, single_token_ids
 from mm_gmpo.logger import MetricsLogger, plot_training
-from mm_gmpo.lora import add_lora
-from mm_gmpo.loss import get_policy_loss, truncated_is_weights
+from mm_gmpo.lora import adapters_disabled, add_lora
+from mm_gmpo.loss import get_policy_loss, kl_penalty, truncated_is_weights
 from mm_gmpo.models import (
     ASSETS,
     CheckpointSource,
@@ -160,6 +160,60 @@ def _build(cfg: Config, dtype: torch.dtype, seed: int, device: torch.device | No
                        attn_implementation=cfg.model.attn_implementation, seed=seed, device=device)
 
 
+def build_policy(cfg: Config, info: distributed.DistInfo, packed: bool, *, reference: bool = False) -> Policy:
+    """The FSDP2-sharded policy, built and loaded as ``model.load`` says; with ``reference=True`` the frozen
+    reference for the KL term: the same initial weights, held in the compute dtype, no LoRA, no gradients."""
+    t = cfg.trainer
+    compute_dtype = torch.bfloat16 if cfg.model.dtype == "bf16" else torch.float32
+    # the dtype of the trained (sharded) weights: fp32, bf16 for adamw_bf16; the reference keeps compute's
+    master = compute_dtype if reference else master_dtype(cfg.optim.name)
+    rand = random_model_config(cfg.model.path)
+    sharded = cfg.model.load == "sharded" or (cfg.model.load == "auto" and cfg.model.path != "tiny-random")
+    if sharded:  # parameters on the meta device until parallelize has sharded them; then each rank fills its own
+        model = empty_model(rand or model_config(cfg.model.path), dtype=master,
+                            attn_implementation=cfg.model.attn_implementation)
+    else:  # the reference is built like the policy (fp32 init, same seed), then cast
+        model = _build(cfg, master_dtype(cfg.optim.name), seed=t.seed, device=info.device).to(master)
+    lo = cfg.model.lora
+    if lo.rank and not reference:  # adapters only: base weights and (unless lora.vision) the vision tower frozen
+        try:
+            n_adapted = add_lora(model, rank=lo.rank, alpha=lo.alpha or 2 * lo.rank,
+                                 target_modules=lo.target_modules, vision=lo.vision,
+                                 modules_to_save=lo.modules_to_save)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if info.is_main:
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            print(f"LoRA rank {lo.rank}: {n_adapted} linear layers, {trainable:,} trainable parameters")
+    if reference:
+        model.requires_grad_(False)
+    if cfg.model.vision_attention == "grouped" or (cfg.model.vision_attention == "auto" and info.device.type == "cuda"):
+        use_grouped_vision_attention(model)
+    if cfg.model.compile:
+        compile_blocks(model)
+    if sharded:
+        try:
+            source = RandomSource(model, t.seed) if rand else CheckpointSource(model, cfg.model.path, seed=t.seed)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"model.path: {e}") from None
+    policy = Policy(model, chunk_size=cfg.model.logprob_chunk_size, packed=packed)
+    if not sharded:
+        policy.to(info.device)
+    distributed.parallelize(policy, param_dtype=None if reference or cfg.model.dtype != "bf16" else torch.bfloat16,
+                            reduce_dtype=torch.float32,
+                            activation_checkpointing=cfg.model.activation_checkpointing and not reference,
+                            checkpoint_every=cfg.model.checkpoint_every,
+                            cpu_offload=t.cpu_offload, freeze_vision=cfg.model.freeze_vision)
+    if sharded:
+        t_load = time.perf_counter()
+        loaded = distributed.materialize(policy, source, torch.device("cpu") if t.cpu_offload else info.device)
+        if info.is_main:
+            print(f"sharded load{' (reference)' if reference else ''}: {'initialised' if rand else 'read'} "
+                  f"{loaded['bytes_read'] / 2**30:.2f} GiB on this rank in {time.perf_counter() - t_load:.1f} s "
+                  f"(largest tensor held: {loaded['largest_held'] / 2**30:.2f} GiB)")
+    return policy
+
+
 def _make_engine(cfg: Config, processor, device: torch.device):
     """The colocated rollout engine of this rank. Its initial weights do not matter: sync_weights runs first."""
     r = cfg.rollout
@@ -190,8 +244,8 @@ def _make_engine(cfg: Config, processor, device: torch.device):
 # ---------------------------------------------------------------- stages
 
 
-def rollout_stage(engine, prompts: list[EncodedPrompt], sampling: SamplingParams, pad_id: int) -> tuple[list, PolicyBatch, torch.Tensor]:
-    rollouts = engine.generate(prompts, sampling)
+def to_batch(prompts: list[EncodedPrompt], rollouts: list[Rollout], pad_id: int) -> tuple[PolicyBatch, torch.Tensor]:
+    """The trainer's batch of ``rollouts`` (their prompt_index into ``prompts``) and the sampler's log-probs."""
     batch = collate([r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts], pad_id=pad_id,
                     pixel_values=[prompts[r.prompt_index].pixel_values for r in rollouts],
                     image_grid_thw=[prompts[r.prompt_index].image_grid_thw for r in rollouts],
@@ -200,33 +254,120 @@ def rollout_stage(engine, prompts: list[EncodedPrompt], sampling: SamplingParams
     for i, r in enumerate(rollouts):
         if r.logprobs:
             sampler_lp[i, :len(r.logprobs)] = torch.tensor(r.logprobs)
-    return rollouts, batch, sampler_lp
+    return batch, sampler_lp
 
 
 def reward_stage(prompts: list[EncodedPrompt], rollouts: list[Rollout], cfg: Config,
-                 rf: RewardFunction | None) -> tuple[torch.Tensor, dict]:
+                 rf: RewardFunction | None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(rewards (N,), per-sample accuracy (N,), metrics)."""
     ps = [prompts[r.prompt_index].prompt for r in rollouts]
     scores, metrics = score_batch([r.text for r in rollouts], [p.ground_truth for p in ps], task=[p.task for p in ps],
                                   choices=[p.choices for p in ps], choice_values=[p.choice_values for p in ps],
                                   format_weight=cfg.algorithm.format_weight, workers=cfg.trainer.reward_workers,
                                   reward_function=rf, response_lengths=[len(r.response_ids) for r in rollouts])
-    return torch.tensor([s["overall"] for s in scores]), metrics
+    return (torch.tensor([s["overall"] for s in scores]), torch.tensor([float(s["accuracy"]) for s in scores]),
+            metrics)
+
+
+@dataclass
+class Generated:
+    """The rollout stage's hand-off: this rank's prompt groups to train on, their responses and rewards."""
+
+    prompts: list[EncodedPrompt]
+    rollouts: list[Rollout]  # n per prompt, prompt-major; prompt_index into prompts
+    rewards: torch.Tensor  # (N,)
+    metrics: dict[str, float]  # data/*, reward/* (over every sampled response, filtered or not), filter/*
+    timings: dict[str, float]
+
+
+COUNTED = ("reward/errors", "reward/killed_for_time")  # summed over rounds and ranks; other reward/* averaged
+
+
+def generate(engine, sampler: PromptSampler, train_prompts: list[Prompt], processor, sampling: SamplingParams,
+             cfg: Config, rf: RewardFunction | None, step: int, info: distributed.DistInfo) -> Generated:
+    """Prompts -> rollout -> rewards for one step. With ``algorithm.online_filtering`` groups whose mean accuracy
+    (or reward) is outside [filter_low, filter_high] are dropped and further rounds of prompts are rolled out
+    until the global batch holds rollout_batch_size groups or max_filter_rounds is reached; each rank then keeps
+    at most its share (and at least one group, so that every rank takes part in the update)."""
+    t, r, a = cfg.trainer, cfg.rollout, cfg.algorithm
+    per_rank = t.rollout_batch_size // info.world_size
+    timings = {"timing/prompts_s": 0.0, "timing/rollout_s": 0.0, "timing/reward_s": 0.0}
+    kept: list[tuple[EncodedPrompt, list[Rollout], torch.Tensor]] = []
+    sums: dict[str, float] = {}
+    n_sampled, rounds, dropped, last = 0, 0, 0, None
+    data_metrics: dict[str, float] = {}
+    while True:
+        rounds += 1
+        # 1. prompts: the same global batch on every rank; this rank's contiguous slice
+        idx = sampler.next(t.rollout_batch_size)[info.rank * per_rank:(info.rank + 1) * per_rank]
+        t0 = time.perf_counter()
+        encoded, data_metrics = encode_prompts([train_prompts[i] for i in idx], processor,
+                                               max_prompt_length=cfg.data.max_prompt_length,
+                                               min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
+        timings["timing/prompts_s"] += time.perf_counter() - t0
+        # 2. rollout
+        t0 = time.perf_counter()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(t.seed * 100_003 + step * 101 + info.rank + 7_919 * (rounds - 1))
+            rollouts = engine.generate(encoded, sampling)
+        timings["timing/rollout_s"] += time.perf_counter() - t0
+        # 3. rewards
+        t0 = time.perf_counter()
+        rewards, accuracy, metrics = reward_stage(encoded, rollouts, cfg, rf)
+        timings["timing/reward_s"] += time.perf_counter() - t0
+        for k, v in metrics.items():
+            if k.startswith("reward/"):
+                sums[k] = sums.get(k, 0.0) + (v if k in COUNTED else v * len(rollouts))
+        n_sampled += len(rollouts)
+        keep = (groups_in_band(accuracy if a.filter_key == "accuracy" else rewards, r.n, a.filter_low,
+                               a.filter_high) if a.online_filtering else torch.ones(len(encoded), dtype=torch.bool))
+        groups = [(encoded[g], rollouts[g * r.n:(g + 1) * r.n], rewards[g * r.n:(g + 1) * r.n])
+                  for g in range(len(encoded))]
+        last = groups
+        kept += [grp for grp, k in zip(groups, keep.tolist(), strict=True) if k]
+        dropped += int((~keep).sum())
+        if not a.online_filtering:
+            break
+        total = distributed.all_reduce_sum([float(len(kept))], info.device)[0]
+        if total >= t.rollout_batch_size or rounds >= a.max_filter_rounds:
+            break
+    fallback = 0
+    if not kept:  # nothing in the band on this rank: train on one group of the last round (it mostly has A = 0)
+        kept, fallback = last[:1], 1
+    kept = kept[:per_rank]
+    prompts = [enc for enc, _, _ in kept]
+    out_rollouts = [replace(x, prompt_index=i) for i, (_, rs, _) in enumerate(kept) for x in rs]
+    metrics = {k: (v if k in COUNTED else v / max(n_sampled, 1)) for k, v in sums.items()}
+    metrics |= data_metrics
+    if a.online_filtering:
+        kept_n, dropped_n, fallback_n = distributed.all_reduce_sum([float(len(kept)), float(dropped),
+                                                                    float(fallback)], info.device)
+        metrics |= {"filter/trained_groups": kept_n, "filter/dropped_groups": dropped_n,
+                    "filter/rounds": float(rounds), "filter/fallback_groups": fallback_n}
+    return Generated(prompts, out_rollouts, torch.cat([rw for _, _, rw in kept]), metrics, timings)
 
 
 def eval_stage(engine, prompts: list[EncodedPrompt], cfg: Config, sampling: SamplingParams, device,
-               rf: RewardFunction | None) -> tuple[dict, list]:
-    """Greedy answers to this rank's share of the validation prompts; global means and a few sample records."""
+               rf: RewardFunction | None, seed: int) -> tuple[dict, list]:
+    """This rank's share of the validation prompts, ``rollout.val_n`` answers each at ``rollout.val_temperature``
+    (greedy by default); global means, mean@k / pass@k when val_n > 1, and a few sample records."""
+    k = sampling.n
     if prompts:
-        rollouts = engine.generate(prompts, sampling)
-        rewards, m = reward_stage(prompts, rollouts, cfg, rf)
-        sums = [float(rewards.sum()), m["reward/accuracy"] * len(rollouts), float(sum(len(x.response_ids)
-                                                                                       for x in rollouts)),
-                float(len(rollouts))]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            rollouts = engine.generate(prompts, sampling)
+        rewards, accuracy, _ = reward_stage(prompts, rollouts, cfg, rf)
+        passed = accuracy.view(-1, k).max(-1).values.gt(0).float().sum().item()
+        sums = [float(rewards.sum()), float(accuracy.sum()),
+                float(sum(len(x.response_ids) for x in rollouts)), float(len(rollouts)), passed,
+                float(len(prompts))]
     else:
-        rollouts, rewards, sums = [], torch.zeros(0), [0.0, 0.0, 0.0, 0.0]
-    total_r, total_acc, total_len, n = distributed.all_reduce_sum(sums, device)
+        rollouts, rewards, sums = [], torch.zeros(0), [0.0] * 6
+    total_r, total_acc, total_len, n, n_pass, n_prompts = distributed.all_reduce_sum(sums, device)
     metrics = {"eval/reward_mean": total_r / max(n, 1), "eval/accuracy": total_acc / max(n, 1),
-               "eval/response_len_mean": total_len / max(n, 1), "eval/prompts": n}
+               "eval/response_len_mean": total_len / max(n, 1), "eval/prompts": n_prompts}
+    if k > 1:
+        metrics |= {f"eval/mean@{k}": total_acc / max(n, 1), f"eval/pass@{k}": n_pass / max(n_prompts, 1)}
     samples = [{"id": prompts[x.prompt_index].prompt.id, "images": len(prompts[x.prompt_index].images),
                 "ground_truth": prompts[x.prompt_index].prompt.ground_truth, "response": x.text,
                 "reward": float(rewards[i])} for i, x in enumerate(rollouts[:cfg.logging.sample_generations])]
@@ -277,7 +418,7 @@ def train(cfg: Config) -> dict[str, float]:
     sampler = PromptSampler(len(train_prompts), seed=t.seed)
     total_steps = t.total_steps or max(1, t.epochs * len(train_prompts) // t.rollout_batch_size)
     val_encoded: list[EncodedPrompt] = []
-    if t.eval_every:
+    if t.eval_every or t.val_before_train:
         val = load_prompts(cfg, "val")
         val = val[info.rank::info.world_size]  # each rank answers its share
         val_encoded, _ = encode_prompts(val, processor, max_prompt_length=cfg.data.max_prompt_length,
@@ -290,69 +431,35 @@ def train(cfg: Config) -> dict[str, float]:
         except ValueError as e:
             raise ConfigError(f"rollout.allowed_tokens: {e}") from None
 
-    # policy (FSDP2), optimizer, engine
-    compute_dtype = torch.bfloat16 if cfg.model.dtype == "bf16" else None
+    # policy (FSDP2), reference (KL), optimizer, engine
     attn = resolve_attention(cfg.model.attn_implementation)
     packed = use_packing(cfg.model.layout, attn)
     if info.is_main:
         print(f"attention: {attn}; micro-batches: {'packed (padding-free)' if packed else 'padded'}")
-    master = master_dtype(cfg.optim.name)  # the dtype of the trained (sharded) weights: fp32, bf16 for adamw_bf16
-    rand = random_model_config(cfg.model.path)
-    sharded = cfg.model.load == "sharded" or (cfg.model.load == "auto" and cfg.model.path != "tiny-random")
-    if sharded:  # parameters on the meta device until parallelize has sharded them; then each rank fills its own
-        model = empty_model(rand or model_config(cfg.model.path), dtype=master,
-                            attn_implementation=cfg.model.attn_implementation)
-    else:
-        model = _build(cfg, master, seed=t.seed, device=info.device)
-    lo = cfg.model.lora
-    if lo.rank:  # adapters only: base weights and (unless lora.vision) the vision tower frozen
-        try:
-            n_adapted = add_lora(model, rank=lo.rank, alpha=lo.alpha or 2 * lo.rank,
-                                 target_modules=lo.target_modules, vision=lo.vision,
-                                 modules_to_save=lo.modules_to_save)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        if info.is_main:
-            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            print(f"LoRA rank {lo.rank}: {n_adapted} linear layers, {trainable:,} trainable parameters")
-    if cfg.model.vision_attention == "grouped" or (cfg.model.vision_attention == "auto" and info.device.type == "cuda"):
-        use_grouped_vision_attention(model)
-    if cfg.model.compile:
-        compile_blocks(model)
-    if sharded:
-        try:
-            source = RandomSource(model, t.seed) if rand else CheckpointSource(model, cfg.model.path, seed=t.seed)
-        except (FileNotFoundError, ValueError) as e:
-            raise ConfigError(f"model.path: {e}") from None
-    policy = Policy(model, chunk_size=cfg.model.logprob_chunk_size, packed=packed)
-    if not sharded:
-        policy.to(info.device)
-    distributed.parallelize(policy, param_dtype=compute_dtype, reduce_dtype=torch.float32,
-                            activation_checkpointing=cfg.model.activation_checkpointing,
-                            checkpoint_every=cfg.model.checkpoint_every,
-                            cpu_offload=t.cpu_offload, freeze_vision=cfg.model.freeze_vision)
-    if sharded:
-        t_load = time.perf_counter()
-        loaded = distributed.materialize(policy, source, torch.device("cpu") if t.cpu_offload else info.device)
-        if info.is_main:
-            print(f"sharded load: {'initialised' if rand else 'read'} {loaded['bytes_read'] / 2**30:.2f} GiB on "
-                  f"this rank in {time.perf_counter() - t_load:.1f} s (largest tensor held: "
-                  f"{loaded['largest_held'] / 2**30:.2f} GiB)")
+    policy = build_policy(cfg, info, packed)
     optimizer = build_optimizer(policy, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                                 betas=tuple(cfg.optim.betas), name=cfg.optim.name)
     n_updates = total_steps * t.ppo_epochs * (t.rollout_batch_size // t.mini_batch_size)
     scheduler = build_scheduler(optimizer, schedule=cfg.optim.lr_schedule, warmup_steps=cfg.optim.warmup_steps,
                                 total_steps=n_updates, min_lr_ratio=cfg.optim.min_lr_ratio)
     loss_fn = get_policy_loss(a.objective)
-    loss_kwargs = {"clip_low": a.clip_low, "clip_high": a.clip_high, "kl_coef": a.kl_coef,
-                   "entropy_coef": a.entropy_coef}
+    kl_on = a.kl_coef > 0
+    loss_kwargs = {"clip_low": a.clip_low, "clip_high": a.clip_high, "entropy_coef": a.entropy_coef,
+                   "kl_coef": 0.0 if a.kl_in_reward else a.kl_coef, "kl_penalty": a.kl_penalty}
     if a.objective == "grpo":
-        loss_kwargs["loss_agg"] = a.loss_agg
+        loss_kwargs |= {"loss_agg": a.loss_agg, "clip_ratio_c": a.clip_ratio_c}
     normalize_by = "tokens" if a.objective == "grpo" and a.loss_agg == "token_mean" else "sequences"
+    # the reference for the KL term: the initial weights; with LoRA the base (adapters off), no second copy
+    reference = build_policy(cfg, info, packed, reference=True) if kl_on and not cfg.model.lora.rank else None
+    if kl_on and info.is_main:
+        print("KL reference: " + ("the base model (LoRA adapters off), no second copy" if reference is None else
+                                  "a frozen FSDP2 copy of the initial policy"))
     offload = {"params": t.offload_params, "optimizer_state": t.offload_optimizer}
     cpu = torch.device("cpu")
     if any(offload.values()):  # the engine is created (and sizes its KV cache) without the trainer's state
         distributed.move_train_state(policy, optimizer, cpu, **offload)
+        if reference is not None and t.offload_params:
+            distributed.move_train_state(reference, None, cpu, optimizer_state=False)
     engine = _make_engine(cfg, processor, info.device)
 
     # resume
@@ -369,61 +476,85 @@ def train(cfg: Config) -> dict[str, float]:
     sync_dtype = torch.bfloat16 if cfg.model.dtype == "bf16" else torch.float32
     sync_weights(policy, engine, dtype=sync_dtype)
 
-    per_rank = t.rollout_batch_size // info.world_size
     n_mini = t.rollout_batch_size // t.mini_batch_size
     sampling = SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens,
                               allowed_token_ids=allowed)
-    greedy = SamplingParams(n=1, temperature=0.0, max_tokens=r.max_tokens, allowed_token_ids=allowed)
+    val_sampling = SamplingParams(n=r.val_n, temperature=r.val_temperature, top_p=r.val_top_p,
+                                  max_tokens=r.max_tokens, allowed_token_ids=allowed)
+    if t.val_before_train and state.step == 0 and val_encoded:
+        t0 = time.perf_counter()
+        eval_metrics, samples = eval_stage(engine, val_encoded, cfg, val_sampling, info.device, rf, seed=t.seed)
+        log.log(0, {**eval_metrics, "timing/eval_s": time.perf_counter() - t0})
+        log.samples(0, samples)
+        if info.is_main:
+            print(f"before training: eval/accuracy {eval_metrics['eval/accuracy']:.3f}")
     bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", disable=not info.is_main)
     last: dict[str, float] = {}
     for step in range(state.step + 1, total_steps + 1):
-        timings: dict[str, float] = {}
         t_step = time.perf_counter()
 
-        # 1. prompts: the same global batch on every rank; this rank's contiguous slice
-        idx = sampler.next(t.rollout_batch_size)[info.rank * per_rank:(info.rank + 1) * per_rank]
+        # 1-3. prompts, rollout, rewards (online filtering: more rounds until the batch is full of signal)
+        gen = generate(engine, sampler, train_prompts, processor, sampling, cfg, rf, step, info)
+        timings = dict(gen.timings)
         t0 = time.perf_counter()
-        encoded, data_metrics = encode_prompts([train_prompts[i] for i in idx], processor,
-                                               max_prompt_length=cfg.data.max_prompt_length,
-                                               min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
-        timings["timing/prompts_s"] = time.perf_counter() - t0
-
-        # 2. rollout
-        t0 = time.perf_counter()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(t.seed * 100_003 + step * 101 + info.rank)
-            rollouts, batch, sampler_lp = rollout_stage(engine, encoded, sampling, tokenizer.pad_token_id)
         engine.sleep()  # vLLM: give the GPU memory to the update
-        timings["timing/rollout_s"] = time.perf_counter() - t0
+        timings["timing/rollout_s"] += time.perf_counter() - t0
+        rollouts = gen.rollouts
+        batch, sampler_lp = to_batch(gen.prompts, rollouts, tokenizer.pad_token_id)
         if any(offload.values()):  # trainer.offload_*: parameters and optimizer state back for the update
             t0 = time.perf_counter()
             distributed.move_train_state(policy, optimizer, info.device, **offload)
             timings["timing/reload_s"] = time.perf_counter() - t0
 
-        # 3. rewards, 4. group advantages
+        # 4. old log-probs (the policy that sampled, as the trainer computes it), reference log-probs (KL)
         t0 = time.perf_counter()
-        rewards, reward_metrics = reward_stage(encoded, rollouts, cfg, rf)
-        advantages, adv_metrics = group_advantages(rewards, r.n, normalize_std=a.normalize_std, eps=a.adv_eps)
-        timings["timing/reward_s"] = time.perf_counter() - t0
-
-        # 5. old log-probs (the policy that sampled, as the trainer computes it)
-        t0 = time.perf_counter()
-        old_lp = compute_logprobs(policy, batch, max_tokens_per_micro_batch=t.max_tokens_per_micro_batch,
-                                  temperature=r.temperature, allowed_token_ids=allowed, device=info.device)
+        lp_kwargs = dict(max_tokens_per_micro_batch=t.max_tokens_per_micro_batch, temperature=r.temperature,
+                         allowed_token_ids=allowed, device=info.device)
+        old_lp = compute_logprobs(policy, batch, **lp_kwargs)
         timings["timing/old_logprob_s"] = time.perf_counter() - t0
-        ref_lp = None  # kl_coef > 0 needs a reference policy (not yet built): see validate()
+        ref_lp = None
+        if kl_on:
+            t0 = time.perf_counter()
+            if reference is None:  # LoRA: the base model is the policy with its adapters switched off
+                with adapters_disabled(policy.model):
+                    ref_lp = compute_logprobs(policy, batch, **lp_kwargs)
+            else:
+                if t.offload_params:
+                    distributed.move_train_state(reference, None, info.device, optimizer_state=False)
+                ref_lp = compute_logprobs(reference, batch, **lp_kwargs)
+                if t.offload_params:
+                    distributed.move_train_state(reference, None, cpu, optimizer_state=False)
+            timings["timing/ref_logprob_s"] = time.perf_counter() - t0
         is_w, tis_metrics = None, {}
         if a.tis_cap > 0:  # correct for sampling from the engine's distribution, not the trainer's
             is_w, tis_metrics = truncated_is_weights(old_lp, sampler_lp, batch.response_mask, a.tis_cap)
+
+        # 5. group advantages (of the rewards, or with kl_in_reward of the rewards less the summed KL)
+        t0 = time.perf_counter()
+        rewards, kl_metrics = gen.rewards, {}
+        if kl_on:
+            kl_metrics["actor/kl_coef"] = a.kl_coef
+            if a.kl_in_reward:
+                rewards, shaped = kl_shaped_rewards(rewards, kl_penalty(old_lp, ref_lp, a.kl_penalty),
+                                                    batch.response_mask, a.kl_coef)
+                kl_metrics |= shaped
+        advantages, adv_metrics = group_advantages(rewards, r.n, normalize_std=a.normalize_std, eps=a.adv_eps)
+        if rewards is not gen.rewards:  # reward/* statistics stay those of the rewards, not of the shaped ones
+            plain = group_advantages(gen.rewards, r.n, normalize_std=a.normalize_std, eps=a.adv_eps)[1]
+            adv_metrics |= {k: v for k, v in plain.items() if k.startswith("reward/")}
+        timings["timing/advantage_s"] = time.perf_counter() - t0
 
         # 6. mini-batch updates
         t0 = time.perf_counter()
         patches_before = policy.vision_patches
         data = UpdateBatch(batch, old_lp, advantages, ref_lp, is_w)
         n_local = batch.batch_size
+        n_mini_step = n_mini
+        if a.online_filtering:  # every rank takes the same number of optimizer steps, each at least a group
+            n_mini_step = min(n_mini, -int(distributed.all_reduce_max(-float(n_local // r.n), info.device)))
         update_metrics: dict[str, float] = {}
         with profiled(info.device, enabled=step == t.profile_step) as prof:  # trainer.profile_step
-            for part in update_schedule(n_local, r.n, n_mini, t.ppo_epochs, step):  # whole prompt groups
+            for part in update_schedule(n_local, r.n, n_mini_step, t.ppo_epochs, step):  # whole prompt groups
                 update_metrics = policy_update(policy, optimizer, data.select(part), loss_fn,
                                                loss_kwargs=loss_kwargs, normalize_by=normalize_by,
                                                max_tokens_per_micro_batch=t.max_tokens_per_micro_batch,
@@ -446,7 +577,8 @@ def train(cfg: Config) -> dict[str, float]:
         eval_metrics: dict[str, float] = {}
         if t.eval_every and (step % t.eval_every == 0 or step == total_steps):
             t0 = time.perf_counter()
-            eval_metrics, samples = eval_stage(engine, val_encoded, cfg, greedy, info.device, rf)
+            eval_metrics, samples = eval_stage(engine, val_encoded, cfg, val_sampling, info.device, rf,
+                                               seed=t.seed * 100_003 + step)
             eval_metrics["timing/eval_s"] = time.perf_counter() - t0
             log.samples(step, samples)
         timings["timing/step_s"] = time.perf_counter() - t_step
@@ -459,19 +591,23 @@ def train(cfg: Config) -> dict[str, float]:
             flops = training_flops(policy, tokens, patches)
             perf["perf/mfu"] = flops / timings["timing/update_s"] / (peak * info.world_size)
         resp_len = batch.response_mask.sum(-1)
-        counts = ("reward/errors", "reward/killed_for_time")  # summed over ranks; other reward/* keys averaged
-        reward_keys = distributed.union_keys([k for k in reward_metrics if k.startswith("reward/")
-                                              and k not in counts and k != "reward/overall"])
-        reward_counts = dict(zip(counts, distributed.all_reduce_sum([reward_metrics.get(k, 0.0) for k in counts],
-                                                                    info.device), strict=True))
+        gm = gen.metrics  # reward/* over every sampled response (all filtering rounds), data/*, filter/*
+        reward_keys = distributed.union_keys([k for k in gm if k.startswith("reward/")
+                                              and k not in COUNTED and k != "reward/overall"])
+        reward_counts = dict(zip(COUNTED, distributed.all_reduce_sum([gm.get(k, 0.0) for k in COUNTED],
+                                                                     info.device), strict=True))
         local = {
-            **adv_metrics, **{k: reward_metrics.get(k, 0.0) for k in reward_keys},
+            **adv_metrics, **{k: gm.get(k, 0.0) for k in reward_keys},
+            **({"reward/sampled_mean": gm["reward/overall"]} if a.online_filtering else {}),
             "rollout/response_len_mean": resp_len.mean().item(),
             "rollout/truncated_frac": sum(x.finish_reason == "length" for x in rollouts) / len(rollouts),
-            **mismatch_metrics(sampler_lp, old_lp, batch.response_mask), **tis_metrics, **data_metrics,
+            **mismatch_metrics(sampler_lp, old_lp, batch.response_mask), **tis_metrics,
+            **{k: v for k, v in gm.items() if k.startswith("data/")},
         }
+        filter_metrics = {k: v for k, v in gm.items() if k.startswith("filter/")}  # already global
         metrics = {**distributed.all_reduce_mean_metrics(local, info.device), **reward_counts, **update_metrics,
-                   **sync_metrics, **timings, **perf, **eval_metrics, "train/epoch": float(sampler.epoch)}
+                   **sync_metrics, **timings, **perf, **eval_metrics, **kl_metrics, **filter_metrics,
+                   "train/epoch": float(sampler.epoch)}
         log.log(step, metrics)
         last = metrics
         bar.update(1)

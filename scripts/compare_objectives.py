@@ -1,9 +1,13 @@
 """GMPO vs GRPO on the same seed and task, side by side: reward, token log-ratio range, clip fraction, entropy.
 
     python scripts/compare_objectives.py [--config configs/tiny.yaml] [--nproc 2] [key.sub=value ...]
+    python scripts/compare_objectives.py --configs configs/geo3k_qwen2_5_vl_7b_gmpo.yaml \
+        configs/geo3k_qwen2_5_vl_7b_grpo_easyr1.yaml --nproc 8
 
 Runs `torchrun scripts/train_mm.py` twice (algorithm.objective=gmpo, then grpo with its usual 0.2 ratio clip),
-into <output_dir>_gmpo and <output_dir>_grpo, then writes <output_dir>_compare.png. The GMPO paper's claim is
+into <output_dir>_gmpo and <output_dir>_grpo, then writes <output_dir>_compare.png. With ``--configs A B`` it runs
+the two configs as they are (each into its own output_dir; the overrides apply to both), e.g. the paper's GMPO
+run beside EasyR1's GRPO recipe, and writes <A's output_dir>_vs_<B's name>.png. The GMPO paper's claim is
 that the geometric mean keeps token log-ratios in a narrower range (more stable updates) at equal or better reward.
 On the built-in task (one-token answers) the geometric and arithmetic means coincide, so there the runs differ
 only in their clip ranges; use a config with long responses (Geometry3K, MATH) to see the paper's effect.
@@ -80,10 +84,23 @@ def summary(runs: dict[str, Path], last: int = 20) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"))
+    ap.add_argument("--configs", nargs=2, metavar=("A", "B"), default=None,
+                    help="two configs to run as they are (instead of one config run with both objectives)")
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--plot-only", action="store_true", help="only redraw the plot from existing runs")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
+    if args.configs:
+        runs = {Path(c).stem: Path(load_config(c, args.overrides).trainer.output_dir) for c in args.configs}
+        if len(set(runs.values())) < 2:
+            raise SystemExit("--configs: both configs write to the same trainer.output_dir; give them different ones")
+        if not args.plot_only:
+            for config in args.configs:
+                run(config, args.nproc, args.overrides)
+        a, b = runs.values()
+        plot(runs, Path(f"{a}_vs_{b.name}.png"))
+        print(summary(runs))
+        return
     base = Path(load_config(args.config, args.overrides).trainer.output_dir)
     runs = {"gmpo": Path(f"{base}_gmpo"), "grpo": Path(f"{base}_grpo")}
     if not args.plot_only:

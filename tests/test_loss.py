@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from mm_gmpo.loss import get_policy_loss, gmpo_loss, grpo_loss, k3_kl, truncated_is_weights
+from mm_gmpo.loss import KL_PENALTIES, get_policy_loss, gmpo_loss, grpo_loss, kl_penalty, truncated_is_weights
 
 
 def ref_gmpo(logp, old, adv, mask, c_low=0.4, c_high=0.4):
@@ -30,14 +30,17 @@ def ref_gmpo(logp, old, adv, mask, c_low=0.4, c_high=0.4):
     return total / logp.shape[0]
 
 
-def ref_grpo(logp, old, adv, mask, eps_low=0.2, eps_high=0.2, agg="token_mean"):
+def ref_grpo(logp, old, adv, mask, eps_low=0.2, eps_high=0.2, agg="token_mean", c=3.0):
     per_seq, all_tok = [], []
     for i in range(logp.shape[0]):
         toks = []
         for t in range(logp.shape[1]):
             if mask[i, t]:
                 r = torch.exp(logp[i, t] - old[i, t])
-                toks.append(torch.maximum(-adv[i] * r, -adv[i] * torch.clamp(r, 1 - eps_low, 1 + eps_high)))
+                tok = torch.maximum(-adv[i] * r, -adv[i] * torch.clamp(r, 1 - eps_low, 1 + eps_high))
+                if c is not None and adv[i] < 0:  # dual-clip
+                    tok = torch.minimum(tok, -adv[i] * c)
+                toks.append(tok)
         all_tok += toks
         per_seq.append(sum(toks) / max(len(toks), 1) if toks else torch.zeros((), dtype=logp.dtype))
     if agg == "token_mean":
@@ -170,11 +173,12 @@ def test_gmpo_matches_float64_reference_value_and_grad(seed, clips):
 
 @pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize("agg", ["token_mean", "seq_mean_token_mean"])
-def test_grpo_matches_float64_reference_value_and_grad(seed, agg):
-    logp, old, adv, mask = random_batch(seed=seed)
-    loss, _ = grpo_loss(logp, old, adv, mask, clip_low=0.2, clip_high=0.28, loss_agg=agg)
+@pytest.mark.parametrize("c", [3.0, None])
+def test_grpo_matches_float64_reference_value_and_grad(seed, agg, c):
+    logp, old, adv, mask = random_batch(seed=seed, scale=1.2)  # wide enough that some ratios pass 3
+    loss, _ = grpo_loss(logp, old, adv, mask, clip_low=0.2, clip_high=0.28, loss_agg=agg, clip_ratio_c=c)
     (grad,) = torch.autograd.grad(loss, logp)
-    ref = ref_grpo(logp, old, adv, mask, 0.2, 0.28, agg)
+    ref = ref_grpo(logp, old, adv, mask, 0.2, 0.28, agg, c=c)
     (ref_grad,) = torch.autograd.grad(ref, logp)
     assert loss.item() == pytest.approx(ref.item(), rel=1e-5, abs=1e-6)
     torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-6)
@@ -275,11 +279,52 @@ def test_grpo_bad_agg():
 # ---------------------------------------------------------------- KL, entropy, interface
 
 
-def test_k3_kl_nonnegative_and_zero_at_equal():
-    a = torch.randn(100, dtype=torch.float64)
-    b = torch.randn(100, dtype=torch.float64)
-    assert torch.all(k3_kl(a, b) >= 0)
-    assert torch.all(k3_kl(a, a) == 0)
+@pytest.mark.parametrize("kind", KL_PENALTIES)
+def test_kl_penalties_equal_their_float64_formulas(kind):
+    g = torch.Generator().manual_seed(0)
+    logp = -torch.rand(200, generator=g, dtype=torch.float64) * 4
+    ref = logp + torch.randn(200, generator=g, dtype=torch.float64) * 3  # far apart too: the clamps matter
+    got = kl_penalty(logp, ref, kind)
+    expected = []
+    for lp, rf in zip(logp.tolist(), ref.tolist(), strict=True):
+        d = lp - rf
+        if kind == "k1":
+            expected.append(d)
+        elif kind == "abs":
+            expected.append(abs(d))
+        elif kind in ("k2", "mse"):
+            expected.append(0.5 * d * d)
+        else:  # k3 / low_var_kl: exp(ref - logp) - (ref - logp) - 1, clamped as verl / EasyR1
+            x = min(max(rf - lp, -20.0), 20.0)
+            expected.append(min(max(math.exp(x) - x - 1.0, -10.0), 10.0))
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    assert torch.all(kl_penalty(logp, logp, kind) == 0)
+    if kind in ("k3", "low_var_kl"):
+        assert torch.all(got >= 0) and got.max() == 10.0  # clamped
+
+
+def test_unknown_kl_penalty_is_named():
+    with pytest.raises(ValueError, match="unknown KL penalty 'k4'"):
+        kl_penalty(torch.zeros(2), torch.zeros(2), "k4")
+
+
+def test_grpo_dual_clip_caps_negative_advantage_tokens_as_verl():
+    """The issue's row: delta = +2 (ratio e^2 = 7.39), A = -1. Without dual-clip the token loss is 7.39 and its
+    gradient 7.39; with verl's default clip_ratio_c = 3 it is 3 and carries no gradient."""
+    old = torch.zeros(1, 1)
+    for c, value, grad in ((None, math.exp(2.0), math.exp(2.0)), (3.0, 3.0, 0.0)):
+        logp = torch.full((1, 1), 2.0, requires_grad=True)
+        loss, m = grpo_loss(logp, old, torch.tensor([-1.0]), torch.ones(1, 1), clip_ratio_c=c)
+        loss.backward()
+        assert loss.item() == pytest.approx(value, rel=1e-6)
+        assert logp.grad.item() == pytest.approx(grad, abs=1e-6)
+        assert m["ratio/dual_clip_frac"] == (1.0 if c else 0.0)
+    # a positive advantage is never dual-clipped
+    logp = torch.full((1, 1), 2.0, requires_grad=True)
+    loss, _ = grpo_loss(logp, old, torch.tensor([1.0]), torch.ones(1, 1), clip_ratio_c=3.0)
+    assert loss.item() == pytest.approx(-1.2, rel=1e-6)
+    with pytest.raises(ValueError, match="clip_ratio_c must be > 1"):
+        grpo_loss(logp, old, torch.tensor([1.0]), torch.ones(1, 1), clip_ratio_c=0.5)
 
 
 @pytest.mark.parametrize("name", ["gmpo", "grpo"])
@@ -291,9 +336,9 @@ def test_kl_and_entropy_terms_off_by_default_and_add_when_on(name):
     base, _ = fn(logp, old, adv, mask)
     same, m = fn(logp, old, adv, mask, ref_logprobs=ref, entropy=ent)
     assert same.item() == pytest.approx(base.item())  # coefficients default to 0
-    assert m["loss/kl_ref"] > 0 and m["actor/entropy"] > 0
+    assert m["loss/kl"] > 0 and m["actor/kl_mean"] > 0 and m["actor/entropy"] > 0
     with_terms, _ = fn(logp, old, adv, mask, ref_logprobs=ref, kl_coef=0.1, entropy=ent, entropy_coef=0.01)
-    expected = base.item() + 0.1 * m["loss/kl_ref"] - 0.01 * m["actor/entropy"]
+    expected = base.item() + 0.1 * m["loss/kl"] - 0.01 * m["actor/entropy"]
     assert with_terms.item() == pytest.approx(expected, rel=1e-5)
 
 
