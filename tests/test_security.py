@@ -1,0 +1,220 @@
+"""Reliability and security (issue 21): nothing a checkpoint or a config value names can run code; two
+regressions the suite must catch (a uniform factor on the update's gradient; a wrong choice letter scored as
+right)."""
+
+import os
+import pickle
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class _Boom:
+    """Unpickling this runs ``os.system`` (what a crafted checkpoint file would do)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+# ---------------------------------------------------------------- code execution from files
+
+
+def test_rng_state_round_trips_through_weights_only_load(tmp_path):
+    import random
+
+    import numpy as np
+
+    from mm_gmpo.checkpoint import _rng_state, _set_rng_state
+
+    torch.manual_seed(3)
+    random.seed(3)
+    np.random.seed(3)
+    torch.save(_rng_state(), tmp_path / "rng.pt")
+    want = (torch.rand(3), random.random(), np.random.rand())
+    torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)
+    _set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (torch.rand(3), random.random(), np.random.rand())[1:] == want[1:]
+    torch.manual_seed(3)  # the tensor draw again, from the restored state
+    _set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert torch.equal(torch.rand(3), want[0])
+
+
+def test_a_crafted_rng_file_does_not_run_code_on_resume(tmp_path):
+    from mm_gmpo.checkpoint import CheckpointError, TrainerState, load_checkpoint, save_checkpoint
+    from mm_gmpo.models import build_model, tiny_qwen2_5_vl_config
+    from mm_gmpo.policy import Policy
+
+    policy = Policy(build_model("t", random_init=True, config=tiny_qwen2_5_vl_config(hidden_size=32, layers=1,
+                                                                                      vision_depth=1),
+                                dtype=torch.float32, seed=0))
+    save_checkpoint(tmp_path / "ckpt", policy, None, None, TrainerState(step=1))
+    folder = next((tmp_path / "ckpt").iterdir())
+    marker = tmp_path / "pwned"
+    with open(folder / "rng" / "rank_0.pt", "wb") as f:
+        pickle.dump({"torch": _Boom(marker)}, f)
+    with pytest.raises(CheckpointError, match=r"rank_0\.pt: not an RNG state"):
+        load_checkpoint(folder, policy, None, None)
+    assert not marker.exists()
+
+
+def test_template_names_stay_in_the_template_folder_and_render_in_a_sandbox(tmp_path):
+    from mm_gmpo.data.prompts import DataError, render_question, system_prompt
+
+    evil = tmp_path / "evil.jinja"
+    evil.write_text("{{ ''.__class__.__mro__[1].__subclasses__() }}")
+    (tmp_path / "sub").mkdir()
+    rel = os.path.relpath(tmp_path / "evil", ROOT / "mm_gmpo" / "templates")
+    with pytest.raises(DataError, match="neither a built-in template"):
+        render_question(rel, "2 + 2?")  # '../../tmp/.../evil': no walking out of the folder by name
+    with pytest.raises(DataError, match="SecurityError"):
+        render_question(str(evil), "2 + 2?")  # an explicit file renders, in the sandbox
+    own = tmp_path / "mine.jinja"
+    own.write_text("Q: {{ content }}{% if choices %} {{ choices | join(' / ') }}{% endif %}")
+    (tmp_path / "mine.system.txt").write_text("Be brief.")
+    assert render_question(str(own), " 2 + 2? ", ["3", "4"]) == "Q: 2 + 2? A. 3 / B. 4"
+    assert system_prompt(str(own)) == "Be brief."
+    assert render_question("plain", "2 + 2?") == "2 + 2?"
+
+
+# ---------------------------------------------------------------- regressions the suite must catch
+
+
+@pytest.mark.parametrize("budget", [10_000, 9, 4])
+def test_update_gradient_equals_the_whole_batch_loss_gradient_in_float64(budget, own_process_group):
+    """policy_update's accumulated gradient (any micro-batch split) equals the gradient of the objective on the
+    whole batch computed directly, in float64: a uniform factor anywhere in the update would show."""
+    from mm_gmpo import distributed
+    from mm_gmpo.loss import gmpo_loss
+    from mm_gmpo.models import build_model, tiny_qwen2_5_vl_config
+    from mm_gmpo.policy import Policy, collate
+    from mm_gmpo.update import UpdateBatch, policy_update
+
+    def make():
+        m = build_model("t", random_init=True, config=tiny_qwen2_5_vl_config(hidden_size=32, layers=1, vision_depth=1),
+                        dtype=torch.float64, seed=0, attn_implementation="eager")
+        return Policy(m)
+
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 150000, (5,), generator=g).tolist() for _ in range(4)]
+    responses = [torch.randint(0, 150000, (n,), generator=g).tolist() for n in (3, 1, 4, 2)]
+    batch = collate(prompts, responses, pad_id=0)
+    old = torch.where(batch.response_mask.bool(), -torch.rand(batch.response_mask.shape, generator=g,
+                                                              dtype=torch.float64) * 3, 0.0)
+    adv = torch.tensor([1.0, -0.5, 0.8, -1.2], dtype=torch.float64)
+
+    direct = make()
+    logp, _ = direct(batch)
+    loss, _ = gmpo_loss(logp, old, adv, batch.response_mask)
+    loss.backward()
+    want = {n: p.grad.clone() for n, p in direct.named_parameters() if p.grad is not None}
+
+    policy = make()
+    distributed.parallelize(policy, param_dtype=None, reduce_dtype=torch.float64, activation_checkpointing=False)
+    opt = torch.optim.SGD(policy.parameters(), lr=0.0)
+    policy_update(policy, opt, UpdateBatch(batch, old, adv), gmpo_loss, max_tokens_per_micro_batch=budget,
+                  max_grad_norm=0.0, keep_grads=True)
+    got = {n: p.grad.full_tensor() for n, p in policy.named_parameters() if p.grad is not None}
+    assert set(got) == set(want)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-10, atol=1e-14, msg=n)
+
+
+NAMING = ["the answer is ({L})", "The answer is {L}.", "\\boxed{{{L}}}", "\\boxed{{({L})}}", "Answer: {L}",
+          "answer: ({L})", "**{L}**", "Final answer: {L}", "({L})", "{L}", "The correct option is {L}",
+          "So the answer is {L}. {V}", "<think>compute</think> \\boxed{{{L}}}"]
+
+
+@pytest.mark.parametrize("naming", NAMING)
+def test_every_way_of_naming_a_wrong_letter_scores_zero(naming):
+    """Inter-GPS problem 2401: choices 30 / 60 / 120 / 240, the answer is B; naming A in any style scores 0, and
+    the same sentence naming B scores 1."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_rewards import geo
+
+    from mm_gmpo.rewards import score
+
+    d = geo(2401)
+    assert d["answer"] == "B" and d["choices"][:2] == ["30", "60"]
+    for letter, value in (("A", "30"), ("C", "120"), ("D", "240")):
+        wrong = naming.format(L=letter, V=value)
+        assert score(wrong, d["answer"], task="geometry3k", choices=d["choices"])["accuracy"] == 0, wrong
+    right = naming.format(L="B", V="60")
+    assert score(right, d["answer"], task="geometry3k", choices=d["choices"])["accuracy"] == 1, right
+
+
+# ---------------------------------------------------------------- settings that cannot train
+
+
+BAD = {
+    "trainer.mini_batch_size": [-8, 0], "trainer.rollout_batch_size": [0, -16], "trainer.ppo_epochs": [0, -1],
+    "trainer.total_steps": [-5], "trainer.epochs": [0], "rollout.n": [1, 0, -2], "optim.min_lr_ratio": [5, -0.1],
+    "rollout.top_p": [2, 0, -0.5], "optim.max_grad_norm": [-1], "data.max_prompt_length": [0],
+    "optim.lr": ["nan", "inf", 0, -1e-6], "rollout.temperature": ["nan", 0], "rollout.max_tokens": [0],
+    "optim.betas": ["[2,3]", "[0.9]", "[0.9,1.0]"], "algorithm.clip_low": [-0.1, "nan"], "optim.weight_decay": [-0.01],
+    "rollout.gpu_memory_utilization": [0, 1.5], "algorithm.kl_coef": ["inf"], "rollout.val_top_p": [0],
+}
+
+
+def test_every_value_that_cannot_train_is_a_config_error():
+    from mm_gmpo.config import ConfigError, load_config, validate
+
+    for key, values in BAD.items():
+        for value in values:
+            with pytest.raises(ConfigError, match=key.split(".")[-1]):
+                validate(load_config(None, [f"{key}={value}"]))
+
+
+def test_random_bad_overrides_fail_before_any_model(monkeypatch):
+    """A property test: 200 seeded draws of one to three bad values mixed into valid overrides; validate raises
+    ConfigError every time, and train() stops before building a model."""
+    import random
+
+    from mm_gmpo import trainer
+    from mm_gmpo.config import ConfigError, load_config, validate
+
+    rng = random.Random(0)
+    good = ["trainer.rollout_batch_size=8", "trainer.mini_batch_size=4", "rollout.n=4", "optim.lr=1e-5"]
+    for _ in range(200):
+        picks = rng.sample(sorted(BAD), rng.randint(1, 3))
+        overrides = [*rng.sample(good, 2), *(f"{k}={rng.choice(BAD[k])}" for k in picks)]
+        with pytest.raises(ConfigError):
+            validate(load_config(None, overrides))
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr(trainer, "build_policy", no_model)
+    monkeypatch.setattr(trainer, "_build", no_model)
+    with pytest.raises(ConfigError):
+        trainer.train(load_config(None, ["rollout.n=1", "trainer.output_dir=" + str(ROOT / "runs" / "never")]))
+
+
+# ---------------------------------------------------------------- one trainer per run folder
+
+
+def test_a_second_trainer_on_a_busy_run_folder_stops_naming_the_holder(tmp_path):
+    import fcntl
+
+    from mm_gmpo.config import ConfigError, load_config
+    from mm_gmpo.trainer import lock_run_folder, train
+
+    out = tmp_path / "run"
+    out.mkdir()
+    held = lock_run_folder(out)
+    assert f"pid {os.getpid()}" in (out / ".lock").read_text()
+    with pytest.raises(ConfigError, match=rf"in use by a running trainer \(host .* pid {os.getpid()}\)"):
+        train(load_config(None, [f"trainer.output_dir={out}", "trainer.total_steps=1"]))
+    assert not (out / "metrics.jsonl").exists()
+    held.close()  # the holder ends (the kernel drops the lock of a killed process the same way)
+    again = lock_run_folder(out)
+    fcntl.flock(again, fcntl.LOCK_UN)
+    again.close()
