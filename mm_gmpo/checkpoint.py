@@ -42,14 +42,22 @@ class TrainerState:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed from; the message names the file and what to do."""
+
+
 def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    """Every RNG this process draws from, as tensors, ints and lists only: ``torch.load(weights_only=True)``
+    reads it back, so an RNG file cannot run code."""
+    version, mt, gauss = random.getstate()
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": [version, list(mt), gauss]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     try:
         import numpy as np
 
-        state["numpy"] = np.random.get_state()
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]
     except ImportError:
         pass
     return state
@@ -57,13 +65,15 @@ def _rng_state() -> dict[str, Any]:
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     if "numpy" in state:
         import numpy as np
 
-        np.random.set_state(state["numpy"])
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
 def _plain(x: Any) -> Any:
@@ -170,7 +180,13 @@ def load_checkpoint(
         scheduler.load_state_dict(state.scheduler)
     rng_file = path / "rng" / f"rank_{distributed.rank()}.pt"
     if rng_file.exists():
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        try:
+            rng = torch.load(rng_file, weights_only=True)  # tensors and plain values only: nothing in it runs
+        except Exception as e:
+            raise CheckpointError(f"{rng_file}: not an RNG state this trainer wrote ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:200]}); delete the checkpoint folder {path} to resume "
+                                  "from the one before it") from None
+        _set_rng_state(rng)
     return state
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -376,8 +377,37 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         if value not in options:
             raise ConfigError(f"{dotted}: {value!r} is not one of {', '.join(options)}{_hint(str(value), options)}")
     t, r, a = cfg.trainer, cfg.rollout, cfg.algorithm
-    if r.n < 1:
-        raise ConfigError(f"rollout.n = {r.n}: need at least 1 sample per prompt (GMPO/GRPO need >= 2 to learn)")
+    _check_finite(cfg)
+    for key, value in (("trainer.rollout_batch_size", t.rollout_batch_size),
+                       ("trainer.mini_batch_size", t.mini_batch_size), ("trainer.ppo_epochs", t.ppo_epochs),
+                       ("trainer.epochs", t.epochs), ("trainer.keep_last", t.keep_last),
+                       ("data.max_prompt_length", cfg.data.max_prompt_length), ("rollout.max_tokens", r.max_tokens),
+                       ("model.logprob_chunk_size", cfg.model.logprob_chunk_size)):
+        if value < 1:
+            raise ConfigError(f"{key} = {value}: must be >= 1")
+    for key, value in (("trainer.total_steps", t.total_steps), ("trainer.eval_every", t.eval_every),
+                       ("trainer.reward_workers", t.reward_workers), ("trainer.profile_step", t.profile_step),
+                       ("optim.warmup_steps", cfg.optim.warmup_steps)):
+        if value < 0:
+            raise ConfigError(f"{key} = {value}: must be >= 0")
+    if r.n < 2:
+        raise ConfigError(f"rollout.n = {r.n}: GMPO and GRPO normalise rewards within each prompt's group of n "
+                          "samples; with fewer than 2 every advantage is 0 and nothing trains (EasyR1: 5)")
+    for key, value in (("rollout.top_p", r.top_p), ("rollout.val_top_p", r.val_top_p),
+                       ("rollout.gpu_memory_utilization", r.gpu_memory_utilization)):
+        if not 0 < value <= 1:
+            raise ConfigError(f"{key} = {value}: a fraction in (0, 1]")
+    o = cfg.optim
+    if o.lr <= 0:
+        raise ConfigError(f"optim.lr = {o.lr}: must be > 0 (the paper: 1e-6)")
+    if len(o.betas) != 2 or not all(isinstance(b, int | float) and 0 <= b < 1 for b in o.betas):
+        raise ConfigError(f"optim.betas = {o.betas}: two numbers in [0, 1), e.g. [0.9, 0.999]")
+    if not 0 <= o.min_lr_ratio <= 1:
+        raise ConfigError(f"optim.min_lr_ratio = {o.min_lr_ratio}: the final lr as a fraction of optim.lr, in [0, 1]")
+    for key, value in (("optim.max_grad_norm", o.max_grad_norm), ("optim.weight_decay", o.weight_decay),
+                       ("algorithm.entropy_coef", a.entropy_coef), ("algorithm.adv_eps", a.adv_eps)):
+        if value < 0:
+            raise ConfigError(f"{key} = {value}: must be >= 0" + (" (0 = no clipping)" if "grad" in key else ""))
     if r.temperature <= 0:
         raise ConfigError("rollout.temperature must be > 0 for training: greedy samples of one prompt are identical, "
                           "so every group has advantage 0")
@@ -468,6 +498,22 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if r.backend == "vllm" and world_size % r.tensor_parallel_size:
         raise ConfigError(f"rollout.tensor_parallel_size ({r.tensor_parallel_size}) must divide the number of "
                           f"ranks ({world_size})")
+
+
+def _check_finite(cfg: Config) -> None:
+    """No NaN or infinity in any float setting (they pass type checks and poison the run later)."""
+    def walk(node, prefix: str) -> None:
+        for fl in dataclasses.fields(node):
+            value = getattr(node, fl.name)
+            key = f"{prefix}{fl.name}"
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{key}.")
+            elif isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{key} = {value}: must be a finite number")
+            elif isinstance(value, list) and any(isinstance(v, float) and not math.isfinite(v) for v in value):
+                raise ConfigError(f"{key} = {value}: every entry must be a finite number")
+
+    walk(cfg, "")
 
 
 def _divisor_near(n: int, target: int) -> int:

@@ -10,6 +10,7 @@ step's prompts, so every prompt group lives on one rank and advantages need no c
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from dataclasses import dataclass, replace
@@ -398,14 +399,46 @@ def mismatch_metrics(sampler_lp: torch.Tensor, trainer_lp: torch.Tensor, mask: t
 # ---------------------------------------------------------------- the loop
 
 
+def lock_run_folder(out: Path):
+    """One trainer per run folder: an exclusive ``flock`` on ``<out>/.lock``, which the kernel releases when the
+    process dies (no stale locks after a crash or a kill). Returns the open file (keep it open), or raises
+    ConfigError naming the holder's host and pid."""
+    import fcntl
+    import socket
+
+    f = open(out / ".lock", "a+")  # noqa: SIM115 (held open for the whole run)
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise ConfigError(f"trainer.output_dir: {out} is in use by a running trainer ({holder}); wait for it or stop "
+                          "it, or choose another trainer.output_dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"host {socket.gethostname()} pid {os.getpid()}\n")
+    f.flush()
+    return f
+
+
 def train(cfg: Config) -> dict[str, float]:
     info = distributed.init_distributed()
     validate(cfg, world_size=info.world_size)
     t, r, a = cfg.trainer, cfg.rollout, cfg.algorithm
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     out = Path(t.output_dir)
+    lock, busy = None, None
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        try:
+            lock = lock_run_folder(out)
+        except ConfigError as e:
+            busy = str(e)
+    busy = distributed.broadcast_object(busy)  # every rank stops, none waits in a collective
+    if busy:
+        raise ConfigError(busy)
+    if info.is_main:
         (out / "config.yaml").write_text(dump_yaml(cfg))
     log = MetricsLogger(out, enabled=info.is_main, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
                         wandb_project=cfg.logging.wandb_project, run_name=cfg.logging.run_name, config=to_dict(cfg))
@@ -630,4 +663,6 @@ def train(cfg: Config) -> dict[str, float]:
         png = plot_training(out / "metrics.jsonl", out / "training.png")
         print(f"run folder: {out} (metrics.jsonl, tensorboard/, checkpoints/{', training.png' if png else ''})")
     log.close()
+    if lock is not None:
+        lock.close()
     return last

@@ -14,6 +14,7 @@ import os
 import sys
 from pathlib import Path
 
+from mm_gmpo.checkpoint import CheckpointError
 from mm_gmpo.config import ConfigError, load_config, validate
 from mm_gmpo.data.prompts import DataError
 from mm_gmpo.trainer import train
@@ -34,8 +35,9 @@ def main() -> int:
         return 2
     try:
         train(cfg)
-    except (ConfigError, DataError) as e:  # the user's config, data or reward function: one line, no traceback
-        print(f"{'data' if isinstance(e, DataError) else 'config'} error: {e}", file=sys.stderr)
+    except (ConfigError, DataError, CheckpointError) as e:  # config, data, reward function, checkpoint: one line
+        kind = {DataError: "data", CheckpointError: "checkpoint"}.get(type(e), "config")
+        print(f"{kind} error: {e}", file=sys.stderr)
         return 2
     return 0
 

@@ -49,7 +49,7 @@ def test_rng_state_round_trips_through_weights_only_load(tmp_path):
 
 
 def test_a_crafted_rng_file_does_not_run_code_on_resume(tmp_path):
-    from mm_gmpo.checkpoint import CheckpointError, TrainerState, load_checkpoint, save_checkpoint
+    from mm_gmpo.checkpoint import CheckpointError, TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
     from mm_gmpo.models import build_model, tiny_qwen2_5_vl_config
     from mm_gmpo.policy import Policy
 
@@ -57,7 +57,7 @@ def test_a_crafted_rng_file_does_not_run_code_on_resume(tmp_path):
                                                                                       vision_depth=1),
                                 dtype=torch.float32, seed=0))
     save_checkpoint(tmp_path / "ckpt", policy, None, None, TrainerState(step=1))
-    folder = next((tmp_path / "ckpt").iterdir())
+    folder = latest_checkpoint(tmp_path / "ckpt")
     marker = tmp_path / "pwned"
     with open(folder / "rng" / "rank_0.pt", "wb") as f:
         pickle.dump({"torch": _Boom(marker)}, f)
@@ -123,7 +123,9 @@ def test_update_gradient_equals_the_whole_batch_loss_gradient_in_float64(budget,
     policy_update(policy, opt, UpdateBatch(batch, old, adv), gmpo_loss, max_tokens_per_micro_batch=budget,
                   max_grad_norm=0.0, keep_grads=True)
     got = {n: p.grad.full_tensor() for n, p in policy.named_parameters() if p.grad is not None}
-    assert set(got) == set(want)
+    assert set(want) <= set(got)
+    for n in set(got) - set(want):  # the vision tower ran on a blank patch x 0 (FSDP: every rank takes part)
+        assert not got[n].any(), n
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=1e-10, atol=1e-14, msg=n)
 

@@ -57,28 +57,53 @@ class SkipReport:
                           stacklevel=3)
 
 
-@functools.lru_cache(maxsize=16)
-def _template(name: str):
-    import jinja2
-
+def template_path(name: str) -> Path:
+    """A template by name from the package's folder (``think_boxed``, ``plain``, ...) or, when ``name`` is a path
+    ending in ``.jinja``, that file. Nothing else: a name never walks out of the template folder."""
+    if name.endswith(".jinja"):
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise DataError(f"data.template: {name} is not a file")
+        return path
+    if not name or not name.replace("_", "").replace("-", "").isalnum():
+        options = sorted(p.stem for p in TEMPLATE_DIR.glob("*.jinja"))
+        raise DataError(f"data.template: {name!r} is neither a built-in template ({', '.join(options)}) nor a path to "
+                        "a .jinja file")
     path = TEMPLATE_DIR / f"{name}.jinja"
     if not path.exists():
         options = sorted(p.stem for p in TEMPLATE_DIR.glob("*.jinja"))
-        raise DataError(f"prompt template {name!r} not found in {TEMPLATE_DIR}; choose one of {options}")
-    env = jinja2.Environment(keep_trailing_newline=False, undefined=jinja2.StrictUndefined, autoescape=False)
-    return env.from_string(path.read_text())
+        raise DataError(f"prompt template {name!r} not found in {TEMPLATE_DIR}; choose one of {options}, or give "
+                        "the path of your own .jinja file")
+    return path
+
+
+@functools.lru_cache(maxsize=16)
+def _template(name: str):
+    """The compiled template, in jinja2's sandbox: a template can format its inputs but not reach Python (no
+    attribute walks to classes, no calls of unsafe callables)."""
+    import jinja2
+    from jinja2.sandbox import SandboxedEnvironment
+
+    env = SandboxedEnvironment(keep_trailing_newline=False, undefined=jinja2.StrictUndefined, autoescape=False)
+    return env.from_string(template_path(name).read_text())
 
 
 def render_question(template: str, problem: str, choices: list[str] | None = None) -> str:
     """Render the user text of a prompt with a template from ``mm_gmpo/templates/`` (e.g. 'think_boxed')."""
+    import jinja2
+
     letters = "ABCDEFGH"
     lettered = [f"{letters[i]}. {c}" for i, c in enumerate(choices)] if choices else None
-    return _template(template).render(content=problem.strip(), choices=lettered).strip()
+    try:
+        return _template(template).render(content=problem.strip(), choices=lettered).strip()
+    except jinja2.TemplateError as e:
+        raise DataError(f"data.template {template}: {type(e).__name__}: {e}") from None
 
 
 def system_prompt(template: str) -> str | None:
     """An optional system prompt that goes with a template (file ``<template>.system.txt``)."""
-    path = TEMPLATE_DIR / f"{template}.system.txt"
+    path = template_path(template)
+    path = path.with_name(path.name.removesuffix(".jinja") + ".system.txt")
     return path.read_text().strip() if path.exists() else None
 
 
