@@ -5,15 +5,19 @@ Layout under ``<run>/checkpoints/``::
     step_00000012/            a finished checkpoint (only ever appears by an atomic rename)
         model_optim/          torch.distributed.checkpoint shards of model + optimizer (any world size can load)
         trainer_state.json    step, LR-scheduler state, data position, config echo
-        rng/rank_<r>.pt       per-rank RNG states (torch, cuda, python, numpy)
+        rng/rank_<r>.pt       per-rank RNG states (torch, cuda, python, numpy; tensors and lists only)
+        manifest.json         size and sha256 of every other file, written last
     .tmp_step_00000013/       a checkpoint being written; ignored and cleaned up on the next save
     latest                    text file naming the newest finished checkpoint (replaced atomically)
 
-A kill during a save leaves only a ``.tmp_`` folder behind: the last finished checkpoint is untouched.
+A kill during a save leaves only a ``.tmp_`` folder behind: the last finished checkpoint is untouched. A
+finished checkpoint that was damaged later (a truncated shard, a missing or rewritten file) fails its manifest:
+:func:`resume_point` then takes the newest one that verifies and says which it skipped and why.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -105,12 +109,73 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+MANIFEST = "manifest.json"
+
+
+def _files(folder: Path) -> list[str]:
+    """Every file of a checkpoint folder except the manifest, as sorted relative paths."""
+    return sorted(str(f.relative_to(folder)) for f in folder.rglob("*") if f.is_file() and f.name != MANIFEST)
+
+
+def _digests(folder: Path, names: list[str]) -> dict[str, list]:
+    out = {}
+    for name in names:
+        h = hashlib.sha256()
+        with open(folder / name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        out[name] = [(folder / name).stat().st_size, h.hexdigest()]
+    return out
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """Why ``path`` cannot be resumed from, or None when its files match its manifest (sizes on every rank, hashes
+    shared out over the ranks; every rank gets the same answer). A checkpoint without a manifest (written before
+    manifests existed) passes on its trainer_state.json alone."""
+    manifest = path / MANIFEST
+    problem = None
+    if not (path / "trainer_state.json").exists():
+        problem = "no trainer_state.json"
+    elif manifest.exists():
+        try:
+            want = json.loads(manifest.read_text())
+        except ValueError:
+            problem = f"{MANIFEST} is not valid JSON"
+        else:
+            have = _files(path)
+            missing = sorted(set(want) - set(have))
+            extra = sorted(set(have) - set(want))
+            sizes = [n for n in want if n in have and (path / n).stat().st_size != want[n][0]]
+            if missing or extra or sizes:
+                problem = (f"missing {missing[:3]}" if missing else f"unexpected files {extra[:3]}" if extra else
+                           f"{sizes[0]} has {(path / sizes[0]).stat().st_size} bytes, the manifest says "
+                           f"{want[sizes[0]][0]}")
+            else:
+                mine = sorted(want)[distributed.rank()::distributed.world_size()]
+                got = _digests(path, mine)
+                bad = [n for n in mine if got[n][1] != want[n][1]]
+                problem = f"{bad[0]} does not match its hash" if bad else None
+    problems = distributed.gather_dicts({str(distributed.rank()): problem})
+    return next((v for _, v in sorted(problems.items()) if v), None)
+
+
+def resume_point(ckpt_dir: str | Path) -> tuple[Path | None, list[str]]:
+    """The newest finished checkpoint that verifies, and one line per newer one skipped (folder and why)."""
+    skipped = []
+    for path in reversed(finished_checkpoints(Path(ckpt_dir))):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path, skipped
+        skipped.append(f"{path.name}: {problem}")
+    return None, skipped
+
+
 def finished_checkpoints(ckpt_dir: Path) -> list[Path]:
     """Finished checkpoints, oldest first."""
     if not ckpt_dir.is_dir():
         return []
     done = [p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX)
-            and (p / "trainer_state.json").exists()]
+            and ((p / "trainer_state.json").exists() or (p / MANIFEST).exists())]
     return sorted(done, key=lambda p: int(p.name[len(STEP_PREFIX):]))
 
 
@@ -141,13 +206,23 @@ def save_checkpoint(
         (tmp / "rng").mkdir(parents=True)
     distributed.barrier()
 
-    distributed.save_sharded(tmp / "model_optim", policy, optimizer)
-    torch.save(_rng_state(), tmp / "rng" / f"rank_{distributed.rank()}.pt")
+    try:
+        distributed.save_sharded(tmp / "model_optim", policy, optimizer)
+        torch.save(_rng_state(), tmp / "rng" / f"rank_{distributed.rank()}.pt")
+        if distributed.rank() == 0:
+            if scheduler is not None:
+                state.scheduler = _plain(scheduler.state_dict())
+            _atomic_write_text(tmp / "trainer_state.json", json.dumps(asdict(state), indent=2, default=str))
+    except OSError as e:  # a full disk, a permission: say so, and leave no partial folder behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        free = shutil.disk_usage(ckpt_dir).free / 2**30 if ckpt_dir.exists() else float("nan")
+        raise CheckpointError(f"saving {final} failed: {e.strerror or e} ({free:.1f} GiB free on that disk); the "
+                              "previous checkpoint is intact") from None
     distributed.barrier()
+    # every file's size and hash, the hashing shared out over the ranks; the manifest is the last file written
+    digests = distributed.gather_dicts(_digests(tmp, _files(tmp)[distributed.rank()::distributed.world_size()]))
     if distributed.rank() == 0:
-        if scheduler is not None:
-            state.scheduler = _plain(scheduler.state_dict())
-        _atomic_write_text(tmp / "trainer_state.json", json.dumps(asdict(state), indent=2, default=str))
+        _atomic_write_text(tmp / MANIFEST, json.dumps(digests, indent=1, sort_keys=True))
         _fsync_dir(tmp)
         if final.exists():  # re-saving the same step: keep the old one until the new one is complete
             shutil.rmtree(final)

@@ -200,6 +200,8 @@ class TrainerConfig:
     eval_every: int = f(5, "Validate every N steps; 0 = never")
     val_before_train: bool = f(False, "Validate once before the first step (logged as step 0), as EasyR1 does")
     resume: str = f("auto", "auto (latest checkpoint in output_dir if any), none, or a checkpoint path")
+    resume_allow_changes: bool = f(False, "Resume although settings that change the maths or the data order differ "
+                                          "from the checkpoint's (the new values apply, the learning rate too)")
     export_hf: bool = f(True, "Write an HF-format copy (safetensors + processor) at the end")
     profile_step: int = f(0, "Profile the update of this step with the torch profiler (time per category: matmul, "
                              "attention, optimizer, FSDP, copies, other ops; busy vs wall) into "
@@ -514,6 +516,35 @@ def _check_finite(cfg: Config) -> None:
                 raise ConfigError(f"{key} = {value}: every entry must be a finite number")
 
     walk(cfg, "")
+
+
+# settings a resumed run may change freely: where it logs, how often it evaluates or saves, how the engine runs,
+# how the same maths is laid out (micro-batches, kernels, recomputation, offloading)
+HARMLESS = ("logging.", "trainer.eval_every", "trainer.save_every", "trainer.keep_last", "trainer.output_dir",
+            "trainer.resume", "trainer.resume_allow_changes", "trainer.profile_step", "trainer.reward_workers",
+            "trainer.val_before_train", "trainer.export_hf", "rollout.val_", "rollout.gpu_memory_utilization",
+            "rollout.enforce_eager", "rollout.enable_sleep_mode", "trainer.offload_", "model.compile",
+            "model.attn_implementation", "model.vision_attention", "model.logprob_chunk_size", "model.layout",
+            "model.activation_checkpointing", "model.checkpoint_every", "model.load", "trainer.cpu_offload",
+            "trainer.max_tokens_per_micro_batch", "trainer.total_steps", "trainer.epochs")
+
+
+def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
+    """(changes that alter the maths or the data order, harmless changes) between two ``to_dict`` configs, each
+    as 'key: old -> new'."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict) and k != "reward_kwargs":
+                out |= flat(v, f"{prefix}{k}.")
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    a, b = flat(old), flat(new)
+    changed = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    harmless = [c for c in changed if c.startswith(HARMLESS)]
+    return [c for c in changed if c not in harmless], harmless
 
 
 def _divisor_near(n: int, target: int) -> int:

@@ -104,6 +104,15 @@ def union_keys(keys: list[str]) -> list[str]:
     return sorted({k for ks in gathered for k in ks})
 
 
+def gather_dicts(part: dict) -> dict:
+    """The union of every rank's dict (same on all ranks)."""
+    if not dist.is_initialized():
+        return dict(part)
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, part)
+    return {k: v for p in parts for k, v in p.items()}
+
+
 def broadcast_object(obj, src: int = 0):
     if not dist.is_initialized():
         return obj

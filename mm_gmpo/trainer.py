@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,8 +23,15 @@ from tqdm import tqdm
 from mm_gmpo import distributed
 from mm_gmpo.advantage import group_advantages, groups_in_band, kl_shaped_rewards
 from mm_gmpo.attention import use_grouped_vision_attention
-from mm_gmpo.checkpoint import TrainerState, export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
-from mm_gmpo.config import Config, ConfigError, dump_yaml, to_dict, validate
+from mm_gmpo.checkpoint import (
+    TrainerState,
+    export_hf,
+    load_checkpoint,
+    resume_point,
+    save_checkpoint,
+    verify_checkpoint,
+)
+from mm_gmpo.config import Config, ConfigError, config_changes, dump_yaml, to_dict, validate
 from mm_gmpo.data.processing import EncodedPrompt, encode_prompts, load_processor
 from mm_gmpo.data.prompts import Prompt, limit_images
 from mm_gmpo.data.synthetic import COLORS, single_token_ids
@@ -498,10 +506,40 @@ def train(cfg: Config) -> dict[str, float]:
     # resume
     state = TrainerState()
     ckpt_dir = out / "checkpoints"
-    resume_from = latest_checkpoint(ckpt_dir) if t.resume == "auto" else (None if t.resume == "none" else
-                                                                          Path(t.resume))
+    if info.is_main:  # partial folders of a save that was killed or failed
+        for stale in ckpt_dir.glob(".tmp_*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    distributed.barrier()
+    resume_from = None
+    if t.resume == "auto":
+        resume_from, skipped = resume_point(ckpt_dir)
+        if skipped and info.is_main:
+            print("resume: skipped damaged checkpoint(s): " + "; ".join(skipped))
+    elif t.resume != "none":
+        resume_from = Path(t.resume)
+        problem = verify_checkpoint(resume_from)
+        if problem:
+            raise ConfigError(f"trainer.resume: {resume_from} cannot be resumed from: {problem}")
     if resume_from is not None:
         state = load_checkpoint(resume_from, policy, optimizer, scheduler)
+        stored = state.extra.get("config")
+        if stored is not None:
+            maths, harmless = config_changes(stored, to_dict(cfg))
+            if maths and not t.resume_allow_changes:
+                raise ConfigError(f"resume from {resume_from}: these settings differ from the checkpoint's and change "
+                                  f"the maths or the data order: {'; '.join(maths)}. Restore them, or set "
+                                  "trainer.resume_allow_changes=true to go on with the new values")
+            if info.is_main and (maths or harmless):
+                print(f"resume: settings changed since the checkpoint: {'; '.join(maths + harmless)}")
+            if maths:  # the new learning rate applies from here on (the restored schedule keeps its position)
+                for group, base in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
+                    factor = float(group["lr"]) / base if base else 1.0
+                    group["initial_lr"] = cfg.optim.lr
+                    if torch.is_tensor(group["lr"]):  # torchao keeps it as a tensor
+                        group["lr"].fill_(cfg.optim.lr * factor)
+                    else:
+                        group["lr"] = cfg.optim.lr * factor
+                scheduler.base_lrs = [cfg.optim.lr] * len(optimizer.param_groups)
         sampler.load_state_dict(state.data_position)
         log.rewind(state.step)  # steps logged after that checkpoint are redone: log each once
         if info.is_main:
@@ -647,6 +685,7 @@ def train(cfg: Config) -> dict[str, float]:
         bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", acc=f"{metrics['reward/accuracy']:.3f}")
         state.step = step
         state.data_position = sampler.state_dict()
+        state.extra["config"] = to_dict(cfg)  # a resume compares its settings with these
         if t.save_every >= 0 and ((t.save_every and step % t.save_every == 0) or step == total_steps):
             if any(offload.values()):  # save from the devices the state was created on
                 distributed.move_train_state(policy, optimizer, info.device, **offload)

@@ -220,3 +220,99 @@ def test_a_second_trainer_on_a_busy_run_folder_stops_naming_the_holder(tmp_path)
     again = lock_run_folder(out)
     fcntl.flock(again, fcntl.LOCK_UN)
     again.close()
+
+
+# ---------------------------------------------------------------- resume with changed settings
+
+
+def test_resume_refuses_changed_maths_unless_allowed_and_then_applies_the_new_lr(tmp_path):
+    import json
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    base = [sys.executable, str(ROOT / "scripts" / "train_mm.py"), f"trainer.output_dir={tmp_path / 'run'}",
+            "trainer.rollout_batch_size=4", "trainer.mini_batch_size=4", "rollout.n=4", "trainer.eval_every=0",
+            "trainer.export_hf=false", "trainer.save_every=1", "optim.lr_schedule=constant", "optim.lr=1e-3"]
+
+    def run(*extra):
+        return subprocess.run([*base, *extra], capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+
+    r = run("trainer.total_steps=2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    # a harmless change (logging cadence, more steps) resumes and is reported
+    r = run("trainer.total_steps=3", "logging.sample_generations=1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "settings changed since the checkpoint: logging.sample_generations" in r.stdout
+    # a change of the maths stops with one line listing it, before any step
+    r = run("trainer.total_steps=4", "optim.lr=2e-3", "algorithm.clip_high=0.3")
+    assert r.returncode == 2
+    assert "optim.lr: 0.001 -> 0.002" in r.stderr and "algorithm.clip_high: 0.4 -> 0.3" in r.stderr
+    assert len([x for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]) == 3
+    # allowed: the new learning rate really applies
+    r = run("trainer.total_steps=4", "optim.lr=2e-3", "trainer.resume_allow_changes=true")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["actor/lr"] for row in rows] == [1e-3, 1e-3, 1e-3, 2e-3]
+
+
+# ---------------------------------------------------------------- checkpoints that survive damage
+
+
+def _three_checkpoints(folder: Path):
+    from mm_gmpo.checkpoint import TrainerState, save_checkpoint
+    from mm_gmpo.models import build_model, tiny_qwen2_5_vl_config
+    from mm_gmpo.policy import Policy
+
+    policy = Policy(build_model("t", random_init=True, config=tiny_qwen2_5_vl_config(hidden_size=32, layers=1,
+                                                                                      vision_depth=1),
+                                dtype=torch.float32, seed=0))
+    for step in (1, 2, 3):
+        save_checkpoint(folder, policy, None, None, TrainerState(step=step), keep_last=3)
+    return policy
+
+
+@pytest.mark.parametrize("damage", ["truncate_shard", "garbage_shard", "drop_metadata", "drop_state", "garbage_rng"])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, damage):
+    import json
+
+    from mm_gmpo.checkpoint import MANIFEST, resume_point
+
+    _three_checkpoints(tmp_path)
+    newest = tmp_path / "step_00000003"
+    manifest = json.loads((newest / MANIFEST).read_text())
+    assert "trainer_state.json" in manifest and any(n.endswith(".distcp") for n in manifest)
+    shard = next(p for p in sorted((newest / "model_optim").iterdir()) if p.suffix == ".distcp")
+    if damage == "truncate_shard":
+        shard.write_bytes(shard.read_bytes()[:100])
+    elif damage == "garbage_shard":  # same size, other bytes: only the hash sees it
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        shard.write_bytes(bytes(data))
+    elif damage == "drop_metadata":
+        (newest / "model_optim" / ".metadata").unlink()
+    elif damage == "drop_state":
+        (newest / "trainer_state.json").unlink()
+    else:
+        (newest / "rng" / "rank_0.pt").write_bytes(b"not a tensor file")
+    path, skipped = resume_point(tmp_path)
+    assert path == tmp_path / "step_00000002"
+    assert len(skipped) == 1 and skipped[0].startswith("step_00000003: ")
+    assert resume_point(tmp_path / "nothing") == (None, [])
+
+
+def test_a_failed_save_names_the_cause_and_leaves_no_partial_folder(tmp_path, monkeypatch):
+    import errno
+
+    from mm_gmpo import distributed
+    from mm_gmpo.checkpoint import CheckpointError, TrainerState, save_checkpoint
+
+    policy = _three_checkpoints(tmp_path)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(distributed, "save_sharded", full_disk)
+    with pytest.raises(CheckpointError, match=r"step_00000004 failed: No space left on device \(.* GiB free"):
+        save_checkpoint(tmp_path, policy, None, None, TrainerState(step=4), keep_last=3)
+    assert not list(tmp_path.glob(".tmp_*"))
+    assert (tmp_path / "latest").read_text().strip() == "step_00000003"
