@@ -157,7 +157,7 @@ def test_missing_image_names_file(tmp_path):
 def test_corrupt_image_and_missing_field(tmp_path):
     root = _copy_split(tmp_path)
     (root / "test" / "2401" / "img_diagram.png").write_bytes(b"\x89PNG not really")
-    with pytest.raises(DataError, match=r"2401/img_diagram.png: image is corrupt"):
+    with pytest.raises(DataError, match=r"2401/img_diagram.png: the image \(field 'img_diagram.png'\) is not a readable image"):
         load_geometry3k(root, "test")
     meta_path = root / "test" / "2403" / "data.json"
     meta = json.loads(meta_path.read_text())

@@ -316,3 +316,66 @@ def test_a_failed_save_names_the_cause_and_leaves_no_partial_folder(tmp_path, mo
         save_checkpoint(tmp_path, policy, None, None, TrainerState(step=4), keep_last=3)
     assert not list(tmp_path.glob(".tmp_*"))
     assert (tmp_path / "latest").read_text().strip() == "step_00000003"
+
+
+# ---------------------------------------------------------------- data that must not escape DataError
+
+
+def _intergps_copy(root: Path, pid: int = 2401) -> Path:
+    import shutil
+
+    src = ROOT / "data" / "geometry3k" / "test" / str(pid)
+    dst = root / "test" / str(pid)
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _png(size, mode="RGB") -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new(mode, size).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+BAD_ROWS = {
+    "non_utf8": ("data.json", lambda d: (d / "data.json").write_bytes(b'{"problem_text": "\xff\xfe"}'), "not UTF-8"),
+    "json_list": ("data.json", lambda d: (d / "data.json").write_text("[1, 2]"), "expected an object"),
+    "choices_string": ("choices", lambda d: _edit(d, choices="ABCD"), "field 'choices'"),
+    "problem_number": ("problem_text", lambda d: _edit(d, problem_text=42), "field 'problem_text'"),
+    "truncated_image": ("img_diagram.png", lambda d: (d / "img_diagram.png").write_bytes(
+        (d / "img_diagram.png").read_bytes()[:200]), "not a readable image"),
+    "image_is_a_folder": ("img_diagram.png", lambda d: ((d / "img_diagram.png").unlink(),
+                                                        (d / "img_diagram.png").mkdir()), "not a regular file"),
+    "bomb": ("img_diagram.png", lambda d: (d / "img_diagram.png").write_bytes(_png((12000, 12000), "1")),
+             "pixel cap"),
+    "aspect": ("img_diagram.png", lambda d: (d / "img_diagram.png").write_bytes(_png((1, 300))), "aspect ratio"),
+}
+
+
+def _edit(d: Path, **fields):
+    import json
+
+    meta = json.loads((d / "data.json").read_text())
+    meta.update(fields)
+    (d / "data.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ROWS))
+def test_every_bad_row_is_a_data_error_naming_file_and_field_and_skippable(tmp_path, case):
+    from mm_gmpo.data.geometry3k import load_geometry3k
+    from mm_gmpo.data.prompts import DataError
+
+    field, damage, words = BAD_ROWS[case]
+    bad = _intergps_copy(tmp_path, 2401)
+    _intergps_copy(tmp_path, 2402)
+    damage(bad)
+    with pytest.raises(DataError) as e:
+        load_geometry3k(tmp_path, "test", layout="intergps")
+    assert "2401" in str(e.value) and words in str(e.value), str(e.value)
+    assert field in str(e.value) or field == "data.json"
+    with pytest.warns(UserWarning, match="skipped 1 bad sample"):
+        ds = load_geometry3k(tmp_path, "test", layout="intergps", on_bad_sample="skip")
+    assert len(ds) == 1 and ds[0]["id"] == "2402"

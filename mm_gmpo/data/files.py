@@ -16,7 +16,6 @@ dropped, counted and reported once.
 
 from __future__ import annotations
 
-import io
 import json
 import re
 from collections.abc import Iterator
@@ -24,8 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from mm_gmpo.data.images import decode_image
 from mm_gmpo.data.processing import VISION_TOKENS
 from mm_gmpo.data.prompts import DataError, OnBadSample, Prompt, SkipReport, render_question
 from mm_gmpo.data.prompts import system_prompt as template_system_prompt
@@ -192,13 +192,7 @@ def open_image(entry: Any, where: str, field: str, base_dir: Path | None) -> Ima
         name = str(p)
     else:
         name = "the image bytes"
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()  # decode everything now: a truncated file with a valid header fails here, not mid-training
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"{where}: field '{field}': {name} is not a readable image ({e}); replace it or use "
-                        "data.on_bad_sample=skip") from None
+    return decode_image(data, f"{where}: field '{field}': {name}")
 
 
 def _image_entries(value: Any) -> list[Any]:

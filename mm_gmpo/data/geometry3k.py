@@ -20,8 +20,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from mm_gmpo.data.images import decode_image
 from mm_gmpo.data.prompts import DataError, OnBadSample, Prompt, SkipReport, build_messages, render_question
 
 REPO_GEOMETRY3K = Path(__file__).resolve().parents[2] / "data" / "geometry3k"
@@ -42,34 +43,46 @@ def _features():
 def _check_image(path: Path) -> bytes:
     if not path.exists():
         raise DataError(f"{path}: image file missing (field 'img_diagram.png'); restore it or use on_bad_sample=skip")
+    if not path.is_file():
+        raise DataError(f"{path}: not a regular file (field 'img_diagram.png')")
     data = path.read_bytes()
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise DataError(f"{path}: image is corrupt or not an image ({e}); replace it or use on_bad_sample=skip") from None
+    decode_image(data, f"{path}: the image (field 'img_diagram.png')")
     return data
 
 
 def _intergps_row(problem_dir: Path, split: str) -> dict[str, Any]:
     meta_path = problem_dir / "data.json"
-    if not meta_path.exists():
-        raise DataError(f"{meta_path}: missing; every problem folder needs data.json and img_diagram.png")
+    if not meta_path.is_file():
+        raise DataError(f"{meta_path}: missing or not a regular file; every problem folder needs data.json and "
+                        "img_diagram.png")
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(meta_path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{meta_path}: not UTF-8 text ({e})") from None
     except json.JSONDecodeError as e:
         raise DataError(f"{meta_path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{meta_path}: a JSON {type(meta).__name__}, expected an object with {list(_REQUIRED)}")
     for key in _REQUIRED:
         if key not in meta or meta[key] in (None, "", []):
             raise DataError(f"{meta_path}: field '{key}' is missing or empty")
+    if not isinstance(meta["problem_text"], str):
+        raise DataError(f"{meta_path}: field 'problem_text' is a {type(meta['problem_text']).__name__}, expected "
+                        "text")
+    if not isinstance(meta["choices"], list) or not all(isinstance(c, str | int | float) and not isinstance(c, bool)
+                                                         for c in meta["choices"]):
+        raise DataError(f"{meta_path}: field 'choices' is {meta['choices']!r}, expected a list of answer texts "
+                        "such as [\"30\", \"60\", \"120\", \"240\"]")
+    if not isinstance(meta["answer"], str):
+        raise DataError(f"{meta_path}: field 'answer' is a {type(meta['answer']).__name__}, expected a letter")
     choices = [str(c) for c in meta["choices"]]
-    letter = str(meta["answer"]).strip()
+    letter = meta["answer"].strip()
     if letter not in LETTERS[: len(choices)]:
         raise DataError(f"{meta_path}: field 'answer' is {letter!r}, expected a letter among {LETTERS[:len(choices)]}")
     image = _check_image(problem_dir / "img_diagram.png")
     return {
         "id": str(meta.get("id", problem_dir.name)),
-        "problem": str(meta["problem_text"]),
+        "problem": meta["problem_text"],
         "image": {"bytes": image, "path": f"{split}/{problem_dir.name}/img_diagram.png"},
         "choices": choices,
         "answer": choices[LETTERS.index(letter)],
@@ -121,14 +134,11 @@ def _hf_rows(ds, split: str, source: str, on_bad_sample: OnBadSample, report: Sk
             data = img.get("bytes") or (Path(img["path"]).read_bytes() if img.get("path") else None)
             if data is None:
                 raise DataError(f"{where}: field '{image_col}' has neither bytes nor a readable path")
-            try:
-                with Image.open(io.BytesIO(data)) as im:
-                    im.verify()
-            except (UnidentifiedImageError, OSError, SyntaxError) as e:
-                raise DataError(f"{where}: field '{image_col}' is not a readable image ({e})") from None
-            if not row.get("answer"):
-                raise DataError(f"{where}: field 'answer' is empty")
-            problem = str(row["problem"]).replace("<image>", "").strip()
+            decode_image(data, f"{where}: field '{image_col}'")
+            for key in ("problem", "answer"):
+                if not isinstance(row[key], str) or not row[key].strip():
+                    raise DataError(f"{where}: field '{key}' is {row[key]!r}, expected non-empty text")
+            problem = row["problem"].replace("<image>", "").strip()
             yield {
                 "id": str(row.get("id", f"{split}-{i}")), "problem": problem,
                 "image": {"bytes": data, "path": None}, "choices": [], "answer": str(row["answer"]).strip(),
