@@ -206,6 +206,7 @@ def save_checkpoint(
         (tmp / "rng").mkdir(parents=True)
     distributed.barrier()
 
+    failure = None
     try:
         distributed.save_sharded(tmp / "model_optim", policy, optimizer)
         torch.save(_rng_state(), tmp / "rng" / f"rank_{distributed.rank()}.pt")
@@ -213,12 +214,16 @@ def save_checkpoint(
             if scheduler is not None:
                 state.scheduler = _plain(scheduler.state_dict())
             _atomic_write_text(tmp / "trainer_state.json", json.dumps(asdict(state), indent=2, default=str))
-    except OSError as e:  # a full disk, a permission: say so, and leave no partial folder behind
-        shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as e:  # a full disk, a permission: every rank hears of it (none waits in a barrier)
+        failure = str(e.strerror or e)
+    failures = distributed.gather_dicts({str(distributed.rank()): failure})
+    failure = next((v for _, v in sorted(failures.items()) if v), None)
+    if failure is not None:  # say so, and leave no partial folder behind
+        if distributed.rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
         free = shutil.disk_usage(ckpt_dir).free / 2**30 if ckpt_dir.exists() else float("nan")
-        raise CheckpointError(f"saving {final} failed: {e.strerror or e} ({free:.1f} GiB free on that disk); the "
-                              "previous checkpoint is intact") from None
-    distributed.barrier()
+        raise CheckpointError(f"saving {final} failed: {failure} ({free:.1f} GiB free on that disk); the "
+                              "previous checkpoint is intact")
     # every file's size and hash, the hashing shared out over the ranks; the manifest is the last file written
     digests = distributed.gather_dicts(_digests(tmp, _files(tmp)[distributed.rank()::distributed.world_size()]))
     if distributed.rank() == 0:

@@ -200,6 +200,8 @@ class TrainerConfig:
     eval_every: int = f(5, "Validate every N steps; 0 = never")
     val_before_train: bool = f(False, "Validate once before the first step (logged as step 0), as EasyR1 does")
     resume: str = f("auto", "auto (latest checkpoint in output_dir if any), none, or a checkpoint path")
+    save_errors: str = f("error", "A checkpoint that cannot be written (full disk, permissions): error stops the "
+                                  "run with the cause; warn says so and trains on (the previous checkpoint stays)")
     resume_allow_changes: bool = f(False, "Resume although settings that change the maths or the data order differ "
                                           "from the checkpoint's (the new values apply, the learning rate too)")
     export_hf: bool = f(True, "Write an HF-format copy (safetensors + processor) at the end")
@@ -235,6 +237,7 @@ CHOICES = {
     "model.attn_implementation": ("auto", "sdpa", "flash_attention_2", "eager"),
     "model.layout": ("auto", "packed", "padded"),
     "model.load": ("auto", "sharded", "full"),
+    "trainer.save_errors": ("error", "warn"),
     "model.vision_attention": ("auto", "transformers", "grouped"),
     "data.dataset": ("files", "geometry3k", "math", "synthetic"),
     "data.task": ("math", "geometry3k", "exact"),
@@ -521,7 +524,7 @@ def _check_finite(cfg: Config) -> None:
 # settings a resumed run may change freely: where it logs, how often it evaluates or saves, how the engine runs,
 # how the same maths is laid out (micro-batches, kernels, recomputation, offloading)
 HARMLESS = ("logging.", "trainer.eval_every", "trainer.save_every", "trainer.keep_last", "trainer.output_dir",
-            "trainer.resume", "trainer.resume_allow_changes", "trainer.profile_step", "trainer.reward_workers",
+            "trainer.resume", "trainer.resume_allow_changes", "trainer.save_errors", "trainer.profile_step", "trainer.reward_workers",
             "trainer.val_before_train", "trainer.export_hf", "rollout.val_", "rollout.gpu_memory_utilization",
             "rollout.enforce_eager", "rollout.enable_sleep_mode", "trainer.offload_", "model.compile",
             "model.attn_implementation", "model.vision_attention", "model.logprob_chunk_size", "model.layout",

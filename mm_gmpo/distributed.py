@@ -46,6 +46,21 @@ def init_distributed(backend: str | None = None, timeout_s: int = 1800) -> DistI
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
+class LauncherWatch:
+    """Under torchrun, notices when the launcher (this worker's parent) is gone: killing the launcher alone leaves
+    its workers running in their own process groups, still training into the run folder. ``check()`` raises
+    then; outside torchrun it never does."""
+
+    def __init__(self, parent: int | None = None):
+        self.parent = parent if parent is not None else (os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ or
+                                                         "LOCAL_RANK" in os.environ else None)
+
+    def check(self) -> None:
+        if self.parent is not None and os.getppid() != self.parent:
+            raise RuntimeError(f"the launcher (pid {self.parent}) is gone; this worker (pid {os.getpid()}) stops "
+                               "instead of training on without it")
+
+
 def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 

@@ -24,6 +24,7 @@ from mm_gmpo import distributed
 from mm_gmpo.advantage import group_advantages, groups_in_band, kl_shaped_rewards
 from mm_gmpo.attention import use_grouped_vision_attention
 from mm_gmpo.checkpoint import (
+    CheckpointError,
     TrainerState,
     export_hf,
     load_checkpoint,
@@ -559,9 +560,11 @@ def train(cfg: Config) -> dict[str, float]:
         log.samples(0, samples)
         if info.is_main:
             print(f"before training: eval/accuracy {eval_metrics['eval/accuracy']:.3f}")
+    watch = distributed.LauncherWatch()
     bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", disable=not info.is_main)
     last: dict[str, float] = {}
     for step in range(state.step + 1, total_steps + 1):
+        watch.check()  # torchrun's launcher gone: stop rather than train on into its run folder
         t_step = time.perf_counter()
 
         # 1-3. prompts, rollout, rewards (online filtering: more rounds until the batch is full of signal)
@@ -689,7 +692,13 @@ def train(cfg: Config) -> dict[str, float]:
         if t.save_every >= 0 and ((t.save_every and step % t.save_every == 0) or step == total_steps):
             if any(offload.values()):  # save from the devices the state was created on
                 distributed.move_train_state(policy, optimizer, info.device, **offload)
-            save_checkpoint(ckpt_dir, policy, optimizer, scheduler, state, keep_last=t.keep_last)
+            try:
+                save_checkpoint(ckpt_dir, policy, optimizer, scheduler, state, keep_last=t.keep_last)
+            except CheckpointError as e:
+                if t.save_errors != "warn":
+                    raise
+                if info.is_main:
+                    print(f"warning: {e}; training on (trainer.save_errors=warn)")
             if any(offload.values()) and step < total_steps:
                 distributed.move_train_state(policy, optimizer, cpu, **offload)
     bar.close()

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"  # the built-in task (scripts/train_mm.py's default config)
 
 
 class _Boom:
@@ -214,7 +215,7 @@ def test_a_second_trainer_on_a_busy_run_folder_stops_naming_the_holder(tmp_path)
     held = lock_run_folder(out)
     assert f"pid {os.getpid()}" in (out / ".lock").read_text()
     with pytest.raises(ConfigError, match=rf"in use by a running trainer \(host .* pid {os.getpid()}\)"):
-        train(load_config(None, [f"trainer.output_dir={out}", "trainer.total_steps=1"]))
+        train(load_config(TINY, [f"trainer.output_dir={out}", "trainer.total_steps=1"]))
     assert not (out / "metrics.jsonl").exists()
     held.close()  # the holder ends (the kernel drops the lock of a killed process the same way)
     again = lock_run_folder(out)
@@ -379,3 +380,66 @@ def test_every_bad_row_is_a_data_error_naming_file_and_field_and_skippable(tmp_p
     with pytest.warns(UserWarning, match="skipped 1 bad sample"):
         ds = load_geometry3k(tmp_path, "test", layout="intergps", on_bad_sample="skip")
     assert len(ds) == 1 and ds[0]["id"] == "2402"
+
+
+# ---------------------------------------------------------------- a lost launcher, a full disk mid-run
+
+
+def test_a_worker_whose_launcher_died_stops(tmp_path):
+    """A launcher (A) starts a worker (B) in its own session, as torchrun does, and dies; B's LauncherWatch sees
+    it at its next check and stops."""
+    import subprocess
+    import time
+
+    flag = tmp_path / "stopped"
+    worker = (f"import os, sys, time; sys.path.insert(0, {str(ROOT)!r})\n"
+              "from mm_gmpo.distributed import LauncherWatch\n"
+              "w = LauncherWatch(parent=int(sys.argv[1]))  # the launcher's pid (it may be gone already)\n"
+              "for _ in range(400):\n"
+              "    try:\n"
+              "        w.check()\n"
+              "    except RuntimeError as e:\n"
+              f"        open({str(flag)!r}, 'w').write(str(e)); break\n"
+              "    time.sleep(0.05)\n")
+    launcher = (f"import subprocess, sys, time, os; subprocess.Popen([sys.executable, '-c', {worker!r}, "
+                "str(os.getpid())], start_new_session=True); time.sleep(0.5); os._exit(0)")
+    subprocess.run([sys.executable, "-c", launcher], timeout=60)
+    for _ in range(400):
+        if flag.exists() and flag.read_text():
+            break
+        time.sleep(0.05)
+    assert "is gone; this worker" in flag.read_text()
+    assert LauncherWatch_never_fires_outside_torchrun()
+
+
+def LauncherWatch_never_fires_outside_torchrun() -> bool:
+    from mm_gmpo.distributed import LauncherWatch
+
+    w = LauncherWatch()
+    w.check()
+    return w.parent is None or "LOCAL_RANK" in os.environ
+
+
+def test_a_full_disk_mid_run_stops_with_the_cause_or_warns_and_trains_on(tmp_path, monkeypatch, own_process_group):
+    import errno
+    import json
+
+    from mm_gmpo import distributed
+    from mm_gmpo.checkpoint import CheckpointError
+    from mm_gmpo.config import load_config
+    from mm_gmpo.trainer import train
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(distributed, "save_sharded", full_disk)
+    args = ["trainer.rollout_batch_size=4", "trainer.mini_batch_size=4", "rollout.n=4", "trainer.eval_every=0",
+            "trainer.export_hf=false", "trainer.save_every=1", "trainer.total_steps=2", "reward_workers=0"]
+    args = [a.replace("reward_workers", "trainer.reward_workers") for a in args]
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        train(load_config(TINY, [*args, f"trainer.output_dir={tmp_path / 'error'}"]))
+    assert len((tmp_path / "error" / "metrics.jsonl").read_text().splitlines()) == 1
+    train(load_config(TINY, [*args, f"trainer.output_dir={tmp_path / 'warn'}", "trainer.save_errors=warn"]))
+    rows = [json.loads(x) for x in (tmp_path / "warn" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert not list((tmp_path / "warn" / "checkpoints").glob(".tmp_*"))
