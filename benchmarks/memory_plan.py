@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from activation_memory import per_unit_bytes
 
 from mm_gmpo.config import Config, load_config
-from mm_gmpo.models import model_config, random_model_config
+from mm_gmpo.models import loads_sharded, model_config, random_model_config
 
 GIB = 2**30
 CUDA_CONTEXT = 1.0 * GIB  # CUDA context, NCCL buffers, a sleeping vLLM's residue
@@ -177,7 +177,7 @@ def plan(cfg: Config, gpus: int, gpu_gib: float, *, patches_per_token: float | N
     max_util = max(limit - resident - CUDA_CONTEXT, 0.0) / limit  # the largest vLLM share beside the resident state
     # loading: model.load=full builds the whole fp32 model on every rank's host first; sharded reads each rank's
     # rows of one tensor at a time (bf16 on disk; the largest is the embedding), random models one fp32 module
-    sharded = cfg.model.load == "sharded" or (cfg.model.load == "auto" and cfg.model.path != "tiny-random")
+    sharded = loads_sharded(cfg.model.load, cfg.model.path)
     random = cfg.model.path.startswith("random:") or cfg.model.path == "tiny-random"
     largest = (4 * c.vocab * c.hidden) if random else 2 * c.vocab * c.hidden / gpus
     load_host = gpus * (largest if sharded else 4 * c.total)

@@ -155,6 +155,12 @@ def build_model(
 # ---------------------------------------------------------------- building on the meta device, filling by rows
 
 
+def loads_sharded(load: str, path: str) -> bool:
+    """Whether ``model.load`` (auto | sharded | full) builds on the meta device and fills shards: auto does for every
+    model but the built-in tiny-random one (built whole, as the built-in task's trajectory was measured)."""
+    return load == "sharded" or (load == "auto" and path != "tiny-random")
+
+
 def empty_model(config, *, dtype: torch.dtype = torch.float32, attn_implementation: str = "auto") -> nn.Module:
     """The model of ``config`` with its parameters on the meta device (no memory) and its buffers (the rotary
     tables, computed from the config) real, on the CPU: what ``mm_gmpo.distributed.materialize`` fills after

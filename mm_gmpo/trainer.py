@@ -47,6 +47,7 @@ from mm_gmpo.models import (
     compile_blocks,
     empty_model,
     is_random_model,
+    loads_sharded,
     model_config,
     random_model_config,
     resolve_attention,
@@ -178,7 +179,7 @@ def build_policy(cfg: Config, info: distributed.DistInfo, packed: bool, *, refer
     # the dtype of the trained (sharded) weights: fp32, bf16 for adamw_bf16; the reference keeps compute's
     master = compute_dtype if reference else master_dtype(cfg.optim.name)
     rand = random_model_config(cfg.model.path)
-    sharded = cfg.model.load == "sharded" or (cfg.model.load == "auto" and cfg.model.path != "tiny-random")
+    sharded = loads_sharded(cfg.model.load, cfg.model.path)
     if sharded:  # parameters on the meta device until parallelize has sharded them; then each rank fills its own
         model = empty_model(rand or model_config(cfg.model.path), dtype=master,
                             attn_implementation=cfg.model.attn_implementation)
