@@ -239,14 +239,13 @@ def materialize(policy: nn.Module, source, device: torch.device | str) -> dict[s
     its memory on ``device`` and fill this rank's shards from ``source`` (``read(name, rows)``: a
     ``CheckpointSource`` or ``RandomSource`` over the inner model's parameter names). No rank ever holds more
     than its shards and one slice being read; returns {'bytes_read', 'largest_held'} of this rank's source."""
-    from torch.distributed.tensor import DTensor
 
     buffers = dict(policy.named_buffers())  # real CPU tensors (rotary tables): to_empty would discard them
     policy.to_empty(device=device)
     for name, b in policy.named_buffers():
         b.copy_(buffers[name])
     for name, p in policy.named_parameters():
-        local = p.to_local() if isinstance(p, DTensor) else p
+        local = _local(p)
         rows = local_rows(p)
         part = source.read(name.removeprefix("model."), rows)
         if part.shape != local.shape:

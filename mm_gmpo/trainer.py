@@ -561,6 +561,7 @@ def train(cfg: Config) -> dict[str, float]:
         log.samples(0, samples)
         if info.is_main:
             print(f"before training: eval/accuracy {eval_metrics['eval/accuracy']:.3f}")
+    state.extra["config"] = to_dict(cfg)  # saved with every checkpoint: a resume compares its settings with these
     watch = distributed.LauncherWatch()
     bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", disable=not info.is_main)
     last: dict[str, float] = {}
@@ -689,7 +690,6 @@ def train(cfg: Config) -> dict[str, float]:
         bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", acc=f"{metrics['reward/accuracy']:.3f}")
         state.step = step
         state.data_position = sampler.state_dict()
-        state.extra["config"] = to_dict(cfg)  # a resume compares its settings with these
         if t.save_every >= 0 and ((t.save_every and step % t.save_every == 0) or step == total_steps):
             if any(offload.values()):  # save from the devices the state was created on
                 distributed.move_train_state(policy, optimizer, info.device, **offload)
