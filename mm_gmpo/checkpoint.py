@@ -160,9 +160,12 @@ def verify_checkpoint(path: Path) -> str | None:
 
 
 def resume_point(ckpt_dir: str | Path) -> tuple[Path | None, list[str]]:
-    """The newest finished checkpoint that verifies, and one line per newer one skipped (folder and why)."""
+    """The newest finished checkpoint that verifies, and one line per newer one skipped (folder and why). Rank 0
+    lists the candidates and every rank checks the same ones, so all ranks resume from the same checkpoint or
+    none (a rank that saw no checkpoint would otherwise skip the collective load the others wait in)."""
     skipped = []
-    for path in reversed(finished_checkpoints(Path(ckpt_dir))):
+    names = distributed.broadcast_object([p.name for p in finished_checkpoints(Path(ckpt_dir))])
+    for path in reversed([Path(ckpt_dir) / n for n in names]):
         problem = verify_checkpoint(path)
         if problem is None:
             return path, skipped

@@ -112,9 +112,13 @@ class RolloutConfig:
     top_p: float = f(1.0, "Nucleus sampling")
     max_tokens: int = f(2048, "Maximum response tokens")
     gpu_memory_utilization: float = f(0.6, "vLLM: fraction of GPU memory for weights + KV cache")
-    tensor_parallel_size: int = f(1, "vLLM: tensor-parallel ranks per engine")
+    tensor_parallel_size: int = f(1, "vLLM: tensor-parallel ranks per engine (consecutive ranks on one node; must "
+                                     "divide the GPUs per node)")
     enforce_eager: bool = f(False, "vLLM: no CUDA graphs / torch.compile (faster start, slower decode)")
-    enable_sleep_mode: bool = f(True, "vLLM: sleep (weights to CPU, KV cache freed) while the policy updates")
+    enable_sleep_mode: bool = f(True, "vLLM: sleep (KV cache freed, weights as sleep_level says) while the policy "
+                                      "updates")
+    sleep_level: int = f(2, "vLLM sleep level: 2 drops the weights (the next sync rewrites them all; no host copy), "
+                            "1 keeps a pinned host copy per rank")
     val_temperature: float = f(0.0, "Validation sampling temperature; 0 = greedy (the paper's multimodal eval: 0.5 "
                                     "with val_n=16)")
     val_top_p: float = f(1.0, "Validation nucleus sampling")
@@ -374,7 +378,7 @@ def dump_yaml(cfg: Config) -> str:
 # ---------------------------------------------------------------- cross-field checks
 
 
-def validate(cfg: Config, world_size: int = 1) -> None:
+def validate(cfg: Config, world_size: int = 1, local_world_size: int | None = None) -> None:
     """Raise ConfigError for settings that cannot work together, saying what to change."""
     for dotted, options in CHOICES.items():
         section, key = dotted.split(".")
@@ -503,6 +507,16 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if r.backend == "vllm" and world_size % r.tensor_parallel_size:
         raise ConfigError(f"rollout.tensor_parallel_size ({r.tensor_parallel_size}) must divide the number of "
                           f"ranks ({world_size})")
+    local = world_size if local_world_size is None else local_world_size
+    if r.backend == "vllm" and local % r.tensor_parallel_size:
+        raise ConfigError(f"rollout.tensor_parallel_size ({r.tensor_parallel_size}) must divide the GPUs per node "
+                          f"({local}): a tensor-parallel engine spans consecutive ranks of one node")
+    if r.backend == "vllm" and r.sleep_level not in (1, 2):
+        raise ConfigError(f"rollout.sleep_level={r.sleep_level}: use 2 (weights dropped while asleep) or 1 (kept in "
+                          "host memory)")
+    if r.backend != "vllm" and r.tensor_parallel_size != 1:
+        raise ConfigError(f"rollout.tensor_parallel_size={r.tensor_parallel_size} needs rollout.backend=vllm (the hf "
+                          "engine runs one full copy per rank); set it to 1")
 
 
 def _check_finite(cfg: Config) -> None:

@@ -27,8 +27,12 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed(backend: str | None = None, timeout_s: int = 1800) -> DistInfo:
-    """Start the process group when launched by torchrun (NCCL on GPU, gloo on CPU); a no-op otherwise."""
+def init_distributed(backend: str | None = None, timeout_s: int = 1800, *, cpu_collectives: bool = False) -> DistInfo:
+    """Start the process group when launched by torchrun (NCCL on GPU, gloo on CPU); a no-op otherwise.
+
+    ``cpu_collectives``: on GPU, also a gloo backend for CPU tensors (``cpu:gloo,cuda:nccl``), which FSDP2's
+    CPU offload needs: its sharded parameters and gradients live on the CPU, and gradient clipping, the weight
+    sync and checkpoints run collectives on them that NCCL cannot (torchtitan does the same)."""
     if "RANK" not in os.environ and not dist.is_initialized():
         device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
         if device.type == "cuda":
@@ -39,11 +43,41 @@ def init_distributed(backend: str | None = None, timeout_s: int = 1800) -> DistI
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
+    if backend is None:
+        backend = ("cpu:gloo,cuda:nccl" if cpu_collectives else "nccl") if use_cuda else "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend or ("nccl" if use_cuda else "gloo"),
-                                timeout=datetime.timedelta(seconds=timeout_s),
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
                                 device_id=device if use_cuda else None)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+@dataclass(frozen=True)
+class RolloutLayout:
+    """How the ranks share out rollouts when each engine spans ``tp`` ranks (vLLM tensor parallelism).
+
+    The ``tp`` ranks of one group run one engine together (under vLLM's ``external_launcher`` each of them runs
+    its own scheduler), so they must submit the same prompts with the same sampling seed; each then trains on its
+    own part of the group's outputs. Groups are contiguous ranks (vLLM's TP groups): group ``dp_rank`` of
+    ``dp_size``, position ``tp_rank`` in it. ``tp=1``: every rank is its own group."""
+
+    dp_rank: int
+    dp_size: int
+    tp_rank: int
+    tp: int
+
+    def group_slice(self, n_per_rank: int) -> slice:
+        """The items (of a global list with ``n_per_rank`` per rank) that this rank's engine group generates."""
+        return slice(self.dp_rank * n_per_rank * self.tp, (self.dp_rank + 1) * n_per_rank * self.tp)
+
+    def own_slice(self, n_per_rank: int) -> slice:
+        """This rank's part of its group's items."""
+        return slice(self.tp_rank * n_per_rank, (self.tp_rank + 1) * n_per_rank)
+
+
+def rollout_layout(rank: int, world_size: int, tp: int = 1) -> RolloutLayout:
+    if tp < 1 or world_size % tp:
+        raise ValueError(f"tensor-parallel size {tp} must divide the number of ranks ({world_size})")
+    return RolloutLayout(rank // tp, world_size // tp, rank % tp, tp)
 
 
 class LauncherWatch:
@@ -91,22 +125,35 @@ def all_reduce_max(value: float, device: torch.device | None = None) -> float:
     return t.item()
 
 
+def all_reduce_sum_metrics(metrics: dict[str, float], device: torch.device | None = None) -> dict[str, float]:
+    """Sum a metrics dict over ranks, over the union of every rank's keys (a missing key counts 0): ranks may
+    produce different keys (one whose micro-batches were all padding), and a reduction over different key lists
+    would pair unrelated values or hang."""
+    keys = union_keys(list(metrics))
+    return dict(zip(keys, all_reduce_sum([float(metrics.get(k, 0.0)) for k in keys], device), strict=True))
+
+
 def all_reduce_mean_metrics(metrics: dict[str, float], device: torch.device | None = None) -> dict[str, float]:
-    """Average a metrics dict over ranks (min/max keys take the min/max)."""
+    """Average a metrics dict over ranks (``*_min`` / ``*_max`` keys take the min / max), over the union of every
+    rank's keys: a key is averaged over the ranks that report it (mismatch metrics exist only where the engine
+    reported log-probs), never paired with another key's value."""
     if not dist.is_initialized():
         return dict(metrics)
-    keys = sorted(metrics)
+    keys = union_keys(list(metrics))
     dev = device or _comm_device()
-    vals = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=dev)
-    mean = vals.clone()
-    dist.all_reduce(mean)
-    mean /= dist.get_world_size()
-    lo, hi = vals.clone(), vals.clone()
+    have = torch.tensor([k in metrics for k in keys], dtype=torch.float64, device=dev)
+    vals = torch.tensor([float(metrics.get(k, 0.0)) for k in keys], dtype=torch.float64, device=dev)
+    inf = torch.full_like(vals, float("inf"))
+    total = torch.stack([vals * have, have])
+    lo = torch.where(have.bool(), vals, inf)
+    hi = torch.where(have.bool(), vals, -inf)
+    dist.all_reduce(total)
     dist.all_reduce(lo, op=dist.ReduceOp.MIN)
     dist.all_reduce(hi, op=dist.ReduceOp.MAX)
     out = {}
     for i, k in enumerate(keys):
-        out[k] = lo[i].item() if k.endswith("_min") else hi[i].item() if k.endswith("_max") else mean[i].item()
+        mean = (total[0, i] / total[1, i].clamp(min=1)).item()
+        out[k] = lo[i].item() if k.endswith("_min") else hi[i].item() if k.endswith("_max") else mean
     return out
 
 
@@ -137,7 +184,9 @@ def broadcast_object(obj, src: int = 0):
 
 
 def _comm_device() -> torch.device:
-    if dist.is_initialized() and dist.get_backend() == "nccl":
+    """Where collectives on tensors of no particular device run: the GPU when the group has NCCL (also under
+    ``cpu:gloo,cuda:nccl``, where the GPU is the fast path), else the CPU."""
+    if dist.is_initialized() and "nccl" in str(dist.get_backend()):
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 

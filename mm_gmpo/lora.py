@@ -90,6 +90,12 @@ def has_lora(module: nn.Module) -> bool:
     return any(".lora_A." in n for n, _ in module.named_parameters())
 
 
+def is_lora_part(name: str, scalings: dict[str, float]) -> bool:
+    """Whether ``name`` is an adapted layer's base weight, bias or adapter (``merge_lora`` combines them)."""
+    m = _PART.match(name)
+    return m is not None and m["prefix"] in scalings
+
+
 def merge_lora(named: Iterable[tuple[str, torch.Tensor]], scalings: dict[str, float]) -> Iterator[
         tuple[str, torch.Tensor]]:
     """The plain model's (name, tensor) pairs from a stream with adapters: ``<layer>.base_layer.weight`` +

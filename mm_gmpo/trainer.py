@@ -4,8 +4,10 @@
             -> mini-batch GMPO/GRPO updates (FSDP2) -> weight sync -> log / eval / checkpoint
 
 Every rank holds an FSDP2 shard of the policy and a colocated rollout engine with its own full copy of the
-weights (as vLLM does), refreshed by ``sync_weights`` after each step. Each rank takes a contiguous slice of the
-step's prompts, so every prompt group lives on one rank and advantages need no communication.
+weights (as vLLM does; with ``rollout.tensor_parallel_size`` > 1 one engine spans that many ranks), refreshed by
+``sync_weights`` after each step. Each rank trains on a contiguous slice of the step's prompts, so every prompt
+group lives on one rank and advantages need no communication; the ranks of one tensor-parallel engine generate
+their slices together (``distributed.RolloutLayout``).
 """
 
 from __future__ import annotations
@@ -225,8 +227,9 @@ def build_policy(cfg: Config, info: distributed.DistInfo, packed: bool, *, refer
     return policy
 
 
-def _make_engine(cfg: Config, processor, device: torch.device):
-    """The colocated rollout engine of this rank. Its initial weights do not matter: sync_weights runs first."""
+def _make_engine(cfg: Config, processor, device: torch.device, seed: int | None = None):
+    """The colocated rollout engine of this rank (seeded alike on the ranks of one tensor-parallel engine). Its
+    initial weights do not matter: sync_weights runs first."""
     r = cfg.rollout
     if r.backend == "vllm":
         from mm_gmpo.rollout.vllm_engine import VLLMEngine
@@ -240,7 +243,8 @@ def _make_engine(cfg: Config, processor, device: torch.device):
         return VLLMEngine(path, dtype="bfloat16" if cfg.model.dtype == "bf16" else "float32",
                           gpu_memory_utilization=r.gpu_memory_utilization,
                           tensor_parallel_size=r.tensor_parallel_size, enforce_eager=r.enforce_eager,
-                          enable_sleep_mode=r.enable_sleep_mode, load_format="dummy", seed=cfg.trainer.seed,
+                          enable_sleep_mode=r.enable_sleep_mode, sleep_level=r.sleep_level, load_format="dummy",
+                          seed=cfg.trainer.seed if seed is None else seed,
                           max_model_len=cfg.data.max_prompt_length + r.max_tokens,
                           min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels,
                           max_images_per_prompt=cfg.data.max_images)
@@ -295,12 +299,17 @@ COUNTED = ("reward/errors", "reward/killed_for_time")  # summed over rounds and 
 
 
 def generate(engine, sampler: PromptSampler, train_prompts: list[Prompt], processor, sampling: SamplingParams,
-             cfg: Config, rf: RewardFunction | None, step: int, info: distributed.DistInfo) -> Generated:
+             cfg: Config, rf: RewardFunction | None, step: int, info: distributed.DistInfo,
+             layout: distributed.RolloutLayout | None = None) -> Generated:
     """Prompts -> rollout -> rewards for one step. With ``algorithm.online_filtering`` groups whose mean accuracy
     (or reward) is outside [filter_low, filter_high] are dropped and further rounds of prompts are rolled out
     until the global batch holds rollout_batch_size groups or max_filter_rounds is reached; each rank then keeps
-    at most its share (and at least one group, so that every rank takes part in the update)."""
+    at most its share (and at least one group, so that every rank takes part in the update).
+
+    ``layout``: the ranks of one tensor-parallel engine submit their group's prompts together, with the group's
+    seed, and each keeps its own slice of the outputs (default: every rank is its own engine)."""
     t, r, a = cfg.trainer, cfg.rollout, cfg.algorithm
+    layout = layout or distributed.rollout_layout(info.rank, info.world_size)
     per_rank = t.rollout_batch_size // info.world_size
     timings = {"timing/prompts_s": 0.0, "timing/rollout_s": 0.0, "timing/reward_s": 0.0}
     kept: list[tuple[EncodedPrompt, list[Rollout], torch.Tensor]] = []
@@ -309,18 +318,23 @@ def generate(engine, sampler: PromptSampler, train_prompts: list[Prompt], proces
     data_metrics: dict[str, float] = {}
     while True:
         rounds += 1
-        # 1. prompts: the same global batch on every rank; this rank's contiguous slice
-        idx = sampler.next(t.rollout_batch_size)[info.rank * per_rank:(info.rank + 1) * per_rank]
+        # 1. prompts: the same global batch on every rank; this engine group's contiguous slice, encoded rank slice
+        # by rank slice (what each drops as too long is the same on every rank of the group)
+        idx = sampler.next(t.rollout_batch_size)[layout.group_slice(per_rank)]
         t0 = time.perf_counter()
-        encoded, data_metrics = encode_prompts([train_prompts[i] for i in idx], processor,
-                                               max_prompt_length=cfg.data.max_prompt_length,
-                                               min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
+        parts = [encode_prompts([train_prompts[i] for i in idx[j * per_rank:(j + 1) * per_rank]], processor,
+                                max_prompt_length=cfg.data.max_prompt_length, min_pixels=cfg.data.min_pixels,
+                                max_pixels=cfg.data.max_pixels) for j in range(layout.tp)]
+        encoded, data_metrics = parts[layout.tp_rank]
+        offset = sum(len(p) for p, _ in parts[:layout.tp_rank])
         timings["timing/prompts_s"] += time.perf_counter() - t0
-        # 2. rollout
+        # 2. rollout (the group's prompts, the group's seed), then this rank's part of the outputs
         t0 = time.perf_counter()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(t.seed * 100_003 + step * 101 + info.rank + 7_919 * (rounds - 1))
-            rollouts = engine.generate(encoded, sampling)
+            torch.manual_seed(t.seed * 100_003 + step * 101 + layout.dp_rank + 7_919 * (rounds - 1))
+            group_rollouts = engine.generate([e for p, _ in parts for e in p], sampling)
+        rollouts = [replace(x, prompt_index=x.prompt_index - offset) for x in group_rollouts
+                    if offset <= x.prompt_index < offset + len(encoded)]
         timings["timing/rollout_s"] += time.perf_counter() - t0
         # 3. rewards
         t0 = time.perf_counter()
@@ -359,14 +373,21 @@ def generate(engine, sampler: PromptSampler, train_prompts: list[Prompt], proces
 
 
 def eval_stage(engine, prompts: list[EncodedPrompt], cfg: Config, sampling: SamplingParams, device,
-               rf: RewardFunction | None, seed: int) -> tuple[dict, list]:
-    """This rank's share of the validation prompts, ``rollout.val_n`` answers each at ``rollout.val_temperature``
-    (greedy by default); global means, mean@k / pass@k when val_n > 1, and a few sample records."""
+               rf: RewardFunction | None, seed: int,
+               layout: distributed.RolloutLayout | None = None) -> tuple[dict, list]:
+    """This engine group's share of the validation prompts, ``rollout.val_n`` answers each at
+    ``rollout.val_temperature`` (greedy by default); each rank scores its own part (every ``tp``-th prompt);
+    global means, mean@k / pass@k when val_n > 1, and a few sample records."""
     k = sampling.n
     if prompts:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             rollouts = engine.generate(prompts, sampling)
+        if layout is not None and layout.tp > 1:  # this rank's part: every tp-th prompt of the group's share
+            prompts = prompts[layout.tp_rank::layout.tp]
+            rollouts = [replace(x, prompt_index=x.prompt_index // layout.tp) for x in rollouts
+                        if x.prompt_index % layout.tp == layout.tp_rank]
+    if prompts:
         rewards, accuracy, _ = reward_stage(prompts, rollouts, cfg, rf)
         passed = accuracy.view(-1, k).max(-1).values.gt(0).float().sum().item()
         sums = [float(rewards.sum()), float(accuracy.sum()),
@@ -432,10 +453,40 @@ def lock_run_folder(out: Path):
     return f
 
 
+def check_shared_folder(out: Path, info: distributed.DistInfo) -> None:
+    """Every rank must see the files rank 0 writes into ``out`` (checkpoints are written into folders rank 0
+    creates, and resuming reads them on every rank): on several nodes ``trainer.output_dir`` must be on a shared
+    filesystem. Rank 0 writes a file with a fresh token; a rank that cannot read it back names itself."""
+    import secrets
+    import socket
+
+    token = distributed.broadcast_object(secrets.token_hex(8) if info.is_main else None)
+    probe_file = out / f".shared_check_{token}"
+    if info.is_main:
+        probe_file.write_text(token)
+    distributed.barrier()
+    try:
+        seen = probe_file.read_text() == token
+    except OSError:
+        seen = False
+    blind = distributed.gather_dicts({} if seen else {info.rank: socket.gethostname()})
+    distributed.barrier()
+    if info.is_main:
+        probe_file.unlink(missing_ok=True)
+    if blind:
+        ranks = ", ".join(f"rank {k} on {v}" for k, v in sorted(blind.items())[:4])
+        raise ConfigError(f"trainer.output_dir: {out.resolve()} is not shared by every rank: {ranks} cannot see "
+                          "the file rank 0 wrote there. On several nodes put output_dir on a filesystem every "
+                          "node mounts at the same path (NFS, Lustre, ...)")
+
+
 def train(cfg: Config) -> dict[str, float]:
-    info = distributed.init_distributed()
-    validate(cfg, world_size=info.world_size)
+    info = distributed.init_distributed(cpu_collectives=cfg.trainer.cpu_offload)
+    validate(cfg, world_size=info.world_size,
+             local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size)))
     t, r, a = cfg.trainer, cfg.rollout, cfg.algorithm
+    layout = distributed.rollout_layout(info.rank, info.world_size,
+                                        r.tensor_parallel_size if r.backend == "vllm" else 1)
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     out = Path(t.output_dir)
     lock, busy = None, None
@@ -448,6 +499,8 @@ def train(cfg: Config) -> dict[str, float]:
     busy = distributed.broadcast_object(busy)  # every rank stops, none waits in a collective
     if busy:
         raise ConfigError(busy)
+    if info.world_size > 1:
+        check_shared_folder(out, info)
     if info.is_main:
         (out / "config.yaml").write_text(dump_yaml(cfg))
     log = MetricsLogger(out, enabled=info.is_main, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
@@ -463,7 +516,7 @@ def train(cfg: Config) -> dict[str, float]:
     val_encoded: list[EncodedPrompt] = []
     if t.eval_every or t.val_before_train:
         val = load_prompts(cfg, "val")
-        val = val[info.rank::info.world_size]  # each rank answers its share
+        val = val[layout.dp_rank::layout.dp_size]  # each engine group answers its share
         val_encoded, _ = encode_prompts(val, processor, max_prompt_length=cfg.data.max_prompt_length,
                                         min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
     allowed = None  # restricted sampling: the built-in task's four colour words, or rollout.allowed_tokens
@@ -503,7 +556,7 @@ def train(cfg: Config) -> dict[str, float]:
         distributed.move_train_state(policy, optimizer, cpu, **offload)
         if reference is not None and t.offload_params:
             distributed.move_train_state(reference, None, cpu, optimizer_state=False)
-    engine = _make_engine(cfg, processor, info.device)
+    engine = _make_engine(cfg, processor, info.device, seed=t.seed + layout.dp_rank)
 
     # resume
     state = TrainerState()
@@ -556,7 +609,8 @@ def train(cfg: Config) -> dict[str, float]:
                                   max_tokens=r.max_tokens, allowed_token_ids=allowed)
     if t.val_before_train and state.step == 0 and val_encoded:
         t0 = time.perf_counter()
-        eval_metrics, samples = eval_stage(engine, val_encoded, cfg, val_sampling, info.device, rf, seed=t.seed)
+        eval_metrics, samples = eval_stage(engine, val_encoded, cfg, val_sampling, info.device, rf, seed=t.seed,
+                                           layout=layout)
         log.log(0, {**eval_metrics, "timing/eval_s": time.perf_counter() - t0})
         log.samples(0, samples)
         if info.is_main:
@@ -570,7 +624,7 @@ def train(cfg: Config) -> dict[str, float]:
         t_step = time.perf_counter()
 
         # 1-3. prompts, rollout, rewards (online filtering: more rounds until the batch is full of signal)
-        gen = generate(engine, sampler, train_prompts, processor, sampling, cfg, rf, step, info)
+        gen = generate(engine, sampler, train_prompts, processor, sampling, cfg, rf, step, info, layout)
         timings = dict(gen.timings)
         t0 = time.perf_counter()
         engine.sleep()  # vLLM: give the GPU memory to the update
@@ -646,15 +700,14 @@ def train(cfg: Config) -> dict[str, float]:
             t0 = time.perf_counter()
             timings["perf/offloaded_gb"] = distributed.move_train_state(policy, optimizer, cpu, **offload) / 1e9
             timings["timing/offload_s"] = time.perf_counter() - t0
-        engine.wake_up()
-        sync_metrics = sync_weights(policy, engine, dtype=sync_dtype)
+        sync_metrics = sync_weights(policy, engine, dtype=sync_dtype)  # wakes the engine: weights, then KV cache
 
         # 8. eval / log / checkpoint
         eval_metrics: dict[str, float] = {}
         if t.eval_every and (step % t.eval_every == 0 or step == total_steps):
             t0 = time.perf_counter()
             eval_metrics, samples = eval_stage(engine, val_encoded, cfg, val_sampling, info.device, rf,
-                                               seed=t.seed * 100_003 + step)
+                                               seed=t.seed * 100_003 + step, layout=layout)
             eval_metrics["timing/eval_s"] = time.perf_counter() - t0
             log.samples(step, samples)
         timings["timing/step_s"] = time.perf_counter() - t_step

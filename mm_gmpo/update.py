@@ -268,8 +268,7 @@ def policy_update(
         # free the gradients now, not at the next update: held through the rollout they cost an fp32 copy of the
         # (sharded) model, memory vLLM needs to wake up (the 3B on one H100 ran out of it at step 2)
         optimizer.zero_grad(set_to_none=True)
-    keys = sorted(sums)
-    metrics = dict(zip(keys, distributed.all_reduce_sum([sums[k] for k in keys], device), strict=True))
+    metrics = distributed.all_reduce_sum_metrics(dict(sums), device)  # over every rank's keys (see there)
     local = {k: v / max(weight, 1.0) for k, v in weighted.items()} | extremes
     metrics |= distributed.all_reduce_mean_metrics(local, device)
     metrics.update({

@@ -29,7 +29,8 @@ def main() -> int:
     args = ap.parse_args()
     try:
         cfg = load_config(args.config, args.overrides)
-        validate(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        validate(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")),
+                 local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"))))
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

@@ -105,8 +105,8 @@ class _FakeLLM:
     def sleep(self, level=1):
         self.log.append(("sleep", level))
 
-    def wake_up(self):
-        self.log.append(("wake_up",))
+    def wake_up(self, tags=None):
+        self.log.append(("wake_up", *(tags or [])))
 
 
 @pytest.fixture
@@ -220,14 +220,43 @@ def test_engine_refuses_a_prompt_expanded_differently(fake_vllm, encoded):
 
 
 def test_update_clears_every_cache_after_loading(fake_vllm):
+    """Level-2 sleep (no host copy of the weights), then the sync wakes the weights alone, loads them, and only
+    then allocates the KV cache; every cache computed with the old weights is cleared."""
     from mm_gmpo.rollout.vllm_engine import VLLMEngine
 
     eng = VLLMEngine("some/model")
     eng.sleep()
     eng.update_weights(iter([("a", torch.zeros(1)), ("b", torch.zeros(1))]))
-    assert eng.llm.log == [("sleep", 1), ("wake_up",), ("load_weights", 2), ("reset_prefix_cache",),
-                           ("reset_mm_cache",), ("reset_encoder_cache",)]
-    assert eng.cache_reset == "reset_encoder_cache"
+    assert eng.llm.log == [("sleep", 2), ("wake_up", "weights"), ("load_weights", 2), ("wake_up", "kv_cache"),
+                           ("reset_prefix_cache",), ("reset_mm_cache",), ("reset_encoder_cache",)]
+    assert eng.cache_reset == "reset_encoder_cache" and not eng.sleeping
+    eng = VLLMEngine("some/model", sleep_level=1)  # the host-copy level, for whoever wants it back
+    eng.sleep()
+    eng.wake_up()
+    assert eng.llm.log == [("sleep", 1), ("wake_up",)]
+    with pytest.raises(ValueError, match="sleep_level"):
+        VLLMEngine("some/model", sleep_level=3)
+
+
+def test_engine_layout_on_several_ranks(fake_vllm, monkeypatch):
+    """8 ranks, TP 2: vLLM's external launcher, no vLLM data-parallel group (whose per-step all-reduce would hang
+    the ranks when one has nothing to generate), custom all-reduce off beside sleep mode; a TP size that does not
+    divide the GPUs per node is refused, naming both."""
+    from mm_gmpo.rollout.vllm_engine import VLLMEngine, engine_layout_kwargs
+
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    eng = VLLMEngine("some/model", tensor_parallel_size=2)
+    kw = eng.llm.kwargs
+    assert kw["distributed_executor_backend"] == "external_launcher" and kw["tensor_parallel_size"] == 2
+    assert "data_parallel_size" not in kw and kw["disable_custom_all_reduce"] is True
+    assert engine_layout_kwargs(8, 8, 1, True) == {"distributed_executor_backend": "external_launcher"}
+    assert engine_layout_kwargs(1, 1, 1, True) == {}
+    assert "disable_custom_all_reduce" not in engine_layout_kwargs(4, 4, 2, False)
+    with pytest.raises(ValueError, match=r"GPUs per node \(4\)"):
+        engine_layout_kwargs(8, 4, 8, True)
+    with pytest.raises(ValueError, match="number of ranks"):
+        engine_layout_kwargs(6, 6, 4, True)
 
 
 def test_update_without_encoder_reset_cycles_sleep_mode(fake_vllm):

@@ -17,10 +17,17 @@
   multimodal processor cache and the encoder (vision feature) cache. On an H100 with vLLM 0.25.1 a reused image
   kept its old-weight vision features until the caches were cleared (``../shared/gpu/README.md``); where this
   vLLM has no encoder-cache reset, a sleep / wake-up cycle clears it.
-* ``sleep()`` / ``wake_up()``: vLLM sleep mode level 1 (weights to CPU, KV cache dropped) so the update gets the
-  GPU memory back between rollouts.
-* Several ranks: vLLM's ``external_launcher`` executor in every torchrun process, with tensor parallelism inside
-  groups of ``tensor_parallel_size`` ranks and data parallelism across them.
+* ``sleep()`` / ``wake_up()``: vLLM sleep mode so the update gets the GPU memory back between rollouts. Level 2
+  (the default, ``rollout.sleep_level``) drops the weights and the KV cache: no pinned host copy of the weights
+  per rank (15 GB for the 7B in bf16), which level 1 keeps although the next sync overwrites every weight. The
+  sync wakes the weights alone, loads them, then the KV cache, so weights and KV cache are never both allocated
+  beside the trainer's freed memory (TRL's order).
+* Several ranks: vLLM's ``external_launcher`` executor in every torchrun process, tensor parallelism inside
+  groups of ``tensor_parallel_size`` consecutive ranks (on one node). No vLLM data-parallel group: with one,
+  every generate step would all-reduce over all ranks, so a rank with nothing to generate (an empty validation
+  share) or one that failed would hang the others; the trainer shares prompts out itself (the ranks of a TP
+  group submit the same prompts with the same seed, ``mm_gmpo.distributed.RolloutLayout``). vLLM's custom
+  all-reduce is off for TP > 1 beside sleep mode (its buffers are not released by sleep; verl does the same).
 
 vLLM is an optional dependency (``pip install -e '.[vllm]'``); importing this module does not import it.
 """
@@ -100,6 +107,23 @@ def vllm_sampling_kwargs(sampling: SamplingParams, eos_ids: Iterable[int] = EOS_
     return kw
 
 
+def engine_layout_kwargs(world: int, local_world: int, tp: int, sleep_mode: bool) -> dict:
+    """The ``LLM`` keyword arguments for ``world`` torchrun ranks (``local_world`` on this node) and TP size ``tp``
+    (see the module doc: external launcher, no data-parallel group, custom all-reduce off beside sleep mode)."""
+    if tp < 1 or world % tp:
+        raise ValueError(f"rollout.tensor_parallel_size={tp} must divide the number of ranks ({world})")
+    if local_world % tp:
+        raise ValueError(f"rollout.tensor_parallel_size={tp} must divide the GPUs per node ({local_world}): a "
+                         "tensor-parallel group spans consecutive ranks on one node; use a divisor of "
+                         f"{local_world}")
+    kwargs: dict = {}
+    if world > 1:
+        kwargs["distributed_executor_backend"] = "external_launcher"
+    if tp > 1 and sleep_mode:
+        kwargs["disable_custom_all_reduce"] = True
+    return kwargs
+
+
 class VLLMEngine:
     """A colocated vLLM engine behind the RolloutEngine interface."""
 
@@ -118,6 +142,7 @@ class VLLMEngine:
         min_pixels: int | None = None,
         max_pixels: int | None = None,
         max_images_per_prompt: int = 1,
+        sleep_level: int = 2,
     ):
         """load_format="dummy": random weights at start, which is right for training because the trainer's
         weights are synced in before the first rollout; use "auto" to load the checkpoint (evaluation)."""
@@ -127,16 +152,13 @@ class VLLMEngine:
         except ImportError as e:  # pragma: no cover - depends on the machine
             raise ImportError("rollout.backend=vllm needs vLLM: pip install -e '.[vllm]' (GPU machines only); "
                               "or use rollout.backend=hf") from e
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        kwargs: dict = {}
-        if world > 1:
-            if world % tensor_parallel_size:
-                raise ValueError(f"WORLD_SIZE={world} is not divisible by rollout.tensor_parallel_size="
-                                 f"{tensor_parallel_size}")
-            kwargs |= {"distributed_executor_backend": "external_launcher",
-                       "data_parallel_size": world // tensor_parallel_size}
+        kwargs = engine_layout_kwargs(int(os.environ.get("WORLD_SIZE", "1")),
+                                      int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"))),
+                                      tensor_parallel_size, enable_sleep_mode)
+        if sleep_level not in (1, 2):
+            raise ValueError(f"rollout.sleep_level={sleep_level}: use 1 (weights to host memory) or 2 (weights dropped)")
         mm_kwargs = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v}
-        self.enable_sleep_mode = enable_sleep_mode
+        self.enable_sleep_mode, self.sleep_level = enable_sleep_mode, sleep_level
         self.llm = LLM(
             model=str(model_path),
             dtype=dtype,
@@ -189,8 +211,13 @@ class VLLMEngine:
         return executor.driver_worker.worker.model_runner.model
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        self.wake_up()
-        loaded = self._model().load_weights(named_tensors)
+        if self.sleeping:  # weights first, the KV cache once they are loaded
+            self._wake(["weights"])
+            loaded = self._model().load_weights(named_tensors)
+            self._wake(["kv_cache"])
+            self.sleeping = False
+        else:
+            loaded = self._model().load_weights(named_tensors)
         if loaded is not None and len(loaded) == 0:
             raise RuntimeError("weight sync: vLLM's load_weights accepted no tensor (names do not match)")
         self.reset_caches()
@@ -216,15 +243,22 @@ class VLLMEngine:
 
     def sleep(self) -> None:
         if self.enable_sleep_mode and not self.sleeping:
-            self.llm.sleep(level=1)
+            self.llm.sleep(level=self.sleep_level)
             self.sleeping = True
 
-    def wake_up(self) -> None:
-        """No-op unless asleep."""
-        if self.sleeping:
-            # vLLM maps its memory outside torch's caching allocator: hand back the blocks the update freed but
-            # torch still caches, or the wake-up runs out of memory (seen on an H100 with the 3B on one GPU)
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+    def _wake(self, tags: list[str] | None = None) -> None:
+        # vLLM maps its memory outside torch's caching allocator: hand back the blocks the update freed but torch
+        # still caches, or the wake-up runs out of memory (seen on an H100 with the 3B on one GPU)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if tags is None:
             self.llm.wake_up()
+        else:
+            self.llm.wake_up(tags=tags)
+
+    def wake_up(self) -> None:
+        """No-op unless asleep. After a level-2 sleep the weights are garbage until the next update_weights (the
+        trainer always syncs before it generates again)."""
+        if self.sleeping:
+            self._wake()
             self.sleeping = False

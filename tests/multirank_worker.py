@@ -1,0 +1,235 @@
+"""Worker for tests/test_multirank.py: run under ``torchrun --nproc_per_node 4`` (gloo, CPU).
+
+Every case runs on all four ranks, in order, and each rank writes ``<out>/<case>_rank<r>.json``. The process
+group has a short timeout, so a case that would hang (ranks in different collectives) fails within a minute.
+
+Cases
+    tp_prompts     generate() with rollout tensor parallelism 2 and a stub engine: the ranks of one TP group
+                   submit the same prompts with the same sampler seed, and each trains on its own slice.
+    eval_empty     eval_stage() with fewer validation prompts than engine groups, with a stub engine whose
+                   generate is a collective over its TP group (as vLLM's is): no rank waits for one that skipped.
+    metric_keys    metric reductions where ranks report different keys.
+    resume_views   resume_point() where only rank 0 sees the checkpoint, and where all do.
+    shared_folder  check_shared_folder() where ranks 1 and 3 write to a folder of their own (node-local disks).
+    mixed_images   one FSDP2 update where ranks 0 and 2 hold image prompts and ranks 1 and 3 text-only ones.
+    sync_bf16      weight sync that casts each shard to bf16 before the gather: tensors equal fp32-gather-then-cast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from mm_gmpo import distributed
+from mm_gmpo.rollout.base import Rollout, SamplingParams
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class StubEngine:
+    """Records what it was asked to generate and the sampler's torch RNG draw; answers 'red'. With ``group`` its
+    generate is a collective over that process group, as a vLLM engine's is over its TP group."""
+
+    def __init__(self, group=None):
+        self.calls: list[dict] = []
+        self.group = group
+
+    def generate(self, prompts, sampling: SamplingParams) -> list[Rollout]:
+        if self.group is not None:
+            t = torch.ones(1)
+            dist.all_reduce(t, group=self.group)
+        draw = torch.randint(0, 2**31 - 1, (1,)).item()  # what a sampler seeded from the global RNG would see
+        self.calls.append({"ids": [p.prompt.id for p in prompts], "draw": draw})
+        return [Rollout(i, s, list(p.input_ids), [12203], "red", [-0.5], "stop")
+                for i, p in enumerate(prompts) for s in range(sampling.n)]
+
+
+def _cfg(tmp: Path, *overrides: str):
+    from mm_gmpo.config import load_config
+
+    return load_config(str(ROOT / "configs" / "tiny.yaml"),
+                       [f"trainer.output_dir={tmp}", "trainer.rollout_batch_size=8", "rollout.n=2", *overrides])
+
+
+def case_tp_prompts(info, tmp: Path) -> dict:
+    from mm_gmpo.data.processing import load_processor
+    from mm_gmpo.data.synthetic import synthetic_prompts
+    from mm_gmpo.trainer import PromptSampler, generate
+
+    cfg = _cfg(tmp)
+    prompts = synthetic_prompts(32, seed=1)
+    sampler = PromptSampler(len(prompts), seed=1)
+    engine = StubEngine()
+    layout = distributed.rollout_layout(info.rank, info.world_size, 2)
+    gen = generate(engine, sampler, prompts, load_processor(), SamplingParams(n=2, max_tokens=1), cfg, None,
+                   step=3, info=info, layout=layout)
+    global_batch = [prompts[i].id for i in PromptSampler(len(prompts), seed=1).next(8)]
+    return {"submitted": engine.calls[0]["ids"], "draw": engine.calls[0]["draw"],
+            "trained": [p.prompt.id for p in gen.prompts], "rollouts": len(gen.rollouts),
+            "prompt_index": [x.prompt_index for x in gen.rollouts], "global_batch": global_batch,
+            "layout": [layout.dp_rank, layout.tp_rank]}
+
+
+def case_eval_empty(info, tmp: Path) -> dict:
+    from mm_gmpo.data.processing import encode_prompts, load_processor
+    from mm_gmpo.data.synthetic import synthetic_prompts
+    from mm_gmpo.trainer import eval_stage
+
+    cfg = _cfg(tmp)
+    layout = distributed.rollout_layout(info.rank, info.world_size, 2)
+    tp_group = None
+    for g in range(layout.dp_size):  # every rank creates every group, in the same order
+        ranks = list(range(g * 2, g * 2 + 2))
+        pg = dist.new_group(ranks)
+        if info.rank in ranks:
+            tp_group = pg
+    val = synthetic_prompts(1, seed=1, split="val")[layout.dp_rank::layout.dp_size]  # group 1 gets nothing
+    encoded, _ = encode_prompts(val, load_processor(), max_prompt_length=512, min_pixels=3136, max_pixels=12544)
+    engine = StubEngine(group=tp_group)
+    metrics, _ = eval_stage(engine, encoded, cfg, SamplingParams(n=1, max_tokens=1), torch.device("cpu"), None,
+                            seed=5, layout=layout)
+    return {"metrics": metrics, "generated": len(engine.calls)}
+
+
+def case_metric_keys(info, tmp: Path) -> dict:
+    local = {"common": float(info.rank), "ratio_max": float(info.rank)}
+    if info.rank % 2:  # odd ranks report a key the others do not, and lack one they have
+        local["only_odd"] = 10.0 + info.rank
+    else:
+        local["only_even_min"] = 5.0 - info.rank
+    mean = distributed.all_reduce_mean_metrics(local)
+    total = distributed.all_reduce_sum_metrics({"loss/x": 1.0} if info.rank == 0 else {})
+    return {"mean": mean, "sum": total}
+
+
+def case_resume_views(info, tmp: Path) -> dict:
+    from mm_gmpo.checkpoint import TrainerState, resume_point, save_checkpoint
+    from mm_gmpo.models import build_model, tiny_qwen2_5_vl_config
+    from mm_gmpo.policy import Policy
+
+    shared = tmp / "shared_ckpts"
+    model = build_model("tiny", random_init=True, config=tiny_qwen2_5_vl_config(), dtype=torch.float32, seed=0)
+    policy = Policy(model, chunk_size=8)
+    distributed.parallelize(policy, param_dtype=None, reduce_dtype=None, activation_checkpointing=False)
+    save_checkpoint(shared, policy, None, None, TrainerState(step=2))
+    # only rank 0 sees the checkpoint (the others look at folders of their own, as on node-local disks)
+    own = shared if info.is_main else tmp / f"own_{info.rank}"
+    alone, skipped = resume_point(own)
+    everyone, _ = resume_point(shared)
+    return {"alone": str(alone), "skipped": skipped, "everyone": everyone.name if everyone else None}
+
+
+def case_shared_folder(info, tmp: Path) -> dict:
+    from mm_gmpo.config import ConfigError
+    from mm_gmpo.trainer import check_shared_folder
+
+    common = tmp / "run"
+    common.mkdir(exist_ok=True)
+    check_shared_folder(common, info)  # one folder for all: passes
+    own = common if info.rank % 2 == 0 else tmp / f"node_local_{info.rank}"
+    own.mkdir(exist_ok=True)
+    try:
+        check_shared_folder(own, info)
+        error = None
+    except ConfigError as e:
+        error = str(e)
+    return {"error": error, "leftovers": sorted(p.name for p in common.iterdir())}
+
+
+def case_mixed_images(info, tmp: Path) -> dict:
+    from mm_gmpo.loss import gmpo_loss
+    from mm_gmpo.models import build_model, tiny_qwen2_5_vl_config
+    from mm_gmpo.policy import Policy, collate
+    from mm_gmpo.update import UpdateBatch, build_optimizer, policy_update
+
+    model = build_model("tiny", random_init=True, config=tiny_qwen2_5_vl_config(), dtype=torch.float32, seed=0)
+    policy = Policy(model, chunk_size=8)
+    distributed.parallelize(policy, param_dtype=None, reduce_dtype=None, activation_checkpointing=True)
+    optimizer = build_optimizer(policy, lr=1e-3)
+    g = torch.Generator().manual_seed(10 + info.rank)
+    text = torch.randint(0, 150000, (5,), generator=g).tolist()
+    response = [torch.randint(0, 150000, (4,), generator=g).tolist() for _ in range(2)]
+    if info.rank % 2 == 0:  # two image prompts
+        prompt = [151644, 872, 198, 151652, 151655, 151655, 151655, 151655, 151653, *text]
+        batch = collate([prompt] * 2, response, pad_id=151643,
+                        pixel_values=[torch.randn(16, 3 * 2 * 14 * 14, generator=g)] * 2,
+                        image_grid_thw=[torch.tensor([[1, 4, 4]])] * 2)
+    else:  # two text-only prompts
+        batch = collate([[151644, 872, 198, *text]] * 2, response, pad_id=151643)
+    old = (-11.93 + 0.3 * torch.randn(batch.response_mask.shape, generator=g)) * batch.response_mask
+    data = UpdateBatch(batch, old, torch.tensor([1.0, -1.0]))
+    before = {n: distributed.full_tensor(p.data).clone() for n, p in policy.named_parameters() if "visual" in n}
+    metrics = policy_update(policy, optimizer, data, gmpo_loss, max_grad_norm=0.0, device=torch.device("cpu"))
+    after = {n: distributed.full_tensor(p.data) for n, p in policy.named_parameters() if "visual" in n}
+    moved = sum(float((after[n] - before[n]).abs().sum()) for n in before)
+    return {"loss": metrics["loss/total"], "grad_norm": metrics["actor/grad_norm"], "vision_moved": moved}
+
+
+def case_sync_bf16(info, tmp: Path) -> dict:
+    from mm_gmpo.models import build_model, tiny_qwen2_5_vl_config
+    from mm_gmpo.policy import Policy
+    from mm_gmpo.weight_sync import sync_weights
+
+    class Collect:
+        def __init__(self):
+            self.got: dict[str, torch.Tensor] = {}
+
+        def update_weights(self, named):
+            self.got = {n: t.clone() for n, t in named}
+
+    model = build_model("tiny", random_init=True, config=tiny_qwen2_5_vl_config(), dtype=torch.float32, seed=0)
+    full = {n: p.detach().clone() for n, p in model.named_parameters()}
+    policy = Policy(model, chunk_size=8)
+    distributed.parallelize(policy, param_dtype=None, reduce_dtype=None, activation_checkpointing=False)
+    gathered_dtypes = set()
+    real_full_tensor = distributed.full_tensor
+
+    def spy(t):
+        gathered_dtypes.add(str(t.dtype))
+        return real_full_tensor(t)
+
+    import mm_gmpo.weight_sync as ws
+
+    ws.full_tensor = spy
+    try:
+        engine = Collect()
+        stats = sync_weights(policy, engine, dtype=torch.bfloat16)
+    finally:
+        ws.full_tensor = real_full_tensor
+    exact = all(torch.equal(engine.got[n], full[n].to(torch.bfloat16)) for n in full)
+    return {"gathered_dtypes": sorted(gathered_dtypes), "exact": exact, "names": len(engine.got) == len(full),
+            "gathered_gb": stats["perf/weight_sync_gathered_gb"], "sent_gb": stats["perf/weight_sync_gb"]}
+
+
+CASES = {"tp_prompts": case_tp_prompts, "eval_empty": case_eval_empty, "metric_keys": case_metric_keys,
+         "resume_views": case_resume_views, "shared_folder": case_shared_folder, "mixed_images": case_mixed_images,
+         "sync_bf16": case_sync_bf16}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--cases", default=",".join(CASES))
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    info = distributed.init_distributed(backend="gloo", timeout_s=60)
+    out = Path(args.out)
+    for name in args.cases.split(","):
+        tmp = out / f"tmp_{name}"
+        if info.is_main:
+            tmp.mkdir(parents=True, exist_ok=True)
+        distributed.barrier()
+        result = CASES[name](info, tmp)
+        (out / f"{name}_rank{info.rank}.json").write_text(json.dumps(result))
+        distributed.barrier()
+    dist.destroy_process_group()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Multi-GPU and multi-node readiness, on CPU: four gloo ranks run ``tests/multirank_worker.py`` (stub engines where
+vLLM would be), under a 60 s process-group timeout and a launch timeout, so a hang fails instead of blocking.
+Each case would hang or mix values on code that assumed one engine per rank, equal metric keys on every rank, or
+one filesystem per job; the engine's keyword arguments for several ranks are tested in test_vllm_engine.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mm_gmpo import distributed
+from mm_gmpo.config import ConfigError, load_config, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+RANKS = 4
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("multirank")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={RANKS}",
+           str(ROOT / "tests" / "multirank_worker.py"), "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+    def read(case: str) -> list[dict]:
+        return [json.loads((out / f"{case}_rank{k}.json").read_text()) for k in range(RANKS)]
+
+    return read
+
+
+def test_tensor_parallel_groups_submit_the_same_prompts_with_the_same_seed(results):
+    """TP 2 on 4 ranks: ranks 0,1 and 2,3 each submit one identical prompt list and draw the same sampler
+    random numbers; the two groups differ; each rank trains on its own half, and the four halves are the step's
+    global batch exactly once, in order."""
+    r = results("tp_prompts")
+    assert r[0]["submitted"] == r[1]["submitted"] and r[2]["submitted"] == r[3]["submitted"]
+    assert r[0]["draw"] == r[1]["draw"] and r[2]["draw"] == r[3]["draw"] and r[0]["draw"] != r[2]["draw"]
+    assert r[0]["submitted"] != r[2]["submitted"] and len(r[0]["submitted"]) == 4
+    assert [x["layout"] for x in r] == [[0, 0], [0, 1], [1, 0], [1, 1]]
+    assert [p for x in r for p in x["trained"]] == r[0]["global_batch"]
+    assert r[1]["trained"] == r[1]["submitted"][2:]
+    for x in r:  # n=2 rollouts per trained prompt, indexed into the rank's own prompts
+        assert x["rollouts"] == 4 and x["prompt_index"] == [0, 0, 1, 1]
+
+
+def test_an_engine_group_with_no_validation_prompts_does_not_hang_the_others(results):
+    """One validation prompt, two TP groups whose generate is a collective within the group: group 0 generates
+    (both its ranks), group 1 skips; the counts add up once (the prompt is scored by one rank only)."""
+    r = results("eval_empty")
+    assert [x["generated"] for x in r] == [1, 1, 0, 0]
+    for x in r:
+        assert x["metrics"]["eval/prompts"] == 1.0 and x["metrics"]["eval/accuracy"] == 1.0
+
+
+def test_metrics_reduce_over_the_union_of_keys(results):
+    """Ranks 0,2 report only_even_min, ranks 1,3 only_odd: each key is reduced over the ranks that have it,
+    never paired with another key's value; sums count a missing key as 0."""
+    for x in results("metric_keys"):
+        assert x["mean"] == {"common": 1.5, "ratio_max": 3.0, "only_odd": 12.0, "only_even_min": 3.0}
+        assert x["sum"] == {"loss/x": 1.0}
+
+
+def test_every_rank_takes_the_same_resume_decision(results):
+    """Only rank 0 sees the checkpoint: every rank skips it alike (none waits in a load the others skip); when
+    all see it, all resume from it."""
+    for x in results("resume_views"):
+        assert x["alone"] == "None" and x["skipped"] == ["step_00000002: no trainer_state.json"]
+        assert x["everyone"] == "step_00000002"
+
+
+def test_an_output_dir_not_shared_by_every_rank_is_refused_by_name(results):
+    r = results("shared_folder")
+    for x in r:
+        assert "is not shared by every rank: rank 1 on" in x["error"] and "rank 3 on" in x["error"]
+        assert "trainer.output_dir" in x["error"] and "rank 2" not in x["error"]
+    assert r[0]["leftovers"] == []  # the probe file is removed
+
+
+def test_ranks_with_and_without_images_update_together(results):
+    """Ranks 0,2 hold image prompts, 1,3 text-only ones, in one FSDP2 update: no hang, one global loss and
+    gradient norm, and the vision tower moved (the image ranks' gradients reached every shard)."""
+    r = results("mixed_images")
+    assert len({x["loss"] for x in r}) == 1 and len({x["grad_norm"] for x in r}) == 1
+    assert all(x["vision_moved"] > 0 for x in r) and len({x["vision_moved"] for x in r}) == 1
+
+
+def test_weight_sync_gathers_bf16_and_sends_the_same_tensors(results):
+    for x in results("sync_bf16"):
+        assert x["gathered_dtypes"] == ["torch.bfloat16"] and x["exact"] and x["names"]
+        assert x["gathered_gb"] == x["sent_gb"]
+
+
+# ---------------------------------------------------------------- in-process
+
+
+def test_cpu_offload_gets_a_gloo_backend_beside_nccl(monkeypatch):
+    """FSDP2's CPU offload keeps shards and gradients on the CPU, where NCCL cannot reduce them: the group is
+    cpu:gloo,cuda:nccl then (plain NCCL otherwise), and collectives on no particular device use the GPU."""
+    import torch.distributed as dist
+
+    seen = {}
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: seen.setdefault("backends", []).append(backend))
+    monkeypatch.setattr(dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 1)
+    distributed.init_distributed(cpu_collectives=True)
+    distributed.init_distributed()
+    distributed.init_distributed(backend="gloo")
+    assert seen["backends"] == ["cpu:gloo,cuda:nccl", "nccl", "gloo"]
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_backend", lambda: "cpu:gloo,cuda:nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert distributed._comm_device() == torch.device("cuda", 0)
+
+
+def test_rollout_layout_slices():
+    lay = distributed.rollout_layout(5, 8, 2)
+    assert (lay.dp_rank, lay.dp_size, lay.tp_rank) == (2, 4, 1)
+    assert lay.group_slice(3) == slice(12, 18) and lay.own_slice(3) == slice(3, 6)
+    one = distributed.rollout_layout(5, 8)
+    assert one.group_slice(3) == slice(15, 18) and one.own_slice(3) == slice(0, 3)  # the old per-rank slice
+    with pytest.raises(ValueError, match="must divide"):
+        distributed.rollout_layout(0, 6, 4)
+
+
+def test_tensor_parallel_size_is_checked_against_gpus_per_node():
+    cfg = load_config(None, ["rollout.backend=vllm", "model.path=some/model", "rollout.tensor_parallel_size=8",
+                             "trainer.rollout_batch_size=16",
+                             "trainer.mini_batch_size=16"])
+    validate(cfg, world_size=16, local_world_size=8)
+    with pytest.raises(ConfigError, match=r"GPUs per node \(4\)"):
+        validate(cfg, world_size=16, local_world_size=4)
+    with pytest.raises(ConfigError, match="the hf engine runs one full copy"):
+        validate(load_config(None, ["rollout.tensor_parallel_size=2"]), world_size=2)
