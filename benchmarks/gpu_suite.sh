@@ -28,7 +28,11 @@
 #   rollout  bench_rollout.py, Qwen2.5-VL-3B, 32 prompts x n=8 x 512 tokens, bare vLLM (per-token output
 #            objects, then flat log-probs without detokenization) vs mm_gmpo's engine
 #   step     GMPO steps (STEPS, default 3) of the geo3k 3B config (random weights, reduced batch) for the stage
-#            breakdown, step 2's update profiled (step_profile_update.md)
+#            breakdown, step 2's update profiled (step_profile_update.md); vLLM sleeps at level 2 (issue 23: weights
+#            dropped, woken weights-first by the sync); step_sleep1 repeats it at level 1 for the comparison
+#   multigpu (2+ GPUs; issue 23) the same run on 2 ranks with TP 1 (each rank its own engine) and with TP 2 (one
+#            engine over both ranks: same prompts and seed, outputs split), evaluated on the 300 val problems; each
+#            must finish without a hang and log eval/prompts == 300
 # PARITY_K=bfloat16 (or float32) runs one dtype of the parity test.
 set -uo pipefail
 OUT="${OUT:-runs/gpu_suite}"
@@ -38,6 +42,11 @@ export MM_GMPO_BENCH_OUT="$OUT/results.jsonl" VLLM_ENABLE_V1_MULTIPROCESSING=0
 PY="${PYTHON:-python3}"
 U=("$PY" benchmarks/bench_update.py --model qwen2_5_vl_3b --batch 8 --seq 1024 --image 448 --steps 3
    --vision-attention grouped)
+# the random-weight 3B geo3k run of the step and multigpu stages (reduced batch, no checkpoints)
+STEP_ARGS=(--config configs/geo3k_qwen2_5_vl_3b_gmpo.yaml model.path=random:qwen2_5_vl_3b data.train_source=data/geometry3k
+  data.train_split=val trainer.rollout_batch_size=32 trainer.mini_batch_size=32 rollout.max_tokens=512
+  rollout.enforce_eager=true rollout.gpu_memory_utilization=0.2 trainer.eval_every=0 trainer.save_every=-1
+  trainer.export_hf=false logging.tensorboard=false)
 t_start=$(date +%s)
 
 stage() {  # stage NAME LIMIT_S COMMAND...; the limit is cut to what is left of SUITE_BUDGET_S
@@ -100,8 +109,20 @@ for what in "$@"; do
         trainer.profile_step=2
       cp "$OUT/step_run/metrics.jsonl" "$OUT/step_metrics.jsonl" 2>/dev/null
       cp "$OUT/step_run/profile_update_step2.md" "$OUT/step_profile_update.md" 2>/dev/null
-      rm -rf "$OUT/step_run" ;;
-    *) echo "unknown stage $what (env gputests parity update layouts update7b plan7b profile sync rollout step)"; exit 2 ;;
+      rm -rf "$OUT/step_run"
+      stage step_sleep1 270 "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 scripts/train_mm.py \
+        "${STEP_ARGS[@]}" trainer.total_steps=${STEPS:-3} rollout.sleep_level=1 trainer.output_dir="$OUT/step_run1"
+      cp "$OUT/step_run1/metrics.jsonl" "$OUT/step_sleep1_metrics.jsonl" 2>/dev/null
+      rm -rf "$OUT/step_run1" ;;
+    multigpu)
+      for tp in 1 2; do
+        stage "multigpu_tp$tp" 300 "$PY" -m torch.distributed.run --standalone --nproc_per_node 2 scripts/train_mm.py \
+          "${STEP_ARGS[@]}" trainer.total_steps=2 rollout.tensor_parallel_size=$tp trainer.eval_every=2 \
+          data.val_source=data/geometry3k data.val_split=val trainer.output_dir="$OUT/mg_run$tp"
+        tail -1 "$OUT/mg_run$tp/metrics.jsonl" 2>/dev/null | "$PY" -c "import json,sys; r=json.loads(sys.stdin.read()); print('eval/prompts', r.get('eval/prompts'), 'reward', r.get('reward/mean'))"
+        rm -rf "$OUT/mg_run$tp"
+      done ;;
+    *) echo "unknown stage $what (env gputests parity update layouts update7b plan7b profile sync rollout step multigpu)"; exit 2 ;;
   esac
 done
 echo "=== done at +$(( $(date +%s) - t_start ))s"
