@@ -36,7 +36,7 @@ from mm_gmpo.checkpoint import (
 )
 from mm_gmpo.config import Config, ConfigError, config_changes, dump_yaml, to_dict, validate
 from mm_gmpo.data.processing import EncodedPrompt, encode_prompts, load_processor
-from mm_gmpo.data.prompts import Prompt, limit_images
+from mm_gmpo.data.prompts import DataError, Prompt, limit_images
 from mm_gmpo.data.synthetic import COLORS, single_token_ids
 from mm_gmpo.logger import MetricsLogger, plot_training
 from mm_gmpo.lora import adapters_disabled, add_lora
@@ -359,6 +359,11 @@ def generate(engine, sampler: PromptSampler, train_prompts: list[Prompt], proces
     fallback = 0
     if not kept:  # nothing in the band on this rank: train on one group of the last round (it mostly has A = 0)
         kept, fallback = last[:1], 1
+    # a rank left with no prompt at all (every one longer than data.max_prompt_length) stops every rank alike
+    if distributed.all_reduce_max(0.0 if kept else 1.0, info.device):
+        raise DataError(f"step {step}: every prompt of some rank's share is longer than data.max_prompt_length="
+                        f"{cfg.data.max_prompt_length} tokens (images included), so that rank has nothing to train "
+                        "on; raise data.max_prompt_length or lower data.max_pixels")
     kept = kept[:per_rank]
     prompts = [enc for enc, _, _ in kept]
     out_rollouts = [replace(x, prompt_index=i) for i, (_, rs, _) in enumerate(kept) for x in rs]

@@ -12,6 +12,7 @@ Cases
     resume_views   resume_point() where only rank 0 sees the checkpoint, and where all do.
     shared_folder  check_shared_folder() where ranks 1 and 3 write to a folder of their own (node-local disks).
     mixed_images   one FSDP2 update where ranks 0 and 2 hold image prompts and ranks 1 and 3 text-only ones.
+    overlong       generate() where every prompt of rank 1's share is too long: every rank stops with a DataError.
     sync_bf16      weight sync that casts each shard to bf16 before the gather: tensors equal fp32-gather-then-cast.
 """
 
@@ -73,6 +74,22 @@ def case_tp_prompts(info, tmp: Path) -> dict:
             "trained": [p.prompt.id for p in gen.prompts], "rollouts": len(gen.rollouts),
             "prompt_index": [x.prompt_index for x in gen.rollouts], "global_batch": global_batch,
             "layout": [layout.dp_rank, layout.tp_rank]}
+
+
+def case_overlong(info, tmp: Path) -> dict:
+    from mm_gmpo.data.processing import load_processor
+    from mm_gmpo.data.prompts import DataError
+    from mm_gmpo.data.synthetic import synthetic_prompts
+    from mm_gmpo.trainer import PromptSampler, generate
+
+    cfg = _cfg(tmp, f"data.max_prompt_length={5 if info.rank == 1 else 512}")
+    prompts = synthetic_prompts(32, seed=1)
+    try:
+        generate(StubEngine(), PromptSampler(len(prompts), seed=1), prompts, load_processor(),
+                 SamplingParams(n=2, max_tokens=1), cfg, None, step=1, info=info)
+        return {"error": None}
+    except DataError as e:
+        return {"error": str(e)}
 
 
 def case_eval_empty(info, tmp: Path) -> dict:
@@ -206,7 +223,7 @@ def case_sync_bf16(info, tmp: Path) -> dict:
             "gathered_gb": stats["perf/weight_sync_gathered_gb"], "sent_gb": stats["perf/weight_sync_gb"]}
 
 
-CASES = {"tp_prompts": case_tp_prompts, "eval_empty": case_eval_empty, "metric_keys": case_metric_keys,
+CASES = {"tp_prompts": case_tp_prompts, "overlong": case_overlong, "eval_empty": case_eval_empty, "metric_keys": case_metric_keys,
          "resume_views": case_resume_views, "shared_folder": case_shared_folder, "mixed_images": case_mixed_images,
          "sync_bf16": case_sync_bf16}
 

@@ -60,6 +60,11 @@ def test_an_engine_group_with_no_validation_prompts_does_not_hang_the_others(res
         assert x["metrics"]["eval/prompts"] == 1.0 and x["metrics"]["eval/accuracy"] == 1.0
 
 
+def test_a_rank_with_only_overlong_prompts_stops_every_rank_with_one_message(results):
+    for x in results("overlong"):
+        assert x["error"] and "longer than data.max_prompt_length" in x["error"]
+
+
 def test_metrics_reduce_over_the_union_of_keys(results):
     """Ranks 0,2 report only_even_min, ranks 1,3 only_odd: each key is reduced over the ranks that have it,
     never paired with another key's value; sums count a missing key as 0."""
