@@ -2,7 +2,12 @@
 
 Every number in the report is recomputed from ``generations.jsonl`` (one line per sample: id, sample, prompt,
 response, extracted answer, correct, ...), so any figure can be traced to its samples, and an interrupted run
-resumes by skipping the ids already written.
+resumes by skipping the ids already written. The report covers the problems asked for this time only.
+
+An output folder belongs to one setting: ``settings.json`` records the model (and a fingerprint of its weight
+files), dataset, backend, sampling, template and image sizes; resuming into a folder written with other settings
+(or by an older version without settings) is refused with the differences named, so a folder never reports
+another run's results. The CLI's default folder is derived from those settings.
 
 Metrics
     accuracy (mean@k)  mean over problems of the fraction of correct samples (= greedy pass@1 when n=1, T=0)
@@ -47,6 +52,7 @@ class EvalReport:
     by_type: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     sampling: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    settings: dict[str, Any] = field(default_factory=dict)
 
     def to_markdown(self) -> str:
         lines = [
@@ -107,6 +113,46 @@ def report_from_generations(records: list[dict], dataset: str, sampling: dict | 
     )
 
 
+class EvalSettingsError(ValueError):
+    """An output folder written with other settings than this run's (the message names the differences)."""
+
+
+SETTINGS = "settings.json"
+
+
+def model_fingerprint(model: str) -> str:
+    """What identifies the weights behind ``model``: for a local folder a hash of its weight and config files'
+    names, sizes and modification times (a re-export changes it), else the hub id or random-model name."""
+    import hashlib
+
+    folder = Path(model)
+    if not folder.is_dir():
+        return model
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".json") and p.is_file())
+    h = hashlib.sha256()
+    for p in files:
+        st = p.stat()
+        h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return f"{folder.resolve()}@{h.hexdigest()[:12]}"
+
+
+def check_settings(out: Path, settings: dict[str, Any]) -> None:
+    """Refuse to resume into ``out`` when it was written with other settings (or without any recorded)."""
+    have = out / SETTINGS
+    if have.exists():
+        try:
+            old = json.loads(have.read_text())
+        except ValueError:
+            old = {}
+        diff = [f"{k}: {old.get(k)!r} there, {v!r} now" for k, v in settings.items() if old.get(k) != v]
+        if diff:
+            raise EvalSettingsError(f"{out} holds results of other settings ({'; '.join(diff[:4])}); pass another "
+                                    "--out, or --overwrite to replace them")
+    elif (out / "generations.jsonl").exists() and (out / "generations.jsonl").stat().st_size:
+        raise EvalSettingsError(f"{out} holds generations without a {SETTINGS} (an older run): their settings are "
+                                "unknown; pass another --out, or --overwrite to replace them")
+
+
 def evaluate(
     prompts: Iterable[Prompt],
     engine: RolloutEngine,
@@ -120,13 +166,22 @@ def evaluate(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     format_weight: float = 0.1,
     progress: bool = True,
+    settings: dict[str, Any] | None = None,
 ) -> EvalReport:
     """Generate, score and report; writes generations.jsonl, results.json and results.md under ``out_dir``.
 
-    Resumable: problems whose id is already in generations.jsonl are skipped.
+    Resumable: problems whose id is already in generations.jsonl are skipped. ``settings`` (what produced the
+    generations: model, backend, ...; the sampling and image sizes are added) must match those of an earlier run
+    in ``out_dir`` (:class:`EvalSettingsError` otherwise). The report covers ``prompts`` only.
     """
+    prompts = list(prompts)
     out = Path(out_dir)
+    settings = {"dataset": dataset, **(settings or {}), "sampling": asdict(sampling), "min_pixels": min_pixels,
+                "max_pixels": max_pixels, "format_weight": format_weight}
+    settings = json.loads(json.dumps(settings))  # as it reads back from JSON (tuples become lists)
+    check_settings(out, settings)
     out.mkdir(parents=True, exist_ok=True)
+    (out / SETTINGS).write_text(json.dumps(settings, indent=2))
     gen_path = out / "generations.jsonl"
     drop_torn_tail(gen_path)
     done = {r["id"] for r in read_generations(gen_path)}
@@ -162,8 +217,11 @@ def evaluate(
             bar.update(len(chunk))
             bar.set_postfix(acc=f"{correct / max(total, 1):.3f}")
     bar.close()
-    report = report_from_generations(read_generations(gen_path), dataset, asdict(sampling))
+    asked = {p.id for p in prompts}
+    report = report_from_generations([r for r in read_generations(gen_path) if r["id"] in asked], dataset,
+                                     asdict(sampling))
     report.seconds = time.perf_counter() - t0
+    report.settings = settings
     (out / "results.json").write_text(json.dumps(asdict(report), indent=2))
     (out / "results.md").write_text(report.to_markdown())
     return report
@@ -223,24 +281,70 @@ def add_eval_args(ap) -> None:
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--max-tokens", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--limit", type=int, default=0, help="evaluate only the first N problems (0 = all)")
+    ap.add_argument("--limit", type=int, default=0, help="evaluate only the first N problems (0 = all); the "
+                    "report covers those N, and a later run without --limit in the same folder adds the rest")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--template", default=None, help="prompt template in mm_gmpo/templates (default per dataset)")
     ap.add_argument("--format-weight", type=float, default=0.1)
     ap.add_argument("--device", default=None)
-    ap.add_argument("--out", default=None, help="output folder (default: eval_out/<dataset>)")
+    ap.add_argument("--out", default=None, help="output folder (default: eval_out/<dataset>/<model>-<backend>-"
+                    "<sampling>, derived from the settings)")
+    ap.add_argument("--overwrite", action="store_true", help="replace the results already in the output folder")
+
+
+def _slug(text: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", text).strip("_")[-60:] or "model"
+
+
+def default_out(args, dataset: str) -> Path:
+    """eval_out/<dataset>/<model>-<backend>-<sampling>: a folder per setting, so runs never mix."""
+    model = Path(args.model)
+    name = "_".join(model.parts[-2:]) if model.is_dir() else args.model
+    greedy = args.temperature <= 0
+    sampling = ("greedy" if greedy else f"t{args.temperature:g}-p{args.top_p:g}") + f"-n{args.n}-max{args.max_tokens}"
+    if not greedy:
+        sampling += f"-seed{args.seed}"
+    template = f"-{args.template}" if args.template else ""
+    return Path("eval_out") / _slug(dataset) / f"{_slug(name)}-{args.backend}-{sampling}{template}"
+
+
+SECONDS_PER_PROBLEM = {"oracle": "well under 0.01 s", "oracle-wrong": "well under 0.01 s",
+                       "hf": "about 27 s at 2,048 tokens for the tiny random model on 2 CPU cores (a random model "
+                             "never stops early; generation is one token at a time)",
+                       "vllm": "well under a second per problem at batch size 32 on one GPU"}
 
 
 def run_cli(args, prompts: list[Prompt], dataset: str, *, min_pixels: int, max_pixels: int) -> EvalReport:
-    engine, proc = make_engine(args.backend, args.model, device=args.device, batch_size=args.batch_size,
-                               min_pixels=min_pixels, max_pixels=max_pixels, max_model_len=None)
+    import sys
+
     if args.limit:
         prompts = prompts[:args.limit]
     sampling = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
                               seed=args.seed)
-    out = Path(args.out or Path("eval_out") / dataset.replace("/", "_"))
-    report = evaluate(prompts, engine, proc, out, dataset=dataset, sampling=sampling, batch_size=args.batch_size,
-                      min_pixels=min_pixels, max_pixels=max_pixels, format_weight=args.format_weight)
+    out = Path(args.out) if args.out else default_out(args, dataset)
+    settings = {"model": args.model, "model_fingerprint": model_fingerprint(args.model), "backend": args.backend,
+                "template": args.template}
+    if args.overwrite and out.exists():
+        for name in ("generations.jsonl", SETTINGS, "results.json", "results.md"):
+            (out / name).unlink(missing_ok=True)
+    try:
+        check_settings(out, {**settings, "dataset": dataset})  # before any model is loaded
+    except EvalSettingsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(f"evaluating {len(prompts)} problems of {dataset} with {args.model} ({args.backend}) into {out}; "
+          f"typical time per problem: {SECONDS_PER_PROBLEM[args.backend]}")
+    engine, proc = make_engine(args.backend, args.model, device=args.device, batch_size=args.batch_size,
+                               min_pixels=min_pixels, max_pixels=max_pixels, max_model_len=None)
+    try:
+        report = evaluate(prompts, engine, proc, out, dataset=dataset, sampling=sampling,
+                          batch_size=args.batch_size, min_pixels=min_pixels, max_pixels=max_pixels,
+                          format_weight=args.format_weight, settings=settings)
+    except EvalSettingsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(report.to_markdown())
     print(f"wrote {out / 'generations.jsonl'}, {out / 'results.json'}, {out / 'results.md'}")
     return report

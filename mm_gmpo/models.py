@@ -58,9 +58,24 @@ def tiny_qwen2_5_vl_config(hidden_size: int = 64, layers: int = 2, vision_depth:
     )
 
 
+def tiny_qwen2_config(hidden_size: int = 128, layers: int = 2):
+    """A text-only Qwen2 config (the Qwen2.5 / Qwen2.5-Math family: real vocab and special tokens) but tiny: the
+    policy of the built-in text-math task (``configs/tiny_math.yaml``)."""
+    from transformers import Qwen2Config
+
+    return Qwen2Config(vocab_size=151936, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                       num_hidden_layers=layers, num_attention_heads=hidden_size // 32, num_key_value_heads=1,
+                       max_position_embeddings=4096, tie_word_embeddings=True, bos_token_id=151643,
+                       eos_token_id=151645, rope_theta=1_000_000.0)
+
+
+TINY = {"tiny-random": tiny_qwen2_5_vl_config, "tiny-random-text": tiny_qwen2_config}
+
+
 def is_random_model(path: str) -> bool:
-    """Whether a model path names random weights: 'tiny-random' or 'random:NAME' (see random_model_config)."""
-    return path == "tiny-random" or path.startswith("random:")
+    """Whether a model path names random weights: 'tiny-random' (Qwen2.5-VL), 'tiny-random-text' (Qwen2) or
+    'random:NAME' (see random_model_config)."""
+    return path in TINY or path.startswith("random:")
 
 
 def random_model_config(path: str):
@@ -68,7 +83,7 @@ def random_model_config(path: str):
     as qwen2_5_vl_3b or a config.json path), or None when ``path`` names real weights."""
     if not is_random_model(path):
         return None
-    return tiny_qwen2_5_vl_config() if path == "tiny-random" else model_config(path.removeprefix("random:"))
+    return TINY[path]() if path in TINY else model_config(path.removeprefix("random:"))
 
 
 def write_model_folder(dest: str | Path, config) -> Path:
@@ -158,7 +173,7 @@ def build_model(
 def loads_sharded(load: str, path: str) -> bool:
     """Whether ``model.load`` (auto | sharded | full) builds on the meta device and fills shards: auto does for every
     model but the built-in tiny-random one (built whole, as the built-in task's trajectory was measured)."""
-    return load == "sharded" or (load == "auto" and path != "tiny-random")
+    return load == "sharded" or (load == "auto" and path not in TINY)
 
 
 def empty_model(config, *, dtype: torch.dtype = torch.float32, attn_implementation: str = "auto") -> nn.Module:

@@ -37,7 +37,7 @@ from mm_gmpo.checkpoint import (
 from mm_gmpo.config import Config, ConfigError, config_changes, dump_yaml, to_dict, validate
 from mm_gmpo.data.processing import EncodedPrompt, encode_prompts, load_processor
 from mm_gmpo.data.prompts import DataError, Prompt, limit_images
-from mm_gmpo.data.synthetic import COLORS, single_token_ids
+from mm_gmpo.data.synthetic import COLORS, DIGITS, single_token_ids
 from mm_gmpo.logger import MetricsLogger, plot_training
 from mm_gmpo.lora import adapters_disabled, add_lora
 from mm_gmpo.loss import get_policy_loss, kl_penalty, truncated_is_weights
@@ -143,6 +143,11 @@ def load_prompts(cfg: Config, split: str) -> list[Prompt]:
         from mm_gmpo.data.synthetic import synthetic_prompts
 
         prompts = synthetic_prompts(512 if split == "train" else 64, seed=cfg.trainer.seed, split=split)
+    elif d.dataset == "arithmetic":
+        from mm_gmpo.data.synthetic import arithmetic_prompts
+
+        prompts = arithmetic_prompts(512 if split == "train" else 64, seed=cfg.trainer.seed, split=split,
+                                     template=d.template)
     elif d.dataset == "geometry3k":
         from mm_gmpo.data.geometry3k import geometry3k_prompts, load_geometry3k
 
@@ -525,7 +530,7 @@ def train(cfg: Config) -> dict[str, float]:
         val_encoded, _ = encode_prompts(val, processor, max_prompt_length=cfg.data.max_prompt_length,
                                         min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
     allowed = None  # restricted sampling: the built-in task's four colour words, or rollout.allowed_tokens
-    words = list(r.allowed_tokens) or (list(COLORS) if cfg.data.dataset == "synthetic" else [])
+    words = list(r.allowed_tokens) or {"synthetic": list(COLORS), "arithmetic": list(DIGITS)}.get(cfg.data.dataset, [])
     if words:
         try:
             allowed = tuple(single_token_ids(tokenizer, words))

@@ -157,3 +157,66 @@ def test_make_engine_random_models_as_the_trainer_names_them(tmp_path):
     assert engine.model.config.text_config.hidden_size == 64
     with pytest.raises(SystemExit, match="random:x is for --backend hf"):
         make_engine("vllm", "random:x")
+
+
+def test_a_folder_of_other_settings_is_refused_and_the_report_covers_what_was_asked(tmp_path, processor, geo_subset):
+    """The issue's stumble: an oracle run filled the folder, then a model evaluated with --limit 5 printed the
+    oracle's 31-problem result. Now other settings are refused by name; the same settings with fewer problems
+    report those problems only; results.json records the settings."""
+    from mm_gmpo.evaluation import EvalSettingsError
+
+    prompts = list(geometry3k_prompts(geo_subset))
+    evaluate(prompts, OracleEngine(), processor, tmp_path, dataset="geo", progress=False, sampling=SamplingParams(),
+             settings={"model": "oracle-run", "backend": "oracle"}, **SMALL)
+    with pytest.raises(EvalSettingsError, match=r"model: 'oracle-run' there, 'runs/tiny/hf_export' now"):
+        evaluate(prompts[:5], OracleEngine("wrong"), processor, tmp_path, dataset="geo", progress=False,
+                 sampling=SamplingParams(), settings={"model": "runs/tiny/hf_export", "backend": "oracle"}, **SMALL)
+    with pytest.raises(EvalSettingsError, match="sampling"):
+        evaluate(prompts[:5], OracleEngine(), processor, tmp_path, dataset="geo", progress=False,
+                 sampling=SamplingParams(n=4, temperature=1.0), settings={"model": "oracle-run", "backend": "oracle"},
+                 **SMALL)
+    rep = evaluate(prompts[:5], OracleEngine(), processor, tmp_path, dataset="geo", progress=False,
+                   sampling=SamplingParams(), settings={"model": "oracle-run", "backend": "oracle"}, **SMALL)
+    assert rep.n_problems == 5 and rep.n_samples == 5
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["settings"]["model"] == "oracle-run" and saved["settings"]["sampling"]["n"] == 1
+    assert saved["n_problems"] == 5
+    (tmp_path / "settings.json").unlink()  # a folder from before settings were recorded
+    with pytest.raises(EvalSettingsError, match="without a settings.json"):
+        evaluate(prompts[:5], OracleEngine(), processor, tmp_path, dataset="geo", progress=False,
+                 sampling=SamplingParams(), **SMALL)
+
+
+def test_cli_default_folder_follows_the_settings_and_refuses_mixing(tmp_path):
+    """eval_geometry3k.py: the oracle and oracle-wrong backends get folders of their own by default; an explicit
+    --out that holds the other backend's results stops with exit code 2 and one line."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from mm_gmpo.evaluation import default_out
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+    def cli(*args):
+        return subprocess.run([sys.executable, str(root / "scripts" / "eval_geometry3k.py"), "--model",
+                               "tiny-random", "--limit", "3", *args], capture_output=True, text=True, cwd=tmp_path,
+                              env=env, timeout=300)
+
+    a, b = cli("--backend", "oracle"), cli("--backend", "oracle-wrong")
+    assert a.returncode == 0 and b.returncode == 0, a.stderr[-2000:] + b.stderr[-2000:]
+    folders = sorted(p.parent.relative_to(tmp_path) for p in tmp_path.glob("eval_out/*/*/results.json"))
+    assert [str(f) for f in folders] == ["eval_out/geometry3k_test/tiny-random-oracle-greedy-n1-max2048",
+                                         "eval_out/geometry3k_test/tiny-random-oracle-wrong-greedy-n1-max2048"]
+    assert "| accuracy (mean@1) | 100.0 |" in a.stdout and "| accuracy (mean@1) | 0.0 |" in b.stdout
+    out = str(tmp_path / folders[0])
+    mixed = cli("--backend", "oracle-wrong", "--out", out)
+    assert mixed.returncode == 2 and "Traceback" not in mixed.stderr
+    assert "backend: 'oracle' there, 'oracle-wrong' now" in mixed.stderr
+
+    class Args:
+        model, backend, temperature, top_p, n, max_tokens, seed, template = "m", "hf", 1.0, 0.9, 8, 512, 3, None
+
+    assert default_out(Args, "math500") == Path("eval_out/math500/m-hf-t1-p0.9-n8-max512-seed3")

@@ -62,3 +62,27 @@ def single_token_ids(tokenizer, words: list[str]) -> list[int]:
     if bad:
         raise ValueError(f"restricted sampling needs single-token words; this tokenizer splits {bad}")
     return [x[0] for x in ids]
+
+
+# ---------------------------------------------------------------- the built-in text-math task
+
+DIGITS = tuple(str(d) for d in range(10))
+
+
+def arithmetic_prompts(n: int, seed: int = 0, split: str = "train", template: str = "qwen_math") -> list[Prompt]:
+    """n text-only prompts "What is a + b?" (a, b in 0..4: 25 problems, answers 0..8, each one digit token),
+    rendered with a math template (system prompt and chat format of Qwen2.5-Math). The answer is the digit alone;
+    rollouts restrict sampling to the ten digits (chance 0.1). Deterministic in (seed, split)."""
+    from mm_gmpo.data.prompts import render_question
+
+    rng = random.Random(f"arith-{seed}-{split}")
+    out = []
+    for i in range(n):
+        a, b = rng.randint(0, 8), 1
+        out.append(Prompt(
+            id=f"arithmetic/{split}/{i}", task="exact",
+            messages=build_messages(render_question(template, f"What is {a} + {b}? Answer with one digit."), 0,
+                                    template),
+            images=[], ground_truth=str(a + b), metadata={"a": a, "b": b},
+        ))
+    return out
