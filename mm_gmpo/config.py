@@ -222,7 +222,11 @@ class LoggingConfig:
     wandb: bool = f(False, "Log to Weights & Biases (when installed)")
     wandb_project: str = f("mm_gmpo", "W&B project")
     run_name: str = f("", "Run name (default: the output_dir name)")
-    sample_generations: int = f(4, "Generations (with image ids) written per eval")
+    sample_generations: int = f(4, "Generations (with image ids) written per eval to samples.jsonl")
+    train_samples: int = f(2, "Training rollouts (prompt, response, reward, advantage) written per step to "
+                              "samples.jsonl")
+    console_every: int = f(1, "Print a one-line summary (reward, accuracy, length, clip fractions, entropy, seconds "
+                              "per stage) every this many steps; 0 = progress bar only")
 
 
 @dataclass

@@ -9,6 +9,14 @@ import time
 from pathlib import Path
 
 
+def quiet_dependency_warnings() -> None:
+    """Silence a dependency's import-time deprecation noise that says nothing about the run: torch warns once per
+    process that torchao (imported by transformers' quantizers) registers enums as pytree constants."""
+    import logging
+
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+
+
 class MetricsLogger:
     """Rank 0 writes; other ranks get a logger that does nothing."""
 
@@ -34,7 +42,12 @@ class MetricsLogger:
             try:
                 import wandb as wb
 
-                self._wandb = wb.init(project=wandb_project, name=run_name or self.out.name, config=config or {})
+                # the run id lives in the run folder: a resumed run continues its W&B run instead of opening another
+                id_file = self.out / "wandb_run_id.txt"
+                run_id = id_file.read_text().strip() if id_file.exists() else wb.util.generate_id()
+                id_file.write_text(run_id + "\n")
+                self._wandb = wb.init(project=wandb_project, name=run_name or self.out.name, config=config or {},
+                                      id=run_id, resume="allow")
             except ImportError:
                 print("wandb is not installed (pip install -e '.[wandb]'): skipping W&B")
 
@@ -69,10 +82,12 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.log(clean, step=step)
 
-    def samples(self, step: int, records: list[dict]) -> None:
-        """A few generations per eval (prompt id, image count, answer, reward) into ``samples.jsonl``."""
+    def samples(self, step: int, records: list[dict], split: str = "eval") -> None:
+        """A few generations into ``samples.jsonl``, marked with ``split``: per eval (prompt id, image count,
+        answer, reward) and per training step (prompt text, response, reward, advantage)."""
         if not self.enabled or not records:
             return
+        records = [{"split": split, **r} for r in records]
         with open(self.out / "samples.jsonl", "a") as f:
             for rec in records:
                 f.write(json.dumps({"step": step, **rec}) + "\n")
@@ -80,7 +95,7 @@ class MetricsLogger:
             import wandb as wb
 
             cols = ["step", *records[0]]
-            self._wandb.log({"eval/samples": wb.Table(columns=cols, data=[[step, *r.values()] for r in records])},
+            self._wandb.log({f"{split}/samples": wb.Table(columns=cols, data=[[step, *r.values()] for r in records])},
                             step=step)
 
     def close(self) -> None:
@@ -155,44 +170,88 @@ def stage_seconds(rows: list[dict]) -> tuple[list[int], dict[str, list[float]]]:
     return steps, {s: v for s, v in series.items() if any(v)}
 
 
-def plot_training(metrics_path: str | Path, out_png: str | Path,
-                  keys: tuple[str, ...] = ("reward/mean", "eval/accuracy", "actor/entropy",
-                                            "ratio/token_log_ratio_max")) -> Path | None:
-    """Plot the chosen metrics against step (one panel each), and where the time of each step went (stacked
-    stage seconds), into a PNG; None if there is nothing to plot."""
+# the panels of training.png: a title in words, the y-axis label, and the series drawn (metric key, legend label)
+PANELS = (
+    ("Training reward", "reward (mean over rollouts)", (("reward/mean", "reward"), ("reward/accuracy", "accuracy"))),
+    ("Validation accuracy", "accuracy", (("eval/accuracy", "greedy / mean@k"),)),
+    ("Policy entropy", "nats per token", (("actor/entropy", "entropy"),)),
+    ("Token log-ratio range (log p_new - log p_old)", "log-ratio", (("ratio/token_log_ratio_max", "max"),
+                                                                    ("ratio/token_log_ratio_min", "min"))),
+    ("Clipped tokens", "fraction of tokens", (("ratio/clip_frac_upper", "upper (A > 0)"),
+                                              ("ratio/clip_frac_lower", "lower (A < 0)"))),
+    ("Response length", "tokens", (("rollout/response_len_mean", "mean"),)),
+)
+
+
+def plot_training(metrics_path: str | Path, out_png: str | Path) -> Path | None:
+    """training.png: a grid of panels (reward and accuracy, validation accuracy, entropy, the token log-ratio's
+    min and max, clip fractions, response length) and where each step's time went (stacked stage seconds), each
+    with a title in words and a y-axis label; None if there is nothing to plot. Long series get a 10-step mean."""
     rows = read_metrics(metrics_path)
-    keys = tuple(k for k in keys if any(k in r for r in rows))
+    panels = [(title, ylabel, [(k, lab) for k, lab in series if any(k in r for r in rows)])
+              for title, ylabel, series in PANELS]
+    panels = [p for p in panels if p[2]]
     steps, stages = stage_seconds(rows)
-    if not rows or not keys:
+    if not rows or not panels:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n = len(keys) + bool(stages)
-    fig, axes = plt.subplots(1, n, figsize=(4 * n, 3.2), squeeze=False)
-    if stages:
-        ax = axes[0][-1]
-        ax.stackplot(steps, *stages.values(), labels=list(stages), alpha=0.8)
-        ax.set_title("seconds per step, by stage")
+    n = len(panels) + bool(stages)
+    cols = min(3, n)
+    grid_rows = -(-n // cols)
+    fig, axes = plt.subplots(grid_rows, cols, figsize=(5 * cols, 3.6 * grid_rows), squeeze=False)
+    flat = [ax for row in axes for ax in row]
+    for ax, (title, ylabel, series) in zip(flat, panels, strict=False):
+        for i, (k, label) in enumerate(series):
+            pts = [(r["step"], r[k]) for r in rows if k in r]
+            xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+            many = len(pts) > 20
+            ax.plot(xs, ys, marker="." if len(pts) < 60 else None, lw=1, alpha=0.35 if many else 1.0,
+                    color=f"C{i}", label=None if many else label)
+            if many:  # a 10-step running mean makes the trend readable
+                w = 10
+                smooth = [sum(ys[max(0, j - w + 1):j + 1]) / len(ys[max(0, j - w + 1):j + 1]) for j in range(len(ys))]
+                ax.plot(xs, smooth, lw=2, color=f"C{i}", label=f"{label} (10-step mean)")
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
-        ax.legend(fontsize=6, loc="upper left")
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    for ax, k in zip(axes[0][:len(keys)], keys, strict=True):
-        pts = [(r["step"], r[k]) for r in rows if k in r]
-        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-        ax.plot(xs, ys, marker=".", lw=1, alpha=0.5 if len(pts) > 20 else 1.0)
-        if len(pts) > 20:  # a 10-step running mean makes the trend readable
-            w = 10
-            smooth = [sum(ys[max(0, i - w + 1):i + 1]) / len(ys[max(0, i - w + 1):i + 1]) for i in range(len(ys))]
-            ax.plot(xs, smooth, lw=2, color="C1", label="10-step mean")
+        if len(series) > 1 or len(rows) > 20:
             ax.legend(fontsize=7)
-        ax.set_title(k)
+    if stages:
+        ax = flat[len(panels)]
+        ax.stackplot(steps, *stages.values(), labels=[s.replace("_", " ") for s in stages], alpha=0.8)
+        ax.set_title("Where each step's time went", fontsize=10)
         ax.set_xlabel("step")
+        ax.set_ylabel("seconds")
+        ax.legend(fontsize=7, loc="upper left")
         ax.grid(alpha=0.3)
+    for ax in flat[n:]:
+        ax.axis("off")
     fig.tight_layout()
     out_png = Path(out_png)
-    fig.savefig(out_png, dpi=110)
+    tmp = out_png.with_name(out_png.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
     plt.close(fig)
+    os.replace(tmp, out_png)  # rewritten at every eval: a viewer never sees a half-written file
     return out_png
+
+
+def step_summary(step: int, total: int, m: dict[str, float]) -> str:
+    """The one-line console summary of a step: reward, accuracy, response length, clip fractions, entropy,
+    seconds per stage and in all (and validation accuracy on eval steps)."""
+    def g(k: str, fmt: str = ".3f") -> str:
+        return format(m[k], fmt) if k in m else "-"
+
+    parts = [f"step {step}/{total}", f"reward {g('reward/mean')}", f"acc {g('reward/accuracy')}",
+             f"len {g('rollout/response_len_mean', '.0f')}",
+             f"clip {g('ratio/clip_frac_lower')}/{g('ratio/clip_frac_upper')}", f"entropy {g('actor/entropy')}"]
+    if "eval/accuracy" in m:
+        parts.append(f"eval {g('eval/accuracy')}")
+    stage = " ".join(f"{s.replace('old_logprob', 'logp').replace('weight_sync', 'sync')} {m[f'timing/{s}_s']:.1f}"
+                     for s in STAGES if f"timing/{s}_s" in m)
+    parts.append(f"s: {stage} | {g('timing/step_s', '.1f')} s")
+    return " | ".join(parts)

@@ -86,6 +86,35 @@ def random_model_config(path: str):
     return TINY[path]() if path in TINY else model_config(path.removeprefix("random:"))
 
 
+def check_model_source(path: str, key: str = "model.path") -> None:
+    """Raise ConfigError naming ``key`` when ``path`` is neither a random model, a model folder (with config.json)
+    nor a hub id that can be had: a local-looking path that does not exist, or a hub id that is not in the local
+    cache while the hub is off (``HF_HUB_OFFLINE``). Other hub ids are left to the loader (it downloads them)."""
+    import os
+
+    from mm_gmpo.config import ConfigError
+
+    if is_random_model(path):
+        return
+    p = Path(path).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise ConfigError(f"{key}: {path!r} is a file; give the model folder (the one holding config.json)")
+        if not (p / "config.json").exists() and not (p / "tokenizer_config.json").exists():
+            raise ConfigError(f"{key}: the folder {p.resolve()} has no config.json: not a transformers model folder")
+        return
+    if path.startswith((".", "/", "~")) or path.count("/") != 1:
+        raise ConfigError(f"{key}: no model folder or hub id {path!r}: the folder {p.resolve()} does not exist (and "
+                          "a hub id has the form org/name)")
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(path, "config.json"), str):
+            raise ConfigError(f"{key}: no model folder or hub id {path!r}: the folder {p.resolve()} does not exist, "
+                              "and the hub id is not in the local cache while HF_HUB_OFFLINE is set; download it "
+                              "first (huggingface-cli download), or give a model folder")
+
+
 def write_model_folder(dest: str | Path, config) -> Path:
     """A model folder without weights: ``config.json`` plus the bundled tokenizer/processor files.
 

@@ -38,7 +38,7 @@ from mm_gmpo.config import Config, ConfigError, config_changes, dump_yaml, to_di
 from mm_gmpo.data.processing import EncodedPrompt, encode_prompts, load_processor
 from mm_gmpo.data.prompts import DataError, Prompt, limit_images
 from mm_gmpo.data.synthetic import COLORS, DIGITS, single_token_ids
-from mm_gmpo.logger import MetricsLogger, plot_training
+from mm_gmpo.logger import MetricsLogger, plot_training, step_summary
 from mm_gmpo.lora import adapters_disabled, add_lora
 from mm_gmpo.loss import get_policy_loss, kl_penalty, truncated_is_weights
 from mm_gmpo.models import (
@@ -46,6 +46,7 @@ from mm_gmpo.models import (
     CheckpointSource,
     RandomSource,
     build_model,
+    check_model_source,
     compile_blocks,
     empty_model,
     is_random_model,
@@ -172,6 +173,52 @@ def reward_function(cfg: Config, probe_ground_truth: str) -> RewardFunction | No
     return rf
 
 
+@dataclass
+class Inputs:
+    """What the run reads before anything is written: processor, prompts, reward function, restricted tokens."""
+
+    processor: object
+    tokenizer: object
+    train_prompts: list[Prompt]
+    rf: RewardFunction | None
+    val_encoded: list[EncodedPrompt]  # this engine group's share of the validation prompts
+    allowed: tuple[int, ...] | None  # restricted sampling: the built-in tasks' answers, or rollout.allowed_tokens
+
+
+def prepare_inputs(cfg: Config, layout: distributed.RolloutLayout) -> Inputs:
+    """Load and check every input (model or processor source, train and validation data, the reward function's
+    probe, restricted tokens); raises ConfigError / DataError naming the key, file or filter."""
+    t, r = cfg.trainer, cfg.rollout
+    key, source = ("model.processor", cfg.model.processor) if cfg.model.processor else ("model.path", cfg.model.path)
+    check_model_source(source, key)
+    try:
+        processor = load_processor(ASSETS if is_random_model(source) else source)
+    except DataError as e:
+        raise ConfigError(f"{key}: no model folder or hub id {source!r} that loads: the folder does not exist and "
+                          f"the hub could not give it ({e})") from None
+    tokenizer = getattr(processor, "tokenizer", processor)
+    train_prompts = load_prompts(cfg, "train")
+    rf = reward_function(cfg, train_prompts[0].ground_truth)  # a user reward: loaded and probed before any model
+    val_encoded: list[EncodedPrompt] = []
+    if t.eval_every or t.val_before_train:
+        val = load_prompts(cfg, "val")[layout.dp_rank::layout.dp_size]  # each engine group answers its share
+        val_encoded, _ = encode_prompts(val, processor, max_prompt_length=cfg.data.max_prompt_length,
+                                        min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
+    allowed = None
+    words = list(r.allowed_tokens) or {"synthetic": list(COLORS), "arithmetic": list(DIGITS)}.get(cfg.data.dataset, [])
+    if words:
+        try:
+            allowed = tuple(single_token_ids(tokenizer, words))
+        except ValueError as e:
+            raise ConfigError(f"rollout.allowed_tokens: {e}") from None
+    return Inputs(processor, tokenizer, train_prompts, rf, val_encoded, allowed)
+
+
+def check_inputs(cfg: Config) -> None:
+    """``train_mm.py --check``: every input check of a run, in this process, writing nothing."""
+    prepare_inputs(cfg, distributed.rollout_layout(0, 1))
+
+
 def _build(cfg: Config, dtype: torch.dtype, seed: int, device: torch.device | None = None):
     rand = random_model_config(cfg.model.path)
     return build_model(cfg.model.path, random_init=rand is not None, config=rand, dtype=dtype,
@@ -232,7 +279,7 @@ def build_policy(cfg: Config, info: distributed.DistInfo, packed: bool, *, refer
     return policy
 
 
-def _make_engine(cfg: Config, processor, device: torch.device, seed: int | None = None):
+def _make_engine(cfg: Config, processor, device: torch.device, seed: int | None = None, progress: bool = False):
     """The colocated rollout engine of this rank (seeded alike on the ranks of one tensor-parallel engine). Its
     initial weights do not matter: sync_weights runs first."""
     r = cfg.rollout
@@ -252,13 +299,13 @@ def _make_engine(cfg: Config, processor, device: torch.device, seed: int | None 
                           seed=cfg.trainer.seed if seed is None else seed,
                           max_model_len=cfg.data.max_prompt_length + r.max_tokens,
                           min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels,
-                          max_images_per_prompt=cfg.data.max_images)
+                          max_images_per_prompt=cfg.data.max_images, progress=progress)
     from mm_gmpo.rollout.hf import HFEngine
 
     dtype = torch.bfloat16 if cfg.model.dtype == "bf16" else torch.float32
     model = _build(cfg, dtype, seed=cfg.trainer.seed, device=device).to(device)  # weights are replaced by the first sync
     return HFEngine(model, getattr(processor, "tokenizer", processor), device=device,
-                    batch_size=max(16, cfg.rollout.n * 4))
+                    batch_size=max(16, cfg.rollout.n * 4), progress=progress)
 
 
 # ---------------------------------------------------------------- stages
@@ -416,6 +463,14 @@ def eval_stage(engine, prompts: list[EncodedPrompt], cfg: Config, sampling: Samp
     return metrics, samples
 
 
+def train_samples(prompts: list[EncodedPrompt], rollouts: list[Rollout], rewards: torch.Tensor,
+                  advantages: torch.Tensor, k: int) -> list[dict]:
+    """The first ``k`` rollouts of this rank's batch as samples.jsonl records: prompt text, response, reward,
+    advantage."""
+    return [{"id": prompts[x.prompt_index].prompt.id, "prompt": prompts[x.prompt_index].text, "response": x.text,
+             "reward": float(rewards[i]), "advantage": float(advantages[i])} for i, x in enumerate(rollouts[:k])]
+
+
 def memory_metrics(device: torch.device) -> dict[str, float]:
     """Peak GPU memory allocated since start (the largest over ranks) and the largest host RSS of any rank."""
     import resource
@@ -497,6 +552,14 @@ def train(cfg: Config) -> dict[str, float]:
     t, r, a = cfg.trainer, cfg.rollout, cfg.algorithm
     layout = distributed.rollout_layout(info.rank, info.world_size,
                                         r.tensor_parallel_size if r.backend == "vllm" else 1)
+    # data (read only: the run folder is made once the inputs are known to be good)
+    inputs = prepare_inputs(cfg, layout)
+    processor, tokenizer, train_prompts, rf = inputs.processor, inputs.tokenizer, inputs.train_prompts, inputs.rf
+    val_encoded, allowed = inputs.val_encoded, inputs.allowed
+    sampler = PromptSampler(len(train_prompts), seed=t.seed)
+    total_steps = t.total_steps or max(1, t.epochs * len(train_prompts) // t.rollout_batch_size)
+
+    # the run folder: one trainer at a time, visible to every rank
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     out = Path(t.output_dir)
     lock, busy = None, None
@@ -515,27 +578,6 @@ def train(cfg: Config) -> dict[str, float]:
         (out / "config.yaml").write_text(dump_yaml(cfg))
     log = MetricsLogger(out, enabled=info.is_main, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
                         wandb_project=cfg.logging.wandb_project, run_name=cfg.logging.run_name, config=to_dict(cfg))
-
-    # data
-    processor = load_processor(cfg.model.processor or (ASSETS if is_random_model(cfg.model.path) else cfg.model.path))
-    tokenizer = getattr(processor, "tokenizer", processor)
-    train_prompts = load_prompts(cfg, "train")
-    rf = reward_function(cfg, train_prompts[0].ground_truth)  # a user reward: loaded and probed before any model
-    sampler = PromptSampler(len(train_prompts), seed=t.seed)
-    total_steps = t.total_steps or max(1, t.epochs * len(train_prompts) // t.rollout_batch_size)
-    val_encoded: list[EncodedPrompt] = []
-    if t.eval_every or t.val_before_train:
-        val = load_prompts(cfg, "val")
-        val = val[layout.dp_rank::layout.dp_size]  # each engine group answers its share
-        val_encoded, _ = encode_prompts(val, processor, max_prompt_length=cfg.data.max_prompt_length,
-                                        min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
-    allowed = None  # restricted sampling: the built-in task's four colour words, or rollout.allowed_tokens
-    words = list(r.allowed_tokens) or {"synthetic": list(COLORS), "arithmetic": list(DIGITS)}.get(cfg.data.dataset, [])
-    if words:
-        try:
-            allowed = tuple(single_token_ids(tokenizer, words))
-        except ValueError as e:
-            raise ConfigError(f"rollout.allowed_tokens: {e}") from None
 
     # policy (FSDP2), reference (KL), optimizer, engine
     attn = resolve_attention(cfg.model.attn_implementation)
@@ -566,7 +608,7 @@ def train(cfg: Config) -> dict[str, float]:
         distributed.move_train_state(policy, optimizer, cpu, **offload)
         if reference is not None and t.offload_params:
             distributed.move_train_state(reference, None, cpu, optimizer_state=False)
-    engine = _make_engine(cfg, processor, info.device, seed=t.seed + layout.dp_rank)
+    engine = _make_engine(cfg, processor, info.device, seed=t.seed + layout.dp_rank, progress=info.is_main)
 
     # resume
     state = TrainerState()
@@ -748,6 +790,13 @@ def train(cfg: Config) -> dict[str, float]:
                    **sync_metrics, **timings, **perf, **eval_metrics, **kl_metrics, **filter_metrics,
                    "train/epoch": float(sampler.epoch)}
         log.log(step, metrics)
+        if info.is_main and cfg.logging.train_samples:
+            log.samples(step, train_samples(gen.prompts, rollouts, gen.rewards, advantages, cfg.logging.train_samples),
+                        split="train")
+        if info.is_main and eval_metrics:  # the plot follows the run, not only its end
+            plot_training(out / "metrics.jsonl", out / "training.png")
+        if info.is_main and cfg.logging.console_every and step % cfg.logging.console_every == 0:
+            bar.write(step_summary(step, total_steps, metrics))
         last = metrics
         bar.update(1)
         bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", acc=f"{metrics['reward/accuracy']:.3f}")
@@ -773,7 +822,8 @@ def train(cfg: Config) -> dict[str, float]:
         export_hf(policy, out / "hf_export", processor=processor, save_adapter=cfg.model.lora.save_adapter)
     if info.is_main:
         png = plot_training(out / "metrics.jsonl", out / "training.png")
-        print(f"run folder: {out} (metrics.jsonl, tensorboard/, checkpoints/{', training.png' if png else ''})")
+        made = [p.name + ("/" if p.is_dir() else "") for p in sorted(out.iterdir()) if not p.name.startswith(".")]
+        print(f"run folder: {out} ({', '.join(made)}){'' if png else ' (no training.png: nothing to plot)'}")
     log.close()
     if lock is not None:
         lock.close()

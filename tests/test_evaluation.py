@@ -182,7 +182,7 @@ def test_a_folder_of_other_settings_is_refused_and_the_report_covers_what_was_as
     assert saved["settings"]["model"] == "oracle-run" and saved["settings"]["sampling"]["n"] == 1
     assert saved["n_problems"] == 5
     (tmp_path / "settings.json").unlink()  # a folder from before settings were recorded
-    with pytest.raises(EvalSettingsError, match="without a settings.json"):
+    with pytest.raises(EvalSettingsError, match=r"without a settings\.json"):
         evaluate(prompts[:5], OracleEngine(), processor, tmp_path, dataset="geo", progress=False,
                  sampling=SamplingParams(), **SMALL)
 

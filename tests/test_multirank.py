@@ -149,3 +149,40 @@ def test_tensor_parallel_size_is_checked_against_gpus_per_node():
         validate(cfg, world_size=16, local_world_size=4)
     with pytest.raises(ConfigError, match="the hf engine runs one full copy"):
         validate(load_config(None, ["rollout.tensor_parallel_size=2"]), world_size=2)
+
+
+def test_two_nodes_through_c10d_rendezvous_train_and_checkpoint(tmp_path):
+    """Two single-process "nodes" on localhost, joined by torchrun's c10d rendezvous (LOCAL_RANK 0 and
+    LOCAL_WORLD_SIZE 1 on each, WORLD_SIZE 2): two GMPO steps and a checkpoint that holds both ranks' files,
+    so nothing assumes the local world is the whole world."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    procs = []
+    for node in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
+               "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
+               "--rdzv_id", "mm_gmpo_two_nodes", str(ROOT / "scripts" / "train_mm.py"), f"trainer.output_dir={out}",
+               "trainer.total_steps=2", "trainer.rollout_batch_size=4", "trainer.mini_batch_size=2", "rollout.n=4",
+               "trainer.save_every=2", "trainer.eval_every=0", "trainer.export_hf=false", "logging.tensorboard=false"]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
+                                      cwd=ROOT))
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=300)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(x[-2000:] for x in logs)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    ckpt = out / "checkpoints" / "step_00000002"
+    assert sorted(p.name for p in (ckpt / "rng").iterdir()) == ["rank_0.pt", "rank_1.pt"]
+    assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 2
+    assert "step 2/2 | reward" in logs[0] + logs[1]  # the console summary, printed by rank 0 only
+    assert (logs[0] + logs[1]).count("step 2/2 | reward") == 1

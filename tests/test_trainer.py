@@ -249,8 +249,7 @@ def test_user_mistakes_stop_before_the_first_rollout_with_one_line(tmp_path):
                             f"trainer.output_dir={tmp_path / 'x'}"], capture_output=True, text=True, timeout=300,
                            env=ENV, cwd=ROOT)
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
-        metrics = tmp_path / "x" / "metrics.jsonl"
-        assert not metrics.exists() or metrics.read_text() == ""  # no step ran
+        assert not (tmp_path / "x").exists()  # a run that never started leaves no run folder
         return r.stderr
 
     err = run(f"algorithm.reward_function={tmp_path / 'bad_reward.py'}:compute_score")
@@ -262,3 +261,44 @@ def test_user_mistakes_stop_before_the_first_rollout_with_one_line(tmp_path):
     err = run()
     assert f"data error: {tmp_path / 'train.jsonl'} line 5: field 'images': image file" in err
     assert "not found" in err
+
+
+def test_user_errors_name_what_was_looked_for_once_also_under_torchrun(tmp_path):
+    """A missing model folder, a data folder that is not there, a level filter that empties a dataset, the bundled
+    Geometry3K's missing train split: one line naming the key, path or filter; exit 2 alone. Under torchrun (2
+    ranks) the line is printed once, torchrun's failure summary names it as the root cause, and no run folder is
+    left behind. --check runs the same checks and writes nothing."""
+    env = {**ENV, "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "never"
+
+    def one(*extra, launcher=()):
+        r = subprocess.run([*launcher, str(ROOT / "scripts" / "train_mm.py"), *extra,
+                            f"trainer.output_dir={out}"], capture_output=True, text=True, timeout=300, env=env,
+                           cwd=tmp_path)
+        assert not out.exists()
+        return r
+
+    r = one("model.path=models/x", launcher=(sys.executable,))
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"config error: model.path: no model folder or hub id 'models/x': the folder {tmp_path / 'models/x'} does "
+        "not exist, and the hub id is not in the local cache while HF_HUB_OFFLINE is set; download it first "
+        "(huggingface-cli download), or give a model folder"]
+    r = one("--check", "data.dataset=math", "data.train_source=gsm8k", "data.levels=[3,4,5]",
+            launcher=(sys.executable,))
+    assert r.returncode == 2 and "the level filter (data.levels=[3, 4, 5]) kept none of its 1319 rows: it has no " \
+        "'level' field" in r.stderr
+    r = one("--check", "data.dataset=files", "data.train_files=mydata/train", "data.val_files=mydata/val",
+            launcher=(sys.executable,))
+    assert r.returncode == 2 and f"data error: mydata/train: no such file or folder (relative to {tmp_path})" \
+        in r.stderr
+    r = one("--check", "data.dataset=geometry3k", f"data.train_source={ROOT / 'data' / 'geometry3k'}",
+            launcher=(sys.executable,))
+    assert r.returncode == 2 and "has the splits ['test', 'val'] but no 'train'" in r.stderr
+    r = one("--check", launcher=(sys.executable,))
+    assert r.returncode == 0 and "check passed" in r.stdout
+    r = one("model.path=models/x", launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                             "--nproc_per_node=2"))
+    ours = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("config error:")]
+    assert r.returncode != 0 and len(ours) == 1, r.stderr[-3000:]
+    assert "traceback : config error: model.path: no model folder or hub id 'models/x'" in r.stderr
+

@@ -136,7 +136,8 @@ def read_rows(spec: str, default_split: str = "train") -> tuple[Iterator[tuple[s
     try:
         ds = datasets.load_dataset(source, split=split)
     except Exception as e:  # network, unknown name, unknown split: say which
-        raise DataError(f"{source}@{split}: cannot load this hub dataset ({type(e).__name__}: {e})") from None
+        raise DataError(f"{source}: no such file or folder (relative to {Path.cwd()}), and no hub dataset of that "
+                        f"name loads ({type(e).__name__}: {str(e)[:300]})") from None
     return _table_rows(ds, f"{source}@{split}"), None
 
 

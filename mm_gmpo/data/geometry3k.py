@@ -208,6 +208,11 @@ def _load_tabular(source: str | Path, split: str):
             files = sorted(src.rglob(f"{name}*.parquet")) or sorted(src.rglob(f"*/{name}/*.parquet"))
             if files:
                 return datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train")
+        intergps = sorted(d.name for d in src.iterdir() if d.is_dir() and any(d.glob("*/data.json")))
+        if intergps:  # an Inter-GPS copy (the bundled one has val and test only) without this split
+            raise DataError(f"{src}: this Inter-GPS copy has the splits {intergps} but no {split!r}. The bundled "
+                            "copy has no train split: train on the hub's (data.train_source=hiyouga/geometry3k), or "
+                            "try the pipeline on the val split (configs/geo3k_smoke.yaml)")
         raise DataError(f"{src}: no parquet files for split {split!r} (looked for {names[0]}*.parquet)")
     if src.exists() is False and "/" in str(source) and not str(source).startswith((".", "/")):
         for name in names:

@@ -70,19 +70,19 @@ DIGITS = tuple(str(d) for d in range(10))
 
 
 def arithmetic_prompts(n: int, seed: int = 0, split: str = "train", template: str = "qwen_math") -> list[Prompt]:
-    """n text-only prompts "What is a + b?" (a, b in 0..4: 25 problems, answers 0..8, each one digit token),
-    rendered with a math template (system prompt and chat format of Qwen2.5-Math). The answer is the digit alone;
-    rollouts restrict sampling to the ten digits (chance 0.1). Deterministic in (seed, split)."""
+    """n text-only prompts "What is a + 1?" (a in 0..8: answers 1..9, each one digit token), rendered with a math
+    template (the system prompt and chat format of Qwen2.5-Math). The answer is the digit alone; rollouts restrict
+    sampling to the ten digits (chance 0.1). Deterministic in (seed, split). Measured: a random tiny Qwen2 finds
+    these; harder sums (a + b with two operands) stayed at the most frequent answer within a few hundred steps."""
     from mm_gmpo.data.prompts import render_question
 
     rng = random.Random(f"arith-{seed}-{split}")
     out = []
     for i in range(n):
-        a, b = rng.randint(0, 8), 1
+        a = rng.randint(0, 8)
         out.append(Prompt(
             id=f"arithmetic/{split}/{i}", task="exact",
-            messages=build_messages(render_question(template, f"What is {a} + {b}? Answer with one digit."), 0,
-                                    template),
-            images=[], ground_truth=str(a + b), metadata={"a": a, "b": b},
+            messages=build_messages(render_question(template, f"What is {a} + 1? Answer with one digit."), 0, template),
+            images=[], ground_truth=str(a + 1), metadata={"a": a},
         ))
     return out

@@ -71,6 +71,7 @@ def load_text_math(
 
     report = SkipReport()
     rows = []
+    seen_levels: set = set()
     for i, row in enumerate(ds):
         where = f"{path} row {i}"
         problem = row.get(problem_col)
@@ -87,6 +88,7 @@ def load_text_math(
             report.add(where, err)
             continue
         level = _level(row.get("level"))
+        seen_levels.add(level)
         if levels is not None and level not in levels:
             continue
         rows.append({
@@ -97,8 +99,13 @@ def load_text_math(
             "subject": str(row.get("subject") or row.get("type") or ""),
         })
     report.warn(str(path))
+    if not rows and levels is not None and seen_levels:
+        have = sorted(x for x in seen_levels if x is not None)
+        raise DataError(f"{path}: the level filter (data.levels={list(levels)}) kept none of its {len(ds)} rows: "
+                        + (f"its levels are {have}" if have else "it has no 'level' field (MATH has one; GSM8K and "
+                           "AIME do not)") + "; set data.levels=[] to keep every row")
     if not rows:
-        raise DataError(f"{path}: no usable samples (empty file, or every row was filtered/skipped)")
+        raise DataError(f"{path}: no usable samples (empty file, or every row was skipped)")
     return datasets.Dataset.from_list(rows)
 
 

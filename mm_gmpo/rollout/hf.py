@@ -7,6 +7,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from mm_gmpo.data.processing import EncodedPrompt
 from mm_gmpo.policy import collate
@@ -16,8 +17,11 @@ from mm_gmpo.rollout.base import IMAGE_PAD_ID, Rollout, SamplingParams
 class HFEngine:
     """Generates with a (non-sharded) transformers model; ``update_weights`` copies tensors into it."""
 
-    def __init__(self, model: nn.Module, tokenizer, *, device: torch.device | str = "cpu", batch_size: int = 16):
+    def __init__(self, model: nn.Module, tokenizer, *, device: torch.device | str = "cpu", batch_size: int = 16,
+                 progress: bool = False):
+        """progress: a progress bar over the batches of a long generate (several batches, 256+ tokens each)."""
         self.model = model
+        self.progress = progress
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self.batch_size = batch_size
@@ -36,7 +40,9 @@ class HFEngine:
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
         self.model.eval()
-        for start in range(0, len(expanded), self.batch_size):
+        starts = range(0, len(expanded), self.batch_size)
+        long = self.progress and len(starts) > 1 and sampling.max_tokens >= 256
+        for start in tqdm(starts, desc="generate", unit="batch", leave=False, disable=not long):
             chunk = expanded[start:start + self.batch_size]
             encs = [prompts[i] for i, _ in chunk]
             t0 = time.perf_counter()

@@ -143,6 +143,7 @@ class VLLMEngine:
         max_pixels: int | None = None,
         max_images_per_prompt: int = 1,
         sleep_level: int = 2,
+        progress: bool = False,
     ):
         """load_format="dummy": random weights at start, which is right for training because the trainer's
         weights are synced in before the first rollout; use "auto" to load the checkpoint (evaluation)."""
@@ -159,6 +160,7 @@ class VLLMEngine:
             raise ValueError(f"rollout.sleep_level={sleep_level}: use 1 (weights to host memory) or 2 (weights dropped)")
         mm_kwargs = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v}
         self.enable_sleep_mode, self.sleep_level = enable_sleep_mode, sleep_level
+        self.progress = progress  # vLLM's own progress bar on long generates (256+ tokens)
         self.llm = LLM(
             model=str(model_path),
             dtype=dtype,
@@ -186,7 +188,8 @@ class VLLMEngine:
         self.wake_up()
         kwargs = vllm_sampling_kwargs(sampling) | fast_output_kwargs(getattr(VSamplingParams, "__struct_fields__", ()))
         t0 = time.perf_counter()
-        outputs = self.llm.generate([engine_request(p) for p in prompts], VSamplingParams(**kwargs), use_tqdm=False)
+        outputs = self.llm.generate([engine_request(p) for p in prompts], VSamplingParams(**kwargs),
+                                    use_tqdm=self.progress and sampling.max_tokens >= 256)
         dt = time.perf_counter() - t0
         decode = None if kwargs.get("detokenize", True) else self.llm.get_tokenizer().decode
         rollouts: list[Rollout] = []
