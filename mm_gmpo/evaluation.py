@@ -313,7 +313,7 @@ def default_out(args, dataset: str) -> Path:
 SECONDS_PER_PROBLEM = {"oracle": "well under 0.01 s", "oracle-wrong": "well under 0.01 s",
                        "hf": "about 27 s at 2,048 tokens for the tiny random model on 2 CPU cores (a random model "
                              "never stops early; generation is one token at a time)",
-                       "vllm": "well under a second per problem at batch size 32 on one GPU"}
+                       "vllm": "set by the model, the GPU and --max-tokens (not measured here for evaluation)"}
 
 
 def run_cli(args, prompts: list[Prompt], dataset: str, *, min_pixels: int, max_pixels: int) -> EvalReport:

@@ -29,7 +29,8 @@ def train(out: Path, steps: int, *extra: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def run3(tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "tiny"
-    train(out, 3, "trainer.profile_step=2")
+    r = train(out, 3, "trainer.profile_step=2")
+    (out.parent / "console.txt").write_text(r.stdout + r.stderr)
     return out
 
 
@@ -51,10 +52,22 @@ def test_three_steps_write_metrics_checkpoint_export_and_plot(run3):
     assert rows[-1]["eval/prompts"] == 64 and rows[-1]["eval/response_len_mean"] == 1.0
     acc = rows[-1]["eval/accuracy"]
     assert 0 <= acc <= 1 and abs(acc * 64 - round(acc * 64)) < 1e-6  # a whole number of correct answers
-    samples = [json.loads(x) for x in (run3 / "samples.jsonl").read_text().splitlines()]
+    everything = [json.loads(x) for x in (run3 / "samples.jsonl").read_text().splitlines()]
+    samples = [s for s in everything if s["split"] == "eval"]
     assert [s["step"] for s in samples] == [2, 2, 2, 3, 3, 3]
     assert all(s["id"].startswith("synthetic/val/") and s["images"] == 1 for s in samples)
     assert all(s["response"] in ("red", "green", "blue", "yellow") and s["reward"] in (0.0, 1.0) for s in samples)
+    # logging.train_samples=2 training rollouts per step: the prompt as the engine saw it, reward, advantage
+    trained = [s for s in everything if s["split"] == "train"]
+    assert [s["step"] for s in trained] == [1, 1, 2, 2, 3, 3] and len(everything) == 12
+    assert all("What color is the shape?" in s["prompt"] and "<|im_start|>assistant" in s["prompt"] for s in trained)
+    assert all(s["response"] in ("red", "green", "blue", "yellow") and s["reward"] in (0.0, 1.0) for s in trained)
+    assert all(abs(s["advantage"]) < 3 for s in trained)
+    # the console summary: one line per step from rank 0, with the step's numbers
+    console = (run3.parent / "console.txt").read_text()
+    lines = [ln.split("\r")[-1] for ln in console.splitlines() if "| reward " in ln]
+    assert [ln.split(" |")[0].split()[-1] for ln in lines] == ["1/3", "2/3", "3/3"]
+    assert f"reward {rows[1]['reward/mean']:.3f}" in lines[1] and "eval " in lines[1] and "update " in lines[1]
     assert (run3 / "checkpoints" / "step_00000003" / "trainer_state.json").exists()
     assert (run3 / "checkpoints" / "step_00000002").exists()  # save_every=2, keep_last=2
     assert (run3 / "config.yaml").exists() and (run3 / "training.png").exists()
@@ -302,3 +315,41 @@ def test_user_errors_name_what_was_looked_for_once_also_under_torchrun(tmp_path)
     assert r.returncode != 0 and len(ours) == 1, r.stderr[-3000:]
     assert "traceback : config error: model.path: no model folder or hub id 'models/x'" in r.stderr
 
+
+
+def test_training_plot_is_a_labelled_grid(tmp_path):
+    """training.png: one panel per metric group with a title in words and a y label, the log-ratio's min and max
+    together, and the stage seconds; rewritten in place."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mm_gmpo import logger
+
+    rows = [{"step": i, "reward/mean": 0.1 * i, "reward/accuracy": 0.1 * i, "actor/entropy": 1.0 / i,
+             "ratio/token_log_ratio_min": -0.1, "ratio/token_log_ratio_max": 0.2, "timing/step_s": 1.0,
+             "timing/rollout_s": 0.5, "timing/update_s": 0.4, **({"eval/accuracy": 0.5} if i % 2 == 0 else {})}
+            for i in range(1, 5)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    seen = []
+    real = plt.Figure.savefig
+
+    def spy(fig, path, **kw):
+        seen.append([(ax.get_title(), ax.get_ylabel(), [ln.get_label() for ln in ax.get_lines()])
+                     for ax in fig.axes if ax.axison])
+        return real(fig, path, **kw)
+
+    plt.Figure.savefig = spy
+    try:
+        assert logger.plot_training(tmp_path / "metrics.jsonl", tmp_path / "training.png") == tmp_path / "training.png"
+    finally:
+        plt.Figure.savefig = real
+    panels = {title: (ylabel, labels) for title, ylabel, labels in seen[0]}
+    assert panels["Training reward"] == ("reward (mean over rollouts)", ["reward", "accuracy"])
+    assert panels["Token log-ratio range (log p_new - log p_old)"] == ("log-ratio", ["max", "min"])
+    assert panels["Where each step's time went"][0] == "seconds"
+    assert set(panels) == {"Training reward", "Validation accuracy", "Policy entropy",
+                           "Token log-ratio range (log p_new - log p_old)", "Where each step's time went"}
+    assert (tmp_path / "training.png").stat().st_size > 10_000 and not list(tmp_path.glob("*.tmp.png"))
+    assert "step 3/4 | reward 0.300 | acc 0.300" in logger.step_summary(3, 4, rows[2])
