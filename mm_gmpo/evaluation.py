@@ -311,8 +311,9 @@ def default_out(args, dataset: str) -> Path:
 
 
 SECONDS_PER_PROBLEM = {"oracle": "well under 0.01 s", "oracle-wrong": "well under 0.01 s",
-                       "hf": "about 27 s at 2,048 tokens for the tiny random model on 2 CPU cores (a random model "
-                             "never stops early; generation is one token at a time)",
+                       "hf": "about 30 s per batch of up to --batch-size problems at 2,048 tokens for the tiny random "
+                             "model on 2 CPU cores (measured: 31 s for 2 problems; a random model never stops early "
+                             "and tokens come one at a time); real models are far slower on a CPU",
                        "vllm": "set by the model, the GPU and --max-tokens (not measured here for evaluation)"}
 
 

@@ -187,34 +187,37 @@ def test_a_folder_of_other_settings_is_refused_and_the_report_covers_what_was_as
                  sampling=SamplingParams(), **SMALL)
 
 
-def test_cli_default_folder_follows_the_settings_and_refuses_mixing(tmp_path):
+def test_cli_default_folder_follows_the_settings_and_refuses_mixing(tmp_path, monkeypatch, capsys):
     """eval_geometry3k.py: the oracle and oracle-wrong backends get folders of their own by default; an explicit
     --out that holds the other backend's results stops with exit code 2 and one line."""
-    import os
-    import subprocess
-    import sys
+    import runpy
     from pathlib import Path
 
     from mm_gmpo.evaluation import default_out
 
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    monkeypatch.chdir(tmp_path)
 
-    def cli(*args):
-        return subprocess.run([sys.executable, str(root / "scripts" / "eval_geometry3k.py"), "--model",
-                               "tiny-random", "--limit", "3", *args], capture_output=True, text=True, cwd=tmp_path,
-                              env=env, timeout=300)
+    def cli(*args):  # the script in this process: one import for every call
+        monkeypatch.setattr("sys.argv", ["eval_geometry3k.py", "--model", "tiny-random", "--limit", "3", *args])
+        code = 0
+        try:
+            runpy.run_path(str(root / "scripts" / "eval_geometry3k.py"), run_name="__main__")
+        except SystemExit as e:
+            code = e.code
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
 
     a, b = cli("--backend", "oracle"), cli("--backend", "oracle-wrong")
-    assert a.returncode == 0 and b.returncode == 0, a.stderr[-2000:] + b.stderr[-2000:]
+    assert a[0] == 0 and b[0] == 0, a[2][-2000:] + b[2][-2000:]
     folders = sorted(p.parent.relative_to(tmp_path) for p in tmp_path.glob("eval_out/*/*/results.json"))
     assert [str(f) for f in folders] == ["eval_out/geometry3k_test/tiny-random-oracle-greedy-n1-max2048",
                                          "eval_out/geometry3k_test/tiny-random-oracle-wrong-greedy-n1-max2048"]
-    assert "| accuracy (mean@1) | 100.0 |" in a.stdout and "| accuracy (mean@1) | 0.0 |" in b.stdout
-    out = str(tmp_path / folders[0])
-    mixed = cli("--backend", "oracle-wrong", "--out", out)
-    assert mixed.returncode == 2 and "Traceback" not in mixed.stderr
-    assert "backend: 'oracle' there, 'oracle-wrong' now" in mixed.stderr
+    assert "| accuracy (mean@1) | 100.0 |" in a[1] and "| accuracy (mean@1) | 0.0 |" in b[1]
+    code, _, err = cli("--backend", "oracle-wrong", "--out", str(tmp_path / folders[0]))
+    assert code == 2 and err.strip().splitlines() == [
+        f"error: {tmp_path / folders[0]} holds results of other settings (backend: 'oracle' there, 'oracle-wrong' "
+        "now); pass another --out, or --overwrite to replace them"]
 
     class Args:
         model, backend, temperature, top_p, n, max_tokens, seed, template = "m", "hf", 1.0, 0.9, 8, 512, 3, None
