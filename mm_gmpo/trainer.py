@@ -467,8 +467,9 @@ def train_samples(prompts: list[EncodedPrompt], rollouts: list[Rollout], rewards
                   advantages: torch.Tensor, k: int) -> list[dict]:
     """The first ``k`` rollouts of this rank's batch as samples.jsonl records: prompt text, response, reward,
     advantage."""
-    return [{"id": prompts[x.prompt_index].prompt.id, "prompt": prompts[x.prompt_index].text, "response": x.text,
-             "reward": float(rewards[i]), "advantage": float(advantages[i])} for i, x in enumerate(rollouts[:k])]
+    return [{"id": prompts[x.prompt_index].prompt.id, "images": len(prompts[x.prompt_index].images),
+             "prompt": prompts[x.prompt_index].text, "response": x.text, "reward": float(rewards[i]),
+             "advantage": float(advantages[i])} for i, x in enumerate(rollouts[:k])]
 
 
 def memory_metrics(device: torch.device) -> dict[str, float]:

@@ -151,10 +151,11 @@ def test_tensor_parallel_size_is_checked_against_gpus_per_node():
         validate(load_config(None, ["rollout.tensor_parallel_size=2"]), world_size=2)
 
 
-def test_two_nodes_through_c10d_rendezvous_train_and_checkpoint(tmp_path):
+def test_two_nodes_through_c10d_rendezvous_train_text_math_and_checkpoint(tmp_path):
     """Two single-process "nodes" on localhost, joined by torchrun's c10d rendezvous (LOCAL_RANK 0 and
-    LOCAL_WORLD_SIZE 1 on each, WORLD_SIZE 2): two GMPO steps and a checkpoint that holds both ranks' files,
-    so nothing assumes the local world is the whole world."""
+    LOCAL_WORLD_SIZE 1 on each, WORLD_SIZE 2), running the built-in text-math task (configs/tiny_math.yaml: a
+    text-only model, the Qwen2.5-Math template): two GMPO steps and a checkpoint that holds both ranks' files, so
+    nothing assumes the local world is the whole world, and the text-math mode runs through the same loop."""
     import socket
 
     with socket.socket() as s:
@@ -165,7 +166,8 @@ def test_two_nodes_through_c10d_rendezvous_train_and_checkpoint(tmp_path):
     for node in (0, 1):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
                "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
-               "--rdzv_id", "mm_gmpo_two_nodes", str(ROOT / "scripts" / "train_mm.py"), f"trainer.output_dir={out}",
+               "--rdzv_id", "mm_gmpo_two_nodes", str(ROOT / "scripts" / "train_mm.py"), "--config",
+               str(ROOT / "configs" / "tiny_math.yaml"), f"trainer.output_dir={out}",
                "trainer.total_steps=2", "trainer.rollout_batch_size=4", "trainer.mini_batch_size=2", "rollout.n=4",
                "trainer.save_every=2", "trainer.eval_every=0", "trainer.export_hf=false", "logging.tensorboard=false"]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
@@ -184,5 +186,11 @@ def test_two_nodes_through_c10d_rendezvous_train_and_checkpoint(tmp_path):
     ckpt = out / "checkpoints" / "step_00000002"
     assert sorted(p.name for p in (ckpt / "rng").iterdir()) == ["rank_0.pt", "rank_1.pt"]
     assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 2
-    assert "step 2/2 | reward" in logs[0] + logs[1]  # the console summary, printed by rank 0 only
-    assert (logs[0] + logs[1]).count("step 2/2 | reward") == 1
+    assert (logs[0] + logs[1]).count("step 2/2 | reward") == 1  # the console summary, printed by rank 0 only
+    trained = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in trained] == [1, 1, 2, 2] and all(s["split"] == "train" for s in trained)
+    for s in trained:  # text only, the math template's system prompt, a one-digit answer scored against a + 1
+        assert "Please reason step by step" in s["prompt"] and "What is " in s["prompt"] and "<|vision" not in s["prompt"]
+        assert s["response"] in tuple("0123456789")
+        a = int(s["prompt"].split("What is ")[1].split(" + 1?")[0])
+        assert s["reward"] == float(s["response"] == str(a + 1))

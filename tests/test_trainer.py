@@ -120,8 +120,9 @@ def test_resume_continues_the_run(run3, tmp_path):
     assert [x["step"] for x in rows] == [1, 2, 3, 4]
     old = [json.loads(x) for x in (run3 / "metrics.jsonl").read_text().splitlines()]
     assert rows[:2] == old[:2]  # rows before the checkpoint are kept as they were
-    samples = [json.loads(x)["step"] for x in (out / "samples.jsonl").read_text().splitlines()]
-    assert samples == [2, 2, 2, 4, 4, 4]  # eval every 2 steps and at the end (step 3 was the end before)
+    samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in samples if x["split"] == "eval"] == [2, 2, 2, 4, 4, 4]  # eval every 2 steps, end
+    assert [x["step"] for x in samples if x["split"] == "train"] == [1, 1, 2, 2, 3, 3, 4, 4]  # step 3 redone once
     acc = EventAccumulator(str(out / "tensorboard"))
     acc.Reload()
     assert [e.step for e in acc.Scalars("reward/mean")] == [1, 2, 3, 4]
@@ -248,22 +249,26 @@ def test_own_jsonl_with_0_1_2_images_and_own_reward_function_learns(tmp_path):
     assert all(x["reward/errors"] == 0 and x["reward/length"] == 1.0 for x in rows)  # the function's extra key
     assert rows[-1]["eval/prompts"] == 48 and rows[-1]["eval/accuracy"] > 0.4
     samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
-    assert {s["images"] for s in samples} == {0, 1, 2}
+    assert {s["images"] for s in samples if s["split"] == "eval"} == {0, 1, 2}
     state = json.loads((out / "checkpoints" / "step_00000030" / "trainer_state.json").read_text())
     assert state["data_position"]["index"] == 30 * 16 - 240  # one epoch of 240 prompts, then 240 more
 
 
-def test_user_mistakes_stop_before_the_first_rollout_with_one_line(tmp_path):
+def test_user_mistakes_stop_before_the_first_rollout_with_one_line(tmp_path, monkeypatch, capsys):
+    import runpy
+
     base = own_data(tmp_path)
     (tmp_path / "bad_reward.py").write_text("def compute_score(reward_inputs):\n    return 0.5\n")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
-    def run(*extra):
-        r = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_mm.py"), *base, *extra,
-                            f"trainer.output_dir={tmp_path / 'x'}"], capture_output=True, text=True, timeout=300,
-                           env=ENV, cwd=ROOT)
-        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    def run(*extra):  # the script in this process (one import for all cases)
+        monkeypatch.setattr(sys, "argv", ["train_mm.py", *base, *extra, f"trainer.output_dir={tmp_path / 'x'}"])
+        with pytest.raises(SystemExit) as e:
+            runpy.run_path(str(ROOT / "scripts" / "train_mm.py"), run_name="__main__")
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "Traceback" not in err, err[-2000:]
         assert not (tmp_path / "x").exists()  # a run that never started leaves no run folder
-        return r.stderr
+        return err
 
     err = run(f"algorithm.reward_function={tmp_path / 'bad_reward.py'}:compute_score")
     assert "config error: algorithm.reward_function: probe call on one sample: bad_reward.py:compute_score " \
