@@ -183,6 +183,28 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def ranks_not_seeing(folder: Path) -> dict[int, str]:
+    """{rank: host} of the ranks that cannot read back a file rank 0 writes into ``folder`` (a fresh token each
+    time; the file is removed); empty when every rank sees it, as on a shared filesystem. Every rank calls it."""
+    import secrets
+    import socket
+
+    token = broadcast_object(secrets.token_hex(8) if rank() == 0 else None)
+    probe = Path(folder) / f".shared_check_{token}"
+    if rank() == 0:
+        probe.write_text(token)
+    barrier()
+    try:
+        seen = probe.read_text() == token
+    except OSError:
+        seen = False
+    blind = gather_dicts({} if seen else {rank(): socket.gethostname()})
+    barrier()
+    if rank() == 0:
+        probe.unlink(missing_ok=True)
+    return {int(k): v for k, v in blind.items()}
+
+
 def _comm_device() -> torch.device:
     """Where collectives on tensors of no particular device run: the GPU when the group has NCCL (also under
     ``cpu:gloo,cuda:nccl``, where the GPU is the fast path), else the CPU."""

@@ -194,8 +194,9 @@ def prepare_inputs(cfg: Config, layout: distributed.RolloutLayout) -> Inputs:
     try:
         processor = load_processor(ASSETS if is_random_model(source) else source)
     except DataError as e:
-        raise ConfigError(f"{key}: no model folder or hub id {source!r} that loads: the folder does not exist and "
-                          f"the hub could not give it ({e})") from None
+        why = ("the folder has no processor or tokenizer that loads" if Path(source).expanduser().exists() else
+               "the folder does not exist and the hub could not give it")
+        raise ConfigError(f"{key}: no model folder or hub id {source!r} that loads: {why} ({e})") from None
     tokenizer = getattr(processor, "tokenizer", processor)
     train_prompts = load_prompts(cfg, "train")
     rf = reward_function(cfg, train_prompts[0].ground_truth)  # a user reward: loaded and probed before any model
@@ -522,23 +523,8 @@ def lock_run_folder(out: Path):
 def check_shared_folder(out: Path, info: distributed.DistInfo) -> None:
     """Every rank must see the files rank 0 writes into ``out`` (checkpoints are written into folders rank 0
     creates, and resuming reads them on every rank): on several nodes ``trainer.output_dir`` must be on a shared
-    filesystem. Rank 0 writes a file with a fresh token; a rank that cannot read it back names itself."""
-    import secrets
-    import socket
-
-    token = distributed.broadcast_object(secrets.token_hex(8) if info.is_main else None)
-    probe_file = out / f".shared_check_{token}"
-    if info.is_main:
-        probe_file.write_text(token)
-    distributed.barrier()
-    try:
-        seen = probe_file.read_text() == token
-    except OSError:
-        seen = False
-    blind = distributed.gather_dicts({} if seen else {info.rank: socket.gethostname()})
-    distributed.barrier()
-    if info.is_main:
-        probe_file.unlink(missing_ok=True)
+    filesystem. Raises ConfigError naming the ranks (and hosts) that cannot see it."""
+    blind = distributed.ranks_not_seeing(out)
     if blind:
         ranks = ", ".join(f"rank {k} on {v}" for k, v in sorted(blind.items())[:4])
         raise ConfigError(f"trainer.output_dir: {out.resolve()} is not shared by every rank: {ranks} cannot see "
