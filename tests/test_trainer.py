@@ -320,3 +320,21 @@ def test_user_errors_name_what_was_looked_for_once_also_under_torchrun(tmp_path,
     ours = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("config error:")]
     assert r.returncode != 0 and len(ours) == 1 and not out.exists(), r.stderr[-3000:]
     assert "traceback : config error: model.path: no model folder or hub id 'models/x'" in r.stderr
+
+
+def test_wandb_resumes_its_run_from_the_id_in_the_run_folder(tmp_path, monkeypatch):
+    """The W&B run id is kept in the run folder: a second logger on the same folder (a resumed run) passes the same
+    id with resume='allow' instead of opening a new run."""
+    import types
+
+    from mm_gmpo.logger import MetricsLogger
+
+    calls = []
+    fake = types.ModuleType("wandb")
+    fake.util = types.SimpleNamespace(generate_id=lambda: f"id{len(calls)}")
+    fake.init = lambda **kw: calls.append(kw) or types.SimpleNamespace(log=lambda *a, **k: None, finish=lambda: None)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    for _ in range(2):
+        MetricsLogger(tmp_path, enabled=True, tensorboard=False, wandb=True).close()
+    assert [(c["id"], c["resume"]) for c in calls] == [("id0", "allow"), ("id0", "allow")]
+    assert (tmp_path / "wandb_run_id.txt").read_text().strip() == "id0"
