@@ -255,3 +255,37 @@ def step_summary(step: int, total: int, m: dict[str, float]) -> str:
                      for s in STAGES if f"timing/{s}_s" in m)
     parts.append(f"s: {stage} | {g('timing/step_s', '.1f')} s")
     return " | ".join(parts)
+
+
+def run_summary(rows: list[dict]) -> str:
+    """The end-of-run table (markdown): median seconds per stage and per step, update tokens/s and MFU, over the
+    steady-state steps (each process's first step, flagged ``timing/warmup_step``, pays one-off costs and is left
+    out while there are others); empty when no step was logged."""
+    import statistics
+
+    steps = [r for r in rows if "timing/step_s" in r]
+    steady = [r for r in steps if not r.get("timing/warmup_step")] or steps
+    if not steady:
+        return ""
+
+    def med(key: str) -> float | None:
+        vals = [float(r[key]) for r in steady if key in r]
+        return statistics.median(vals) if vals else None
+
+    step_s = med("timing/step_s") or 0.0
+    lines = [f"## Run summary: medians over {len(steady)} steady-state step(s) of {len(steps)}", "",
+             "| stage | seconds | share of the step |", "|---|---|---|"]
+    for stage in STAGES:
+        v = med(f"timing/{stage}_s")
+        if v is not None:
+            lines.append(f"| {stage.replace('_', ' ')} | {v:.3f} | {100 * v / step_s if step_s else 0:.0f}% |")
+    lines.append(f"| whole step | {step_s:.3f} | 100% |")
+    lines.append("")
+    for key, label, fmt in (("perf/update_tokens_per_s", "update tokens/s", ".0f"), ("perf/mfu", "MFU", ".1%")):
+        v = med(key)
+        if v is not None:
+            lines.append(f"{label}: {v:{fmt}}  ")
+    warm = [r for r in steps if r.get("timing/warmup_step")]
+    if warm and steady is not steps:
+        lines.append(f"first step of the run (one-off costs, left out above): {warm[0]['timing/step_s']:.3f} s  ")
+    return "\n".join(lines) + "\n"

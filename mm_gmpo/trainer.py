@@ -38,7 +38,7 @@ from mm_gmpo.config import Config, ConfigError, config_changes, dump_yaml, to_di
 from mm_gmpo.data.processing import EncodedPrompt, encode_prompts, load_processor
 from mm_gmpo.data.prompts import DataError, Prompt, limit_images
 from mm_gmpo.data.synthetic import COLORS, DIGITS, single_token_ids
-from mm_gmpo.logger import MetricsLogger, plot_training, step_summary
+from mm_gmpo.logger import MetricsLogger, plot_training, read_metrics, run_summary, step_summary
 from mm_gmpo.lora import adapters_disabled, add_lora
 from mm_gmpo.loss import get_policy_loss, kl_penalty, truncated_is_weights
 from mm_gmpo.models import (
@@ -59,6 +59,7 @@ from mm_gmpo.models import (
 from mm_gmpo.policy import Policy, PolicyBatch, collate, use_packing
 from mm_gmpo.profiling import profiled, write_profile
 from mm_gmpo.rewards import score_batch
+from mm_gmpo.rewards.batch import start_workers
 from mm_gmpo.rewards.custom import RewardFunction, probe, resolve_spec
 from mm_gmpo.rollout.base import Rollout, SamplingParams
 from mm_gmpo.update import (
@@ -596,6 +597,9 @@ def train(cfg: Config) -> dict[str, float]:
         if reference is not None and t.offload_params:
             distributed.move_train_state(reference, None, cpu, optimizer_state=False)
     engine = _make_engine(cfg, processor, info.device, seed=t.seed + layout.dp_rank, progress=info.is_main)
+    pool_s = start_workers(t.reward_workers, rf)  # warm scoring processes now, not inside step 1
+    if info.is_main and pool_s:
+        print(f"reward workers: {t.reward_workers} started in {pool_s:.1f} s")
 
     # resume
     state = TrainerState()
@@ -658,6 +662,7 @@ def train(cfg: Config) -> dict[str, float]:
     watch = distributed.LauncherWatch()
     bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", disable=not info.is_main)
     last: dict[str, float] = {}
+    first_step = state.step + 1  # its timings include one-off costs (first sleep, optimizer state, compilation)
     for step in range(state.step + 1, total_steps + 1):
         watch.check()  # torchrun's launcher gone: stop rather than train on into its run folder
         t_step = time.perf_counter()
@@ -775,7 +780,7 @@ def train(cfg: Config) -> dict[str, float]:
         filter_metrics = {k: v for k, v in gm.items() if k.startswith("filter/")}  # already global
         metrics = {**distributed.all_reduce_mean_metrics(local, info.device), **reward_counts, **update_metrics,
                    **sync_metrics, **timings, **perf, **eval_metrics, **kl_metrics, **filter_metrics,
-                   "train/epoch": float(sampler.epoch)}
+                   "train/epoch": float(sampler.epoch), "timing/warmup_step": float(step == first_step)}
         log.log(step, metrics)
         if info.is_main and cfg.logging.train_samples:
             log.samples(step, train_samples(gen.prompts, rollouts, gen.rewards, advantages, cfg.logging.train_samples),
@@ -809,6 +814,10 @@ def train(cfg: Config) -> dict[str, float]:
         export_hf(policy, out / "hf_export", processor=processor, save_adapter=cfg.model.lora.save_adapter)
     if info.is_main:
         png = plot_training(out / "metrics.jsonl", out / "training.png")
+        table = run_summary(read_metrics(out / "metrics.jsonl"))
+        if table:
+            (out / "summary.md").write_text(table)
+            print(table)
         made = [p.name + ("/" if p.is_dir() else "") for p in sorted(out.iterdir()) if not p.name.startswith(".")]
         print(f"run folder: {out} ({', '.join(made)}){'' if png else ' (no training.png: nothing to plot)'}")
     log.close()

@@ -263,6 +263,23 @@ def test_score_batch_matches_score_in_process_and_in_workers():
         assert m["reward/accuracy"] == pytest.approx(sum(c[2] for c in cases) / len(cases))
 
 
+def test_workers_started_up_front_are_the_ones_scoring_uses():
+    """The trainer starts the pool before its first step; scoring then finds it warm (same processes)."""
+    from mm_gmpo.rewards import batch
+
+    assert batch.start_workers(0) == 0.0
+    if batch._POOL is not None:  # a pool an earlier test left: start from none
+        batch._POOL.close()
+        batch._POOL = None
+    took = batch.start_workers(2)
+    pool, pids = batch._POOL, [w.process.pid for w in batch._POOL.workers]
+    t0 = time.perf_counter()
+    scores, _ = score_batch(["\\boxed{1}", "\\boxed{2}"], ["1", "3"], task="math", workers=2)
+    assert [s["accuracy"] for s in scores] == [1.0, 0.0] and took > 0
+    assert batch._POOL is pool and [w.process.pid for w in batch._POOL.workers] == pids
+    assert time.perf_counter() - t0 < took  # no start-up inside the scoring call
+
+
 def test_score_batch_kills_a_stuck_worker_and_keeps_the_rest():
     """With the in-process deadline off, an unbounded item must be killed by the pool, not hang the run."""
     responses = ["\\boxed{1}", "\\boxed{9^{9^{9^{9}}}}", "\\boxed{2}", "\\boxed{3}"]

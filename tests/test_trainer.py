@@ -63,9 +63,14 @@ def test_three_steps_write_metrics_checkpoint_export_and_plot(run3):
     assert all("What color is the shape?" in s["prompt"] and "<|im_start|>assistant" in s["prompt"] for s in trained)
     assert all(s["response"] in ("red", "green", "blue", "yellow") and s["reward"] in (0.0, 1.0) for s in trained)
     assert all(abs(s["advantage"]) < 3 for s in trained)
+    # step 1 is flagged (one-off costs); the end-of-run table takes medians over the steady steps 2 and 3
+    assert [r["timing/warmup_step"] for r in rows] == [1.0, 0.0, 0.0]
+    summary = (run3 / "summary.md").read_text()
+    assert "medians over 2 steady-state step(s) of 3" in summary and "| update |" in summary
+    assert f"first step of the run (one-off costs, left out above): {rows[0]['timing/step_s']:.3f} s" in summary
     # the console summary: one line per step from rank 0, with the step's numbers
     console = (run3.parent / "console.txt").read_text()
-    lines = [ln.split("\r")[-1] for ln in console.splitlines() if "| reward " in ln]
+    lines = [ln.split("\r")[-1] for ln in console.splitlines() if "| reward " in ln and "step " in ln]
     assert [ln.split(" |")[0].split()[-1] for ln in lines] == ["1/3", "2/3", "3/3"]
     assert f"reward {rows[1]['reward/mean']:.3f}" in lines[1] and "eval " in lines[1] and "update " in lines[1]
     assert (run3 / "checkpoints" / "step_00000003" / "trainer_state.json").exists()
@@ -338,3 +343,19 @@ def test_wandb_resumes_its_run_from_the_id_in_the_run_folder(tmp_path, monkeypat
         MetricsLogger(tmp_path, enabled=True, tensorboard=False, wandb=True).close()
     assert [(c["id"], c["resume"]) for c in calls] == [("id0", "allow"), ("id0", "allow")]
     assert (tmp_path / "wandb_run_id.txt").read_text().strip() == "id0"
+
+
+def test_run_summary_medians_leave_out_the_first_step():
+    from mm_gmpo.logger import run_summary
+
+    rows = [{"step": 1, "timing/step_s": 10.0, "timing/update_s": 8.0, "timing/warmup_step": 1.0},
+            {"step": 2, "timing/step_s": 2.0, "timing/update_s": 1.0, "perf/update_tokens_per_s": 100.0,
+             "timing/warmup_step": 0.0},
+            {"step": 3, "timing/step_s": 4.0, "timing/update_s": 3.0, "perf/update_tokens_per_s": 300.0,
+             "timing/warmup_step": 0.0},
+            {"step": 3, "eval/accuracy": 0.5}]
+    table = run_summary(rows)
+    assert "| update | 2.000 | 67% |" in table and "| whole step | 3.000 | 100% |" in table
+    assert "update tokens/s: 200" in table and "first step of the run (one-off costs, left out above): 10.000 s" in table
+    assert run_summary([]) == ""
+

@@ -152,6 +152,17 @@ def _pool(workers: int, rf: RewardFunction | None = None) -> RewardPool:
     return _POOL
 
 
+def start_workers(workers: int, reward_function: RewardFunction | None = None) -> float:
+    """Start the scoring processes now (imports and math-verify warmed) rather than inside the first step that
+    scores, so no step pays for it; ``score_batch`` with the same ``workers`` and ``reward_function`` reuses them.
+    Returns the seconds it took (0 for ``workers <= 0``: scoring in this process)."""
+    if workers <= 0:
+        return 0.0
+    t0 = time.perf_counter()
+    _pool(workers, reward_function)
+    return time.perf_counter() - t0
+
+
 def score_batch(
     responses: list[str],
     ground_truths: list[str],
