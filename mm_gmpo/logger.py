@@ -277,8 +277,11 @@ def run_summary(rows: list[dict]) -> str:
              "| stage | seconds | share of the step |", "|---|---|---|"]
     for stage in STAGES:
         v = med(f"timing/{stage}_s")
-        if v is not None:
-            lines.append(f"| {stage.replace('_', ' ')} | {v:.3f} | {100 * v / step_s if step_s else 0:.0f}% |")
+        if v is None:
+            continue
+        ran = sum(f"timing/{stage}_s" in r for r in steady)
+        name = stage.replace("_", " ") + (f" (in {ran} of {len(steady)} steps)" if ran < len(steady) else "")
+        lines.append(f"| {name} | {v:.3f} | {100 * v / step_s if step_s else 0:.0f}% |")
     lines.append(f"| whole step | {step_s:.3f} | 100% |")
     lines.append("")
     for key, label, fmt in (("perf/update_tokens_per_s", "update tokens/s", ".0f"), ("perf/mfu", "MFU", ".1%")):

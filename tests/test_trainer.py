@@ -356,6 +356,8 @@ def test_run_summary_medians_leave_out_the_first_step():
             {"step": 3, "eval/accuracy": 0.5}]
     table = run_summary(rows)
     assert "| update | 2.000 | 67% |" in table and "| whole step | 3.000 | 100% |" in table
+    rows[2]["timing/eval_s"] = 0.5
+    assert "| eval (in 1 of 2 steps) | 0.500 | 17% |" in run_summary(rows)
     assert "update tokens/s: 200" in table and "first step of the run (one-off costs, left out above): 10.000 s" in table
     assert run_summary([]) == ""
 
