@@ -61,6 +61,17 @@ class PolicyBatch:
                 bounds.append(bounds[-1] + n)
         return bounds
 
+    def pixel_bytes(self) -> tuple[int, int]:
+        """(bytes of pixel data this batch holds, bytes of its distinct images): the n samples of a prompt hold n
+        copies of its picture (``image_keys`` say which are the same)."""
+        if self.pixel_values is None:
+            return 0, 0
+        row = self.pixel_values.shape[-1] * self.pixel_values.element_size()
+        bounds = self.patch_bounds()
+        sizes = [(bounds[j + 1] - bounds[j]) * row for j in range(len(bounds) - 1)]
+        keys = self.image_keys or list(range(len(sizes)))
+        return sum(sizes), sum(dict(zip(keys, sizes, strict=True)).values())
+
     def select(self, idx: list[int]) -> PolicyBatch:
         """The sub-batch of samples ``idx`` (vision inputs sliced to match), trimmed of all-padding columns."""
         ids = torch.as_tensor(idx, dtype=torch.long)

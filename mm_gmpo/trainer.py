@@ -755,10 +755,17 @@ def train(cfg: Config) -> dict[str, float]:
             eval_metrics["timing/eval_s"] = time.perf_counter() - t0
             log.samples(step, samples)
         timings["timing/step_s"] = time.perf_counter() - t_step
-        tokens, patches = distributed.all_reduce_sum(
-            [float(batch.n_tokens()) * t.ppo_epochs, float(policy.vision_patches - patches_before)], info.device)
+        held, distinct = batch.pixel_bytes()
+        tokens, patches, held, distinct = distributed.all_reduce_sum(
+            [float(batch.n_tokens()) * t.ppo_epochs, float(policy.vision_patches - patches_before), float(held),
+             float(distinct)], info.device)
+        busiest = distributed.all_reduce_max(float(batch.n_tokens()) * t.ppo_epochs, info.device)
         perf = {"perf/update_tokens_per_s": tokens / max(timings["timing/update_s"], 1e-9),
-                "perf/update_vision_patches": patches, **memory_metrics(info.device)}
+                "perf/update_vision_patches": patches, **memory_metrics(info.device),
+                # the slowest rank sets the pace: its tokens over the mean rank's (1 = balanced)
+                "perf/rank_token_imbalance": busiest / max(tokens / info.world_size, 1e-9),
+                # pixel data the step's batches hold (n copies per prompt's picture) vs its distinct images
+                "perf/pixel_mb_held": held / 1e6, "perf/pixel_mb_distinct": distinct / 1e6}
         peak = peak_bf16_flops(info.device)
         if peak:
             flops = training_flops(policy, tokens, patches)

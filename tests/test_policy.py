@@ -566,3 +566,15 @@ def test_update_schedule_splits_each_ppo_epoch_afresh():
     two = update_schedule(24, 4, 3, 2, step=5)
     assert two[:3] == one and len(two) == 6 and two[3:] != one
     assert sorted(i for p in two[3:] for i in p) == list(range(24))
+
+
+def test_pixel_bytes_counts_copies_and_distinct_images():
+    """Two samples of one prompt share its picture (one key): the batch holds two copies, one distinct."""
+    from mm_gmpo.policy import collate
+
+    pv = torch.zeros(16, 1176)
+    batch = collate([[1, 151655, 2]] * 2 + [[3]], [[4], [5], [6]], pad_id=0, pixel_values=[pv, pv, None],
+                    image_grid_thw=[torch.tensor([[1, 4, 4]])] * 2 + [None])
+    assert batch.pixel_bytes() == (2 * 16 * 1176 * 4, 16 * 1176 * 4)
+    assert collate([[1]], [[2]], pad_id=0).pixel_bytes() == (0, 0)
+
