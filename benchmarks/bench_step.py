@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,8 @@ from pathlib import Path
 
 import torch
 from common import report
+
+from mm_gmpo.logger import steady_medians
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,12 +51,11 @@ def main() -> None:
         if r.returncode != 0:
             sys.exit(f"the training run failed (rc {r.returncode}):\n{r.stderr[-3000:]}")
         rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    rows = [x for x in rows if "timing/step_s" in x]
-    steady = [x for x in rows if not x.get("timing/warmup_step")] or rows
+    rows, steady, median = steady_medians(rows)
 
     def med(key: str) -> float:
-        vals = [x[key] for x in steady if key in x]
-        return statistics.median(vals) if vals else float("nan")
+        v = median(key)
+        return float("nan") if v is None else v
 
     figures = {"steps (steady)": f"{len(rows)} ({len(steady)})", "ranks": args.ranks, "prompts x n": f"{args.prompts} x {args.n}"}
     for stage in ("prompts", "rollout", "reward", "old_logprob", "update", "weight_sync", "step"):

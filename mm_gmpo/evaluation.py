@@ -136,6 +136,15 @@ def model_fingerprint(model: str) -> str:
     return f"{folder.resolve()}@{h.hexdigest()[:12]}"
 
 
+def full_settings(settings: dict[str, Any], *, dataset: str, sampling: SamplingParams, min_pixels: int,
+                  max_pixels: int, format_weight: float) -> dict[str, Any]:
+    """What an output folder records: the caller's settings (model, backend, ...) with the dataset, sampling,
+    image sizes and format weight, as they read back from JSON (tuples become lists)."""
+    return json.loads(json.dumps({"dataset": dataset, **settings, "sampling": asdict(sampling),
+                                  "min_pixels": min_pixels, "max_pixels": max_pixels,
+                                  "format_weight": format_weight}))
+
+
 def check_settings(out: Path, settings: dict[str, Any]) -> None:
     """Refuse to resume into ``out`` when it was written with other settings (or without any recorded)."""
     have = out / SETTINGS
@@ -176,9 +185,8 @@ def evaluate(
     """
     prompts = list(prompts)
     out = Path(out_dir)
-    settings = {"dataset": dataset, **(settings or {}), "sampling": asdict(sampling), "min_pixels": min_pixels,
-                "max_pixels": max_pixels, "format_weight": format_weight}
-    settings = json.loads(json.dumps(settings))  # as it reads back from JSON (tuples become lists)
+    settings = full_settings(settings or {}, dataset=dataset, sampling=sampling, min_pixels=min_pixels,
+                             max_pixels=max_pixels, format_weight=format_weight)
     check_settings(out, settings)
     out.mkdir(parents=True, exist_ok=True)
     (out / SETTINGS).write_text(json.dumps(settings, indent=2))
@@ -330,8 +338,9 @@ def run_cli(args, prompts: list[Prompt], dataset: str, *, min_pixels: int, max_p
     if args.overwrite and out.exists():
         for name in ("generations.jsonl", SETTINGS, "results.json", "results.md"):
             (out / name).unlink(missing_ok=True)
-    try:
-        check_settings(out, {**settings, "dataset": dataset})  # before any model is loaded
+    try:  # every setting, before any model is loaded (evaluate checks again: the library path)
+        check_settings(out, full_settings(settings, dataset=dataset, sampling=sampling, min_pixels=min_pixels,
+                                          max_pixels=max_pixels, format_weight=args.format_weight))
     except EvalSettingsError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -257,21 +258,29 @@ def step_summary(step: int, total: int, m: dict[str, float]) -> str:
     return " | ".join(parts)
 
 
-def run_summary(rows: list[dict]) -> str:
-    """The end-of-run table (markdown): median seconds per stage and per step, update tokens/s and MFU, over the
-    steady-state steps (each process's first step, flagged ``timing/warmup_step``, pays one-off costs and is left
-    out while there are others); empty when no step was logged."""
+def steady_medians(rows: list[dict]) -> tuple[list[dict], list[dict], Callable[[str], float | None]]:
+    """(the step rows, the steady-state ones, median of a key over the steady ones or None where absent): each
+    process's first step (flagged ``timing/warmup_step``) pays one-off costs and is left out while there are
+    others."""
     import statistics
 
     steps = [r for r in rows if "timing/step_s" in r]
     steady = [r for r in steps if not r.get("timing/warmup_step")] or steps
-    if not steady:
-        return ""
 
     def med(key: str) -> float | None:
         vals = [float(r[key]) for r in steady if key in r]
         return statistics.median(vals) if vals else None
 
+    return steps, steady, med
+
+
+def run_summary(rows: list[dict]) -> str:
+    """The end-of-run table (markdown): median seconds per stage and per step, update tokens/s and MFU, over the
+    steady-state steps (each process's first step, flagged ``timing/warmup_step``, pays one-off costs and is left
+    out while there are others); empty when no step was logged."""
+    steps, steady, med = steady_medians(rows)
+    if not steady:
+        return ""
     step_s = med("timing/step_s") or 0.0
     lines = [f"## Run summary: medians over {len(steady)} steady-state step(s) of {len(steps)}", "",
              "| stage | seconds | share of the step |", "|---|---|---|"]
