@@ -28,19 +28,21 @@ from mm_gmpo.rollout.base import IMAGE_PAD_ID
 class PolicyBatch:
     """Token ids and vision inputs of B (prompt, response) pairs. See module docstring for the layout.
 
-    images_per_sample lets a batch be split: sample i owns images
-    ``sum(images_per_sample[:i]) : sum(images_per_sample[:i+1])`` of image_grid_thw, and their patches.
-    image_keys: one key per image; images with the same key are the same picture (the n samples of one prompt),
-    so the policy runs the vision tower once per key in a forward. Empty: every image is its own.
+    Vision inputs hold each distinct picture once: ``image_grid_thw`` has a row per image of every sample (sample
+    i owns images ``sum(images_per_sample[:i]) : sum(images_per_sample[:i+1])``), and ``image_keys[j]`` says which
+    distinct picture image j is; ``pixel_values`` holds the patches of distinct pictures 0, 1, ... in that order
+    (``patch_bounds``). The n samples of one prompt refer to one copy of its image, through ``select``,
+    micro-batches and the transfer to the device, and the vision tower runs once per distinct picture in a
+    forward. Empty ``image_keys``: every image is its own picture.
     """
 
     input_ids: torch.Tensor  # (B, P + R) long
     attention_mask: torch.Tensor  # (B, P + R) long
     response_mask: torch.Tensor  # (B, R) float/bool
-    pixel_values: torch.Tensor | None = None  # (sum of patches, C * T * p * p)
+    pixel_values: torch.Tensor | None = None  # (patches of the distinct pictures, C * T * p * p)
     image_grid_thw: torch.Tensor | None = None  # (n_images, 3)
     images_per_sample: list[int] = field(default_factory=list)
-    image_keys: list[int] = field(default_factory=list)
+    image_keys: list[int] = field(default_factory=list)  # (n_images,) distinct picture of each image: 0, 1, ...
 
     @property
     def batch_size(self) -> int:
@@ -53,42 +55,69 @@ class PolicyBatch:
     def n_tokens(self) -> int:
         return int(self.attention_mask.sum())
 
+    def keys(self) -> list[int]:
+        """The distinct picture of each image (``image_keys``, or each image its own)."""
+        n = 0 if self.image_grid_thw is None else int(self.image_grid_thw.shape[0])
+        return self.image_keys or list(range(n))
+
+    def distinct_images(self) -> list[int]:
+        """For each distinct picture, the first image that shows it (its grid is that image's)."""
+        first: dict[int, int] = {}
+        for j, k in enumerate(self.keys()):
+            first.setdefault(k, j)
+        return [first[k] for k in range(len(first))]
+
     def patch_bounds(self) -> list[int]:
-        """Image j's patches are rows ``bounds[j]:bounds[j+1]`` of pixel_values (host ints; [0] without images)."""
+        """Distinct picture k's patches are rows ``bounds[k]:bounds[k+1]`` of pixel_values (host ints; [0] without
+        images)."""
         bounds = [0]
         if self.image_grid_thw is not None:
-            for n in self.image_grid_thw.prod(-1).tolist():
-                bounds.append(bounds[-1] + n)
+            sizes = self.image_grid_thw.prod(-1).tolist()
+            for j in self.distinct_images():
+                bounds.append(bounds[-1] + sizes[j])
         return bounds
 
+    def image_pixels(self) -> torch.Tensor | None:
+        """pixel_values with a copy per image, in image order: the layout transformers' own forward and generate
+        take (a reference to compare against; the policy never needs it)."""
+        if self.pixel_values is None:
+            return None
+        b = self.patch_bounds()
+        return torch.cat([self.pixel_values[b[k]:b[k + 1]] for k in self.keys()])
+
     def pixel_bytes(self) -> tuple[int, int]:
-        """(bytes of pixel data this batch holds, bytes of its distinct images): the n samples of a prompt hold n
-        copies of its picture (``image_keys`` say which are the same)."""
+        """(bytes of pixel data this batch holds, bytes it would hold with a copy per sample's image)."""
         if self.pixel_values is None:
             return 0, 0
         row = self.pixel_values.shape[-1] * self.pixel_values.element_size()
-        bounds = self.patch_bounds()
-        sizes = [(bounds[j + 1] - bounds[j]) * row for j in range(len(bounds) - 1)]
-        keys = self.image_keys or list(range(len(sizes)))
-        return sum(sizes), sum(dict(zip(keys, sizes, strict=True)).values())
+        per_image = int(self.image_grid_thw.prod(-1).sum()) * row
+        return self.pixel_values.numel() * self.pixel_values.element_size(), per_image
+
+    def pin_memory(self) -> PolicyBatch:
+        """Pixel values in page-locked host memory (CUDA only): the micro-batches ``select`` cuts from them stay
+        page-locked, so their transfers run asynchronously (``to`` copies non-blocking)."""
+        if self.pixel_values is None or self.pixel_values.is_pinned():
+            return self
+        return replace(self, pixel_values=self.pixel_values.pin_memory())
 
     def select(self, idx: list[int]) -> PolicyBatch:
-        """The sub-batch of samples ``idx`` (vision inputs sliced to match), trimmed of all-padding columns."""
+        """The sub-batch of samples ``idx`` (vision inputs sliced to match, each picture once), trimmed of
+        all-padding columns."""
         ids = torch.as_tensor(idx, dtype=torch.long)
         pv = grid = None
         per = [self.images_per_sample[i] for i in idx] if self.images_per_sample else []
+        keys: list[int] = []
         if self.image_grid_thw is not None and self.images_per_sample:
             img_start = [0]
             for n in self.images_per_sample:
                 img_start.append(img_start[-1] + n)
-            patch_start = self.patch_bounds()
             img_idx = [j for i in idx for j in range(img_start[i], img_start[i + 1])]
-            grid = self.image_grid_thw[img_idx] if img_idx else None
             if img_idx:
-                pv = torch.cat([self.pixel_values[patch_start[j]:patch_start[j + 1]] for j in img_idx])
-        keys = []
-        if self.image_keys and self.images_per_sample:
-            keys = [self.image_keys[j] for i in idx for j in range(img_start[i], img_start[i + 1])]
+                old_keys = self.keys()
+                slot: dict[int, int] = {}  # the parent's distinct picture -> the sub-batch's
+                keys = [slot.setdefault(old_keys[j], len(slot)) for j in img_idx]
+                grid = self.image_grid_thw[img_idx]
+                pv = _gather_rows(self.pixel_values, self.patch_bounds(), list(slot))
         sub = PolicyBatch(self.input_ids[ids], self.attention_mask[ids], self.response_mask[ids], pv, grid, per, keys)
         return sub.trim()
 
@@ -112,6 +141,21 @@ class PolicyBatch:
                        image_grid_thw=mv(self.image_grid_thw))
 
 
+def _gather_rows(src: torch.Tensor, bounds: list[int], parts: list[int]) -> torch.Tensor:
+    """Rows ``bounds[k]:bounds[k+1]`` of ``src`` for each k of ``parts``, in that order: a view when they are
+    consecutive (a micro-batch of whole prompt groups), else one copy, page-locked when ``src`` is."""
+    if parts == list(range(parts[0], parts[0] + len(parts))):
+        return src[bounds[parts[0]]:bounds[parts[-1] + 1]]
+    rows = sum(bounds[k + 1] - bounds[k] for k in parts)
+    out = torch.empty((rows, *src.shape[1:]), dtype=src.dtype, device=src.device, pin_memory=src.is_pinned())
+    at = 0
+    for k in parts:
+        n = bounds[k + 1] - bounds[k]
+        out[at:at + n] = src[bounds[k]:bounds[k + 1]]
+        at += n
+    return out
+
+
 def collate(
     prompt_ids: list[list[int]],
     response_ids: list[list[int]],
@@ -121,11 +165,11 @@ def collate(
     image_grid_thw: list[torch.Tensor | None] | None = None,
     image_ids: list[Sequence[Hashable]] | None = None,
 ) -> PolicyBatch:
-    """Build a PolicyBatch: prompts left-padded, responses right-padded; per-sample vision inputs concatenated.
+    """Build a PolicyBatch: prompts left-padded, responses right-padded; each distinct picture's patches once.
 
-    Images with the same key are computed once per forward. ``image_ids`` gives one id per image of each sample
-    (``EncodedPrompt.image_keys``, content hashes: the same picture in two prompts, or twice in one, is one pass);
-    without it, samples that pass the same ``pixel_values`` tensor object (the n samples of one prompt) share keys.
+    ``image_ids`` gives one id per image of each sample (``EncodedPrompt.image_keys``, content hashes: the same
+    picture in two prompts, or twice in one, is held once and encoded once); without it, samples that pass the
+    same ``pixel_values`` tensor object (the n samples of one prompt) share their pictures.
     """
     B = len(prompt_ids)
     if len(response_ids) != B:
@@ -147,23 +191,25 @@ def collate(
     keys: list[int] = []
     if pixel_values is not None and image_grid_thw is not None:
         per = [0 if g is None else int(g.shape[0]) for g in image_grid_thw]
-        pvs = [x for x in pixel_values if x is not None]
+        if image_ids is not None and [len(x) for x in image_ids] != per:
+            raise ValueError(f"image_ids give {[len(x) for x in image_ids]} ids per sample, image_grid_thw "
+                             f"{per} images")
+        slot: dict[Hashable, int] = {}
+        parts: list[torch.Tensor] = []
+        for i, (x, g) in enumerate(zip(pixel_values, image_grid_thw, strict=True)):
+            if x is None or g is None or per[i] == 0:
+                continue
+            sizes = g.prod(-1).tolist()
+            starts = [sum(sizes[:m]) for m in range(len(sizes))]
+            for m, n in enumerate(sizes):
+                key = image_ids[i][m] if image_ids is not None else (id(x), m)
+                if key not in slot:
+                    slot[key] = len(slot)
+                    parts.append(x[starts[m]:starts[m] + n])
+                keys.append(slot[key])
         grids = [g for g in image_grid_thw if g is not None]
-        pv = torch.cat(pvs) if pvs else None
+        pv = torch.cat(parts) if parts else None
         grid = torch.cat(grids) if grids else None
-        if image_ids is not None:
-            if [len(x) for x in image_ids] != per:
-                raise ValueError(f"image_ids give {[len(x) for x in image_ids]} ids per sample, image_grid_thw "
-                                 f"{per} images")
-            key_of: dict[Hashable, int] = {}
-            keys = [key_of.setdefault(k, len(key_of)) for ids in image_ids for k in ids]
-        else:
-            first_image: dict[int, int] = {}  # id(sample's pixel tensor) -> key of its first image
-            for x, n in zip(pixel_values, per, strict=True):
-                if x is None or n == 0:
-                    continue
-                base = first_image.setdefault(id(x), len(keys))
-                keys.extend(range(base, base + n))
     return PolicyBatch(input_ids, attn, resp_mask, pv, grid, per, keys)
 
 
@@ -292,6 +338,8 @@ class Policy(nn.Module):
         self.chunk_size = chunk_size
         self.packed = packed
         self.vision_patches = 0  # patches the vision tower has encoded (a running count, for FLOP accounting)
+        self.pixel_bytes_in = 0  # bytes of pixel data its forwards were given (a running count) ...
+        self.pixel_bytes_saved = 0  # ... and the bytes more a copy per image (not per picture) would have been
         self.always_run_vision = False  # FSDP: run the vision tower even without images (set by parallelize)
         if packed:
             from mm_gmpo.attention import use_packed_text_attention
@@ -319,30 +367,25 @@ class Policy(nn.Module):
         return pos.to(batch.input_ids.device)
 
     def image_features(self, batch: PolicyBatch) -> torch.Tensor:
-        """(image tokens, hidden) vision features of every image in batch order, the vision tower run once per
-        distinct image (``batch.image_keys``): the n samples of a prompt share one pass, forward and backward."""
+        """(image tokens, hidden) vision features of every image in batch order: the vision tower runs once over
+        the batch's distinct pictures (``pixel_values``), and the images that show the same picture (the n
+        samples of a prompt) share its features, forward and backward."""
+        distinct = batch.distinct_images()
+        keys = batch.keys()
         grid = batch.image_grid_thw
-        keys = batch.image_keys or list(range(grid.shape[0]))
-        starts = batch.patch_bounds()
-        slot: dict[int, int] = {}  # key -> position among the distinct images
-        distinct: list[int] = []  # the first image of each key
-        for j, k in enumerate(keys):
-            if k not in slot:
-                slot[k] = len(distinct)
-                distinct.append(j)
         visual = self.model.model.visual
         pv = batch.pixel_values
-        if len(distinct) < len(keys):
-            pv = torch.cat([pv[starts[j]:starts[j + 1]] for j in distinct])
-            grid = grid[distinct]
-        out = visual(pv.type(visual.dtype), grid_thw=grid)
+        out = visual(pv.type(visual.dtype), grid_thw=grid if len(distinct) == len(keys) else grid[distinct])
         self.vision_patches += int(pv.shape[0])
+        row = pv.shape[-1] * pv.element_size()
+        self.pixel_bytes_in += pv.shape[0] * row
+        self.pixel_bytes_saved += (int(grid.prod(-1).sum()) - pv.shape[0]) * row  # vs a copy per image
         feats = getattr(out, "pooler_output", out)  # transformers 5 returns a model output, 4.x a tensor
-        if len(distinct) == len(keys):
+        if keys == list(range(len(keys))):
             return feats
         merge = visual.spatial_merge_size ** 2
-        per_distinct = torch.split(feats, [(starts[j + 1] - starts[j]) // merge for j in distinct])
-        return torch.cat([per_distinct[slot[k]] for k in keys])
+        per_distinct = torch.split(feats, [int(grid[j].prod()) // merge for j in distinct])
+        return torch.cat([per_distinct[k] for k in keys])
 
     def blank_vision_features(self) -> torch.Tensor:
         """The vision tower on one blank merged patch: text-only micro-batches under FSDP use it (weighted 0), so

@@ -340,13 +340,58 @@ def reward_stage(prompts: list[EncodedPrompt], rollouts: list[Rollout], cfg: Con
 
 @dataclass
 class Generated:
-    """The rollout stage's hand-off: this rank's prompt groups to train on, their responses and rewards."""
+    """The rollout stage's hand-off: this rank's prompt groups to train on, their responses and (when online
+    filtering had to score them to choose the groups) their rewards."""
 
     prompts: list[EncodedPrompt]
     rollouts: list[Rollout]  # n per prompt, prompt-major; prompt_index into prompts
-    rewards: torch.Tensor  # (N,)
-    metrics: dict[str, float]  # data/*, reward/* (over every sampled response, filtered or not), filter/*
+    rewards: torch.Tensor | None  # (N,); None: not scored yet (PendingRewards scores them)
+    metrics: dict[str, float]  # data/*, filter/*; reward/* (over every sampled response) once scored
     timings: dict[str, float]
+
+
+class PendingRewards:
+    """A step's scoring, started as soon as its rollouts exist. With reward worker processes
+    (trainer.reward_workers > 0) a background thread feeds them and waits, so the old-log-prob pass runs
+    meanwhile; in-process scoring runs at once (its per-item deadline is a SIGALRM, which only the main thread
+    may set). ``result()`` gives (rewards, metrics, busy_s, wait_s): busy_s the scoring's own wall time, wait_s
+    how long the caller was held up by it."""
+
+    def __init__(self, prompts: list[EncodedPrompt], rollouts: list[Rollout], cfg: Config,
+                 rf: RewardFunction | None):
+        def job() -> tuple[torch.Tensor, dict, float]:
+            t0 = time.perf_counter()
+            rewards, _, metrics = reward_stage(prompts, rollouts, cfg, rf)
+            return rewards, metrics, time.perf_counter() - t0
+
+        self._executor = None
+        if cfg.trainer.reward_workers > 0:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="mm_gmpo-rewards")
+            self._future = self._executor.submit(job)
+        else:
+            t0 = time.perf_counter()
+            self._done = job()
+            self._inline_s = time.perf_counter() - t0
+
+    @classmethod
+    def scored(cls, rewards: torch.Tensor, metrics: dict, busy_s: float) -> PendingRewards:
+        """Rewards already computed (online filtering scores while it chooses groups)."""
+        out = cls.__new__(cls)
+        out._executor, out._done, out._inline_s = None, (rewards, metrics, busy_s), busy_s
+        return out
+
+    def result(self) -> tuple[torch.Tensor, dict, float, float]:
+        if self._executor is None:
+            rewards, metrics, busy = self._done
+            return rewards, metrics, busy, self._inline_s
+        t0 = time.perf_counter()
+        try:
+            rewards, metrics, busy = self._future.result()
+        finally:
+            self._executor.shutdown(wait=True)
+        return rewards, metrics, busy, time.perf_counter() - t0
 
 
 COUNTED = ("reward/errors", "reward/killed_for_time")  # summed over rounds and ranks; other reward/* averaged
@@ -390,7 +435,10 @@ def generate(engine, sampler: PromptSampler, train_prompts: list[Prompt], proces
         rollouts = [replace(x, prompt_index=x.prompt_index - offset) for x in group_rollouts
                     if offset <= x.prompt_index < offset + len(encoded)]
         timings["timing/rollout_s"] += time.perf_counter() - t0
-        # 3. rewards
+        if not a.online_filtering:  # scored later, beside the old-log-prob pass (PendingRewards)
+            kept = [(encoded[g], rollouts[g * r.n:(g + 1) * r.n], None) for g in range(len(encoded))]
+            break
+        # 3. rewards: online filtering needs them now, to choose the groups
         t0 = time.perf_counter()
         rewards, accuracy, metrics = reward_stage(encoded, rollouts, cfg, rf)
         timings["timing/reward_s"] += time.perf_counter() - t0
@@ -398,15 +446,12 @@ def generate(engine, sampler: PromptSampler, train_prompts: list[Prompt], proces
             if k.startswith("reward/"):
                 sums[k] = sums.get(k, 0.0) + (v if k in COUNTED else v * len(rollouts))
         n_sampled += len(rollouts)
-        keep = (groups_in_band(accuracy if a.filter_key == "accuracy" else rewards, r.n, a.filter_low,
-                               a.filter_high) if a.online_filtering else torch.ones(len(encoded), dtype=torch.bool))
+        keep = groups_in_band(accuracy if a.filter_key == "accuracy" else rewards, r.n, a.filter_low, a.filter_high)
         groups = [(encoded[g], rollouts[g * r.n:(g + 1) * r.n], rewards[g * r.n:(g + 1) * r.n])
                   for g in range(len(encoded))]
         last = groups
         kept += [grp for grp, k in zip(groups, keep.tolist(), strict=True) if k]
         dropped += int((~keep).sum())
-        if not a.online_filtering:
-            break
         total = distributed.all_reduce_sum([float(len(kept))], info.device)[0]
         if total >= t.rollout_batch_size or rounds >= a.max_filter_rounds:
             break
@@ -428,7 +473,8 @@ def generate(engine, sampler: PromptSampler, train_prompts: list[Prompt], proces
                                                                     float(fallback)], info.device)
         metrics |= {"filter/trained_groups": kept_n, "filter/dropped_groups": dropped_n,
                     "filter/rounds": float(rounds), "filter/fallback_groups": fallback_n}
-    return Generated(prompts, out_rollouts, torch.cat([rw for _, _, rw in kept]), metrics, timings)
+    rewards = torch.cat([rw for _, _, rw in kept]) if a.online_filtering else None
+    return Generated(prompts, out_rollouts, rewards, metrics, timings)
 
 
 def eval_stage(engine, prompts: list[EncodedPrompt], cfg: Config, sampling: SamplingParams, device,
@@ -670,11 +716,17 @@ def train(cfg: Config) -> dict[str, float]:
         # 1-3. prompts, rollout, rewards (online filtering: more rounds until the batch is full of signal)
         gen = generate(engine, sampler, train_prompts, processor, sampling, cfg, rf, step, info, layout)
         timings = dict(gen.timings)
+        # scoring starts now and runs beside sleep and the old-log-prob pass; the advantages wait for it
+        scoring = (PendingRewards(gen.prompts, gen.rollouts, cfg, rf) if gen.rewards is None else
+                   PendingRewards.scored(gen.rewards, {}, timings["timing/reward_s"]))
         t0 = time.perf_counter()
         engine.sleep()  # vLLM: give the GPU memory to the update
         timings["timing/rollout_s"] += time.perf_counter() - t0
         rollouts = gen.rollouts
         batch, sampler_lp = to_batch(gen.prompts, rollouts, tokenizer.pad_token_id)
+        if info.device.type == "cuda":  # micro-batches cut from page-locked pixels are copied asynchronously
+            batch = batch.pin_memory()
+        pixel_in_before, pixel_saved_before = policy.pixel_bytes_in, policy.pixel_bytes_saved
         if any(offload.values()):  # trainer.offload_*: parameters and optimizer state back for the update
             t0 = time.perf_counter()
             distributed.move_train_state(policy, optimizer, info.device, **offload)
@@ -703,9 +755,13 @@ def train(cfg: Config) -> dict[str, float]:
         if a.tis_cap > 0:  # correct for sampling from the engine's distribution, not the trainer's
             is_w, tis_metrics = truncated_is_weights(old_lp, sampler_lp, batch.response_mask, a.tis_cap)
 
-        # 5. group advantages (of the rewards, or with kl_in_reward of the rewards less the summed KL)
+        # 5. rewards (waited for only now), group advantages (of the rewards, or with kl_in_reward of the rewards
+        # less the summed KL)
+        scores, reward_metrics, busy_s, wait_s = scoring.result()
+        timings["timing/reward_s"] = wait_s if gen.rewards is None else timings["timing/reward_s"]
+        timings["timing/reward_busy_s"] = busy_s
         t0 = time.perf_counter()
-        rewards, kl_metrics = gen.rewards, {}
+        rewards, kl_metrics = scores, {}
         if kl_on:
             kl_metrics["actor/kl_coef"] = a.kl_coef
             if a.kl_in_reward:
@@ -713,8 +769,8 @@ def train(cfg: Config) -> dict[str, float]:
                                                     batch.response_mask, a.kl_coef)
                 kl_metrics |= shaped
         advantages, adv_metrics = group_advantages(rewards, r.n, normalize_std=a.normalize_std, eps=a.adv_eps)
-        if rewards is not gen.rewards:  # reward/* statistics stay those of the rewards, not of the shaped ones
-            plain = group_advantages(gen.rewards, r.n, normalize_std=a.normalize_std, eps=a.adv_eps)[1]
+        if rewards is not scores:  # reward/* statistics stay those of the rewards, not of the shaped ones
+            plain = group_advantages(scores, r.n, normalize_std=a.normalize_std, eps=a.adv_eps)[1]
             adv_metrics |= {k: v for k, v in plain.items() if k.startswith("reward/")}
         timings["timing/advantage_s"] = time.perf_counter() - t0
 
@@ -755,23 +811,26 @@ def train(cfg: Config) -> dict[str, float]:
             eval_metrics["timing/eval_s"] = time.perf_counter() - t0
             log.samples(step, samples)
         timings["timing/step_s"] = time.perf_counter() - t_step
-        held, distinct = batch.pixel_bytes()
-        tokens, patches, held, distinct = distributed.all_reduce_sum(
+        held = batch.pixel_bytes()[0]
+        tokens, patches, held, moved, saved = distributed.all_reduce_sum(
             [float(batch.n_tokens()) * t.ppo_epochs, float(policy.vision_patches - patches_before), float(held),
-             float(distinct)], info.device)
+             float(policy.pixel_bytes_in - pixel_in_before), float(policy.pixel_bytes_saved - pixel_saved_before)],
+            info.device)
         busiest = distributed.all_reduce_max(float(batch.n_tokens()) * t.ppo_epochs, info.device)
         perf = {"perf/update_tokens_per_s": tokens / max(timings["timing/update_s"], 1e-9),
                 "perf/update_vision_patches": patches, **memory_metrics(info.device),
                 # the slowest rank sets the pace: its tokens over the mean rank's (1 = balanced)
                 "perf/rank_token_imbalance": busiest / max(tokens / info.world_size, 1e-9),
-                # pixel data the step's batches hold (n copies per prompt's picture) vs its distinct images
-                "perf/pixel_mb_held": held / 1e6, "perf/pixel_mb_distinct": distinct / 1e6}
+                # pixel data: the step's batch (each picture once), what its forwards were given (old log-probs and
+                # updates), and what a copy per sample would have added to that
+                "perf/pixel_mb_held": held / 1e6, "perf/pixel_mb_moved": moved / 1e6,
+                "perf/pixel_mb_dedup_saved": saved / 1e6}
         peak = peak_bf16_flops(info.device)
         if peak:
             flops = training_flops(policy, tokens, patches)
             perf["perf/mfu"] = flops / timings["timing/update_s"] / (peak * info.world_size)
         resp_len = batch.response_mask.sum(-1)
-        gm = gen.metrics  # reward/* over every sampled response (all filtering rounds), data/*, filter/*
+        gm = gen.metrics | reward_metrics  # reward/* over every sampled response (all filtering rounds), data/*, ...
         reward_keys = distributed.union_keys([k for k in gm if k.startswith("reward/")
                                               and k not in COUNTED and k != "reward/overall"])
         reward_counts = dict(zip(COUNTED, distributed.all_reduce_sum([gm.get(k, 0.0) for k in COUNTED],
@@ -790,7 +849,7 @@ def train(cfg: Config) -> dict[str, float]:
                    "train/epoch": float(sampler.epoch), "timing/warmup_step": float(step == first_step)}
         log.log(step, metrics)
         if info.is_main and cfg.logging.train_samples:
-            log.samples(step, train_samples(gen.prompts, rollouts, gen.rewards, advantages, cfg.logging.train_samples),
+            log.samples(step, train_samples(gen.prompts, rollouts, scores, advantages, cfg.logging.train_samples),
                         split="train")
         if info.is_main and eval_metrics:  # the plot follows the run, not only its end
             plot_training(out / "metrics.jsonl", out / "training.png")

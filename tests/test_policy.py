@@ -40,7 +40,7 @@ def response_logits(model, b, *, mrope: bool = True):
     is how transformers learns which tokens get multimodal RoPE positions. ``mrope=False`` leaves it out.
     """
     mm = {"mm_token_type_ids": (b.input_ids == 151655).int()} if mrope else {}
-    logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, pixel_values=b.pixel_values,
+    logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, pixel_values=b.image_pixels(),
                    image_grid_thw=b.image_grid_thw, **mm).logits
     P = b.input_ids.shape[1] - b.response_width
     return logits[:, P - 1:P - 1 + b.response_width]
@@ -255,8 +255,11 @@ def test_samples_of_one_image_share_one_vision_pass(image_batch, packed):
                        image_grid_thw=[e.image_grid_thw for e in order])
 
     shared, copies = batch(True), batch(False)
-    assert shared.image_keys == [0, 0, 2, 0] and copies.image_keys == [0, 1, 2, 3]
-    assert shared.select([1, 2, 3]).image_keys == [0, 2, 0]
+    assert shared.image_keys == [0, 0, 1, 0] and copies.image_keys == [0, 1, 2, 3]
+    assert shared.pixel_values.shape[0] == pv0.shape[0] + pv1.shape[0]  # each picture held once
+    sub = shared.select([1, 2, 3])
+    assert sub.image_keys == [0, 1, 0] and torch.equal(sub.pixel_values, torch.cat([pv0, pv1]))
+    assert torch.equal(shared.image_pixels(), torch.cat([pv0, pv0, pv1, pv0]))
     m64 = build_model("t", random_init=True, config=tiny_qwen2_5_vl_config(), dtype=torch.float64, seed=0)
     seen = []
     m64.model.visual.patch_embed.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[0]))
@@ -568,13 +571,25 @@ def test_update_schedule_splits_each_ppo_epoch_afresh():
     assert sorted(i for p in two[3:] for i in p) == list(range(24))
 
 
-def test_pixel_bytes_counts_copies_and_distinct_images():
-    """Two samples of one prompt share its picture (one key): the batch holds two copies, one distinct."""
+def test_pixels_held_once_per_picture_through_select():
+    """Two samples of one prompt share its picture (one key): the batch holds one copy (a copy per sample would
+    be two); a sub-batch of whole groups is a view of it, one that mixes groups gathers each picture once."""
     from mm_gmpo.policy import collate
 
-    pv = torch.zeros(16, 1176)
-    batch = collate([[1, 151655, 2]] * 2 + [[3]], [[4], [5], [6]], pad_id=0, pixel_values=[pv, pv, None],
-                    image_grid_thw=[torch.tensor([[1, 4, 4]])] * 2 + [None])
-    assert batch.pixel_bytes() == (2 * 16 * 1176 * 4, 16 * 1176 * 4)
+    pa, pb = torch.arange(16 * 1176.0).view(16, 1176), -torch.arange(4 * 1176.0).view(4, 1176)
+    grid_a, grid_b = torch.tensor([[1, 4, 4]]), torch.tensor([[1, 2, 2]])
+    batch = collate([[1, 151655, 2]] * 2 + [[3]] + [[7, 151655]] * 2, [[4], [5], [6], [8], [9]], pad_id=0,
+                    pixel_values=[pa, pa, None, pb, pb], image_grid_thw=[grid_a, grid_a, None, grid_b, grid_b])
+    assert batch.pixel_bytes() == (20 * 1176 * 4, 40 * 1176 * 4)
+    assert batch.image_keys == [0, 0, 1, 1] and batch.patch_bounds() == [0, 16, 20]
+    group = batch.select([3, 4])
+    assert group.image_keys == [0, 0] and torch.equal(group.pixel_values, pb)
+    assert group.pixel_values.data_ptr() == batch.pixel_values[16:].data_ptr()  # a view, no copy
+    mixed = batch.select([4, 2, 0, 1])
+    assert mixed.image_keys == [0, 1, 1] and mixed.images_per_sample == [1, 0, 1, 1]
+    assert torch.equal(mixed.pixel_values, torch.cat([pb, pa]))
+    assert torch.equal(mixed.image_grid_thw, torch.cat([grid_b, grid_a, grid_a]))
+    assert torch.equal(mixed.image_pixels(), torch.cat([pb, pa, pa]))
+    assert batch.select([2]).pixel_values is None
     assert collate([[1]], [[2]], pad_id=0).pixel_bytes() == (0, 0)
 

@@ -52,7 +52,7 @@ class HFEngine:
             kwargs = {}
             if batch.pixel_values is not None:
                 # mm_token_type_ids marks image tokens; without it transformers gives them 1-D RoPE positions
-                kwargs = {"pixel_values": batch.pixel_values.to(self.device),
+                kwargs = {"pixel_values": batch.image_pixels().to(self.device),  # transformers: a copy per image
                           "image_grid_thw": batch.image_grid_thw.to(self.device),
                           "mm_token_type_ids": (batch.input_ids[:, :P] == IMAGE_PAD_ID).int().to(self.device)}
             greedy = sampling.temperature <= 0
