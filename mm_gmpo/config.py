@@ -214,6 +214,9 @@ class TrainerConfig:
                              "output_dir/profile_update_stepN.md and .json; that step's timings include the "
                              "profiler's overhead; 0 = never")
     reward_workers: int = f(2, "Reward scoring processes per rank (0 = in the training process)")
+    balance_ranks: bool = f(True, "After the rollout, move prompt groups between ranks within their mini-batch so "
+                                  "every rank has about as many tokens (the busiest rank sets the pace); the "
+                                  "mini-batches keep their samples, so the maths is unchanged")
 
 
 @dataclass
@@ -547,7 +550,7 @@ HARMLESS = ("logging.", "trainer.eval_every", "trainer.save_every", "trainer.kee
             "rollout.enforce_eager", "rollout.enable_sleep_mode", "trainer.offload_", "model.compile",
             "model.attn_implementation", "model.vision_attention", "model.logprob_chunk_size", "model.layout",
             "model.activation_checkpointing", "model.checkpoint_every", "model.load", "trainer.cpu_offload",
-            "trainer.max_tokens_per_micro_batch", "trainer.total_steps", "trainer.epochs")
+            "trainer.max_tokens_per_micro_batch", "trainer.total_steps", "trainer.epochs", "trainer.balance_ranks")
 
 
 def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:

@@ -175,6 +175,16 @@ def gather_dicts(part: dict) -> dict:
     return {k: v for p in parts for k, v in p.items()}
 
 
+def all_gather_objects(obj) -> list:
+    """Every rank's ``obj``, in rank order (pickled host data between the job's own ranks: small lists, the
+    prompt groups one rank hands another)."""
+    if not dist.is_initialized():
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def broadcast_object(obj, src: int = 0):
     if not dist.is_initialized():
         return obj

@@ -159,7 +159,7 @@ def _after(line: str, step: int) -> bool:
         return False
 
 
-STAGES = ("prompts", "rollout", "reward", "old_logprob", "update", "weight_sync", "eval")
+STAGES = ("prompts", "rollout", "balance", "reward", "old_logprob", "update", "weight_sync", "eval")
 
 
 def stage_seconds(rows: list[dict]) -> tuple[list[int], dict[str, list[float]]]:

@@ -213,27 +213,22 @@ def collate(
     return PolicyBatch(input_ids, attn, resp_mask, pv, grid, per, keys)
 
 
-def split_by_token_budget(lengths: list[int], max_tokens: int, *, packed: bool = False) -> list[list[int]]:
-    """Group sample indices into micro-batches that stay within max_tokens.
-
-    The cost of a micro-batch is what the model processes: count x longest when rows are padded, the sum of the
-    lengths when they are packed into one padding-free row. Padded: samples are sorted by length (longest first)
-    so similar lengths share a micro-batch. Packed: the order is kept, so the samples of one prompt (adjacent in a
-    batch) share a micro-batch and its single vision pass. A sample longer than the budget gets a micro-batch of
-    its own.
+def split_by_token_budget(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Group sample indices into padded micro-batches that stay within max_tokens (count x longest): samples
+    sorted by length, longest first, so similar lengths share a micro-batch; a sample longer than the budget gets
+    one of its own. (Packed micro-batches cost the sum of their lengths: ``mm_gmpo.balance``.)
     """
-    order = list(range(len(lengths))) if packed else sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     groups: list[list[int]] = []
     cur: list[int] = []
-    cur_max = cur_sum = 0
+    cur_max = 0
     for i in order:
-        new_max, new_sum = max(cur_max, lengths[i]), cur_sum + lengths[i]
-        cost = new_sum if packed else new_max * (len(cur) + 1)
-        if cur and cost > max_tokens:
+        new_max = max(cur_max, lengths[i])
+        if cur and new_max * (len(cur) + 1) > max_tokens:
             groups.append(cur)
-            cur, new_max, new_sum = [], lengths[i], lengths[i]
+            cur, new_max = [], lengths[i]
         cur.append(i)
-        cur_max, cur_sum = new_max, new_sum
+        cur_max = new_max
     if cur:
         groups.append(cur)
     return groups

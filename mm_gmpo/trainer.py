@@ -25,6 +25,7 @@ from tqdm import tqdm
 from mm_gmpo import distributed
 from mm_gmpo.advantage import group_advantages, groups_in_band, kl_shaped_rewards
 from mm_gmpo.attention import use_grouped_vision_attention
+from mm_gmpo.balance import assign_groups
 from mm_gmpo.checkpoint import (
     CheckpointError,
     TrainerState,
@@ -67,6 +68,7 @@ from mm_gmpo.update import (
     build_optimizer,
     build_scheduler,
     compute_logprobs,
+    group_minibatches,
     master_dtype,
     peak_bf16_flops,
     policy_update,
@@ -456,7 +458,7 @@ def generate(engine, sampler: PromptSampler, train_prompts: list[Prompt], proces
         if total >= t.rollout_batch_size or rounds >= a.max_filter_rounds:
             break
     fallback = 0
-    if not kept:  # nothing in the band on this rank: train on one group of the last round (it mostly has A = 0)
+    if not kept and last:  # nothing in the band on this rank: train on one group of the last round (mostly A = 0)
         kept, fallback = last[:1], 1
     # a rank left with no prompt at all (every one longer than data.max_prompt_length) stops every rank alike
     if distributed.all_reduce_max(0.0 if kept else 1.0, info.device):
@@ -475,6 +477,80 @@ def generate(engine, sampler: PromptSampler, train_prompts: list[Prompt], proces
                     "filter/rounds": float(rounds), "filter/fallback_groups": fallback_n}
     rewards = torch.cat([rw for _, _, rw in kept]) if a.online_filtering else None
     return Generated(prompts, out_rollouts, rewards, metrics, timings)
+
+
+BALANCE_TOLERANCE = 0.02  # moving groups costs an exchange: only when the busiest rank is this much above the mean
+
+
+@dataclass
+class Balanced:
+    """The rank-balancing stage's hand-off: this rank's groups after the move, and the step's first pass of
+    mini-batches over them (None: nothing moved, the usual schedule applies)."""
+
+    gen: Generated
+    first_pass: list[list[int]] | None
+    metrics: dict[str, float]
+
+
+def balance_stage(gen: Generated, group_size: int, n_mini: int, step: int, info: distributed.DistInfo,
+                  enabled: bool = True) -> Balanced:
+    """Even out the ranks' tokens (prompt + response) in every mini-batch of the step's first pass by moving
+    prompt groups between ranks within their mini-batch (``balance.assign_groups``): each global mini-batch keeps
+    its groups and each rank its number of groups, so the update's maths is unchanged and only the slowest rank's
+    wait shrinks. ``perf/rank_token_imbalance`` is the pace the ranks run at, the sum over mini-batches of the
+    busiest rank's tokens over the sum of the mean rank's (1 = balanced); ``..._unbalanced`` the same without
+    moving anything."""
+    n = group_size
+    tokens = [float(sum(len(x.prompt_ids) + len(x.response_ids) for x in gen.rollouts[q * n:(q + 1) * n]))
+              for q in range(len(gen.prompts))]
+    per_rank = distributed.all_gather_objects(tokens)
+    owner, minibatch, flat = [], [], []
+    for r, toks in enumerate(per_rank):
+        parts = group_minibatches(len(toks) * n, n, n_mini, seed=step)  # the update schedule's first pass
+        mb = {}
+        for k, part in enumerate(parts):
+            for i in part:
+                mb.setdefault(i // n, set()).add(k)
+        if any(len(v) != 1 for v in mb.values()):  # samples shuffled one by one (fewer groups than mini-batches)
+            return Balanced(gen, None, {})
+        owner += [r] * len(toks)
+        minibatch += [mb[q].pop() for q in range(len(toks))]
+        flat += toks
+
+    def pace(own: list[int]) -> float:
+        ks = sorted(set(minibatch))
+        loads = [[sum(flat[g] for g in range(len(flat)) if minibatch[g] == k and own[g] == r)
+                  for r in range(info.world_size)] for k in ks]
+        return sum(max(x) for x in loads) / max(sum(sum(x) / len(x) for x in loads), 1e-9)
+
+    before = pace(owner)
+    new_owner = assign_groups(flat, owner, minibatch, info.world_size) if enabled else owner
+    if before <= 1 + BALANCE_TOLERANCE or pace(new_owner) >= before:
+        new_owner = owner
+    metrics = {"perf/rank_token_imbalance": pace(new_owner), "perf/rank_token_imbalance_unbalanced": before}
+    if new_owner == owner:
+        return Balanced(gen, None, metrics | {"perf/balance_moved_groups": 0.0})
+
+    me, start = info.rank, sum(len(t) for t in per_rank[:info.rank])
+
+    def group(q: int) -> tuple:
+        enc = gen.prompts[q]  # the pictures' pixels go along; the PIL images are the engine's, not needed now
+        light = replace(enc, images=[], prompt=replace(enc.prompt, images=[]))
+        rewards = None if gen.rewards is None else gen.rewards[q * n:(q + 1) * n]
+        return light, gen.rollouts[q * n:(q + 1) * n], rewards
+
+    outgoing = {g: group(g - start) for g in range(start, start + len(tokens)) if new_owner[g] != me}
+    arriving = distributed.gather_dicts(outgoing)
+    mine = sorted((g for g in range(len(flat)) if new_owner[g] == me), key=lambda g: (minibatch[g], g))
+    groups = [group(g - start) if owner[g] == me else arriving[g] for g in mine]
+    prompts = [enc for enc, _, _ in groups]
+    rollouts = [replace(x, prompt_index=p) for p, (_, rs, _) in enumerate(groups) for x in rs]
+    rewards = None if gen.rewards is None else torch.cat([rw for _, _, rw in groups])
+    first_pass = [[p * n + s for p, g in enumerate(mine) if minibatch[g] == k for s in range(n)]
+                  for k in sorted(set(minibatch))]
+    moved = float(sum(a != b for a, b in zip(owner, new_owner, strict=True)))
+    return Balanced(replace(gen, prompts=prompts, rollouts=rollouts, rewards=rewards), first_pass,
+                    metrics | {"perf/balance_moved_groups": moved})
 
 
 def eval_stage(engine, prompts: list[EncodedPrompt], cfg: Config, sampling: SamplingParams, device,
@@ -515,7 +591,7 @@ def train_samples(prompts: list[EncodedPrompt], rollouts: list[Rollout], rewards
                   advantages: torch.Tensor, k: int) -> list[dict]:
     """The first ``k`` rollouts of this rank's batch as samples.jsonl records: prompt text, response, reward,
     advantage."""
-    return [{"id": prompts[x.prompt_index].prompt.id, "images": len(prompts[x.prompt_index].images),
+    return [{"id": prompts[x.prompt_index].prompt.id, "images": prompts[x.prompt_index].n_images,
              "prompt": prompts[x.prompt_index].text, "response": x.text, "reward": float(rewards[i]),
              "advantage": float(advantages[i])} for i, x in enumerate(rollouts[:k])]
 
@@ -716,6 +792,14 @@ def train(cfg: Config) -> dict[str, float]:
         # 1-3. prompts, rollout, rewards (online filtering: more rounds until the batch is full of signal)
         gen = generate(engine, sampler, train_prompts, processor, sampling, cfg, rf, step, info, layout)
         timings = dict(gen.timings)
+        n_mini_step = n_mini
+        if a.online_filtering:  # every rank takes the same number of optimizer steps, each at least a group
+            n_mini_step = min(n_mini, -int(distributed.all_reduce_max(-float(len(gen.prompts)), info.device)))
+        # even out the ranks' tokens: prompt groups move between ranks within their mini-batch
+        t0 = time.perf_counter()
+        balanced = balance_stage(gen, r.n, n_mini_step, step, info, enabled=t.balance_ranks)
+        gen = balanced.gen
+        timings["timing/balance_s"] = time.perf_counter() - t0
         # scoring starts now and runs beside sleep and the old-log-prob pass; the advantages wait for it
         scoring = (PendingRewards(gen.prompts, gen.rollouts, cfg, rf) if gen.rewards is None else
                    PendingRewards.scored(gen.rewards, {}, timings["timing/reward_s"]))
@@ -735,7 +819,7 @@ def train(cfg: Config) -> dict[str, float]:
         # 4. old log-probs (the policy that sampled, as the trainer computes it), reference log-probs (KL)
         t0 = time.perf_counter()
         lp_kwargs = dict(max_tokens_per_micro_batch=t.max_tokens_per_micro_batch, temperature=r.temperature,
-                         allowed_token_ids=allowed, device=info.device)
+                         allowed_token_ids=allowed, device=info.device, group_size=r.n)
         old_lp = compute_logprobs(policy, batch, **lp_kwargs)
         timings["timing/old_logprob_s"] = time.perf_counter() - t0
         ref_lp = None
@@ -778,18 +862,18 @@ def train(cfg: Config) -> dict[str, float]:
         t0 = time.perf_counter()
         patches_before = policy.vision_patches
         data = UpdateBatch(batch, old_lp, advantages, ref_lp, is_w)
-        n_local = batch.batch_size
-        n_mini_step = n_mini
-        if a.online_filtering:  # every rank takes the same number of optimizer steps, each at least a group
-            n_mini_step = min(n_mini, -int(distributed.all_reduce_max(-float(n_local // r.n), info.device)))
+        schedule = update_schedule(batch.batch_size, r.n, n_mini_step, t.ppo_epochs, step)  # whole prompt groups
+        if balanced.first_pass is not None:  # the same global mini-batches, their groups on other ranks
+            schedule = balanced.first_pass + schedule[n_mini_step:]
         update_metrics: dict[str, float] = {}
         with profiled(info.device, enabled=step == t.profile_step) as prof:  # trainer.profile_step
-            for part in update_schedule(n_local, r.n, n_mini_step, t.ppo_epochs, step):  # whole prompt groups
+            for part in schedule:
                 update_metrics = policy_update(policy, optimizer, data.select(part), loss_fn,
                                                loss_kwargs=loss_kwargs, normalize_by=normalize_by,
                                                max_tokens_per_micro_batch=t.max_tokens_per_micro_batch,
                                                max_grad_norm=cfg.optim.max_grad_norm, temperature=r.temperature,
-                                               with_entropy=True, allowed_token_ids=allowed, device=info.device)
+                                               with_entropy=True, allowed_token_ids=allowed, device=info.device,
+                                               group_size=r.n)
                 scheduler.step()
         timings["timing/update_s"] = prof["wall_s"] if prof else time.perf_counter() - t0  # not the summary's time
         if prof:
@@ -816,11 +900,8 @@ def train(cfg: Config) -> dict[str, float]:
             [float(batch.n_tokens()) * t.ppo_epochs, float(policy.vision_patches - patches_before), float(held),
              float(policy.pixel_bytes_in - pixel_in_before), float(policy.pixel_bytes_saved - pixel_saved_before)],
             info.device)
-        busiest = distributed.all_reduce_max(float(batch.n_tokens()) * t.ppo_epochs, info.device)
         perf = {"perf/update_tokens_per_s": tokens / max(timings["timing/update_s"], 1e-9),
                 "perf/update_vision_patches": patches, **memory_metrics(info.device),
-                # the slowest rank sets the pace: its tokens over the mean rank's (1 = balanced)
-                "perf/rank_token_imbalance": busiest / max(tokens / info.world_size, 1e-9),
                 # pixel data: the step's batch (each picture once), what its forwards were given (old log-probs and
                 # updates), and what a copy per sample would have added to that
                 "perf/pixel_mb_held": held / 1e6, "perf/pixel_mb_moved": moved / 1e6,
@@ -845,7 +926,7 @@ def train(cfg: Config) -> dict[str, float]:
         }
         filter_metrics = {k: v for k, v in gm.items() if k.startswith("filter/")}  # already global
         metrics = {**distributed.all_reduce_mean_metrics(local, info.device), **reward_counts, **update_metrics,
-                   **sync_metrics, **timings, **perf, **eval_metrics, **kl_metrics, **filter_metrics,
+                   **sync_metrics, **timings, **perf, **balanced.metrics, **eval_metrics, **kl_metrics, **filter_metrics,
                    "train/epoch": float(sampler.epoch), "timing/warmup_step": float(step == first_step)}
         log.log(step, metrics)
         if info.is_main and cfg.logging.train_samples:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from mm_gmpo import distributed
+from mm_gmpo.balance import balanced_micro_batches, micro_batches_needed
 from mm_gmpo.loss import PolicyLossFn
 from mm_gmpo.policy import PolicyBatch, split_by_token_budget
 
@@ -83,10 +84,19 @@ def _packed(policy: nn.Module) -> bool:
     return bool(getattr(policy, "packed", False))
 
 
-def _micro_groups(batch: PolicyBatch, max_tokens: int, device, packed: bool) -> list[list[int]]:
-    """Token-budget micro-batches, padded with empty groups so every rank runs the same number of passes."""
+def _micro_groups(batch: PolicyBatch, max_tokens: int, device, packed: bool, group_size: int = 1) -> list[list[int]]:
+    """The micro-batches of this rank's samples, as many on every rank (the collectives of each pass pair up).
+
+    Packed: every rank makes as many micro-batches as the rank that needs the most (within ``max_tokens``) and
+    splits its tokens evenly among them, whole prompt groups of ``group_size`` where possible (balanced_micro_batches):
+    no rank runs a pass with nothing to do unless it has fewer samples than passes. Padded (eager attention, a
+    pass costs count x longest): token-budget micro-batches of similar lengths, padded with empty passes."""
     lengths = [int(n) for n in batch.attention_mask.sum(-1).tolist()]
-    groups = split_by_token_budget(lengths, max_tokens, packed=packed)
+    if packed:
+        need = micro_batches_needed(lengths, max_tokens, group_size)
+        return balanced_micro_batches(lengths, int(distributed.all_reduce_max(float(need), device)), max_tokens,
+                                      group_size)
+    groups = split_by_token_budget(lengths, max_tokens)
     n_micro = int(distributed.all_reduce_max(float(len(groups)), device))
     return groups + [[] for _ in range(n_micro - len(groups))]
 
@@ -94,11 +104,12 @@ def _micro_groups(batch: PolicyBatch, max_tokens: int, device, packed: bool) -> 
 @torch.no_grad()
 def compute_logprobs(policy: nn.Module, batch: PolicyBatch, *, max_tokens_per_micro_batch: int = 8192,
                      temperature: float = 1.0, allowed_token_ids: Sequence[int] | None = None,
-                     device: torch.device | None = None) -> torch.Tensor:
-    """(B, R) log-probs of the responses under the current policy, micro-batched (the 'old log-probs' stage)."""
+                     device: torch.device | None = None, group_size: int = 1) -> torch.Tensor:
+    """(B, R) log-probs of the responses under the current policy, micro-batched (the 'old log-probs' stage);
+    ``group_size``: the samples of a prompt are that many adjacent rows (kept in one micro-batch if they fit)."""
     policy.eval()
     out = torch.zeros(batch.response_mask.shape, dtype=torch.float32)
-    for idx in _micro_groups(batch, max_tokens_per_micro_batch, device, _packed(policy)):
+    for idx in _micro_groups(batch, max_tokens_per_micro_batch, device, _packed(policy), group_size):
         mb = batch.select(idx if idx else [0])
         lp, _ = policy(mb.to(device) if device is not None else mb, temperature=temperature,
                        allowed_token_ids=allowed_token_ids)
@@ -208,11 +219,13 @@ def policy_update(
     allowed_token_ids: Sequence[int] | None = None,
     device: torch.device | None = None,
     keep_grads: bool = False,
+    group_size: int = 1,
 ) -> dict[str, float]:
     """One optimizer step over ``data`` (split into micro-batches by token budget); returns averaged metrics.
 
     ``normalize_by``: 'sequences' (GMPO, GRPO seq_mean_token_mean) or 'tokens' (GRPO token_mean).
     ``keep_grads``: leave the step's gradients in ``.grad`` (tests); by default they are freed after the step.
+    ``group_size``: the samples of a prompt are that many adjacent rows (kept in one micro-batch if they fit).
     """
     t0 = time.perf_counter()
     loss_kwargs = dict(loss_kwargs or {})
@@ -222,7 +235,7 @@ def policy_update(
     normalizer = global_seqs if normalize_by == "sequences" else global_tokens
     scale = float(distributed.world_size())  # undo FSDP's mean over ranks: we normalise globally ourselves
 
-    groups = _micro_groups(data.batch, max_tokens_per_micro_batch, device, _packed(policy))
+    groups = _micro_groups(data.batch, max_tokens_per_micro_batch, device, _packed(policy), group_size)
     n_micro = len(groups)
 
     policy.train()

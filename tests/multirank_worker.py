@@ -14,6 +14,8 @@ Cases
     mixed_images   one FSDP2 update where ranks 0 and 2 hold image prompts and ranks 1 and 3 text-only ones.
     overlong       generate() where every prompt of rank 1's share is too long: every rank stops with a DataError.
     sync_bf16      weight sync that casts each shard to bf16 before the gather: tensors equal fp32-gather-then-cast.
+    balanced_update  old log-probs and two mini-batch updates over fixed rollouts, rank 0's long and the others'
+                   short, with balance_stage off and on: the same log-probs, losses and weights.
 """
 
 from __future__ import annotations
@@ -223,9 +225,73 @@ def case_sync_bf16(info, tmp: Path) -> dict:
             "gathered_gb": stats["perf/weight_sync_gathered_gb"], "sent_gb": stats["perf/weight_sync_gb"]}
 
 
+def _balanced_run(info, enabled: bool) -> dict:
+    """One training step's old log-probs and two mini-batch updates over fixed rollouts: rank 0's responses are
+    long, the others' short (so the ranks are unbalanced), through balance_stage on or off."""
+    from mm_gmpo.advantage import group_advantages
+    from mm_gmpo.data.processing import encode_prompts, load_processor
+    from mm_gmpo.data.synthetic import synthetic_prompts
+    from mm_gmpo.loss import gmpo_loss
+    from mm_gmpo.models import build_model, tiny_qwen2_5_vl_config
+    from mm_gmpo.policy import Policy
+    from mm_gmpo.trainer import Generated, balance_stage, to_batch
+    from mm_gmpo.update import UpdateBatch, build_optimizer, compute_logprobs, policy_update, update_schedule
+
+    n, groups, n_mini, step = 2, 4, 2, 5
+    prompts = synthetic_prompts(groups * info.world_size, seed=3)[info.rank * groups:(info.rank + 1) * groups]
+    encoded, _ = encode_prompts(prompts, load_processor(), max_prompt_length=512, min_pixels=3136, max_pixels=3136)
+    rollouts = []
+    for q, enc in enumerate(encoded):
+        for s in range(n):
+            g = torch.Generator().manual_seed(1000 * info.rank + 10 * q + s)
+            length = (40 if info.rank == 0 else 4) + 3 * q + s
+            rollouts.append(Rollout(q, s, list(enc.input_ids), torch.randint(0, 150000, (length,), generator=g).tolist(),
+                                    "x", None, "stop"))
+    rewards = torch.tensor([float((info.rank + q + s) % 3) for q in range(groups) for s in range(n)])
+    gen = Generated(encoded, rollouts, rewards, {}, {})
+    balanced = balance_stage(gen, n, n_mini, step, info, enabled=enabled)
+    gen = balanced.gen
+    model = build_model("tiny", random_init=True, config=tiny_qwen2_5_vl_config(), dtype=torch.float32, seed=0,
+                        attn_implementation="sdpa")
+    policy = Policy(model, chunk_size=64, packed=True)
+    distributed.parallelize(policy, param_dtype=None, reduce_dtype=None, activation_checkpointing=False)
+    optimizer = build_optimizer(policy, lr=1e-3)
+    batch, _ = to_batch(gen.prompts, gen.rollouts, 151643)
+    cpu = torch.device("cpu")
+    old = compute_logprobs(policy, batch, max_tokens_per_micro_batch=120, device=cpu, group_size=n)
+    advantages, _ = group_advantages(gen.rewards, n)
+    data = UpdateBatch(batch, old, advantages)
+    schedule = update_schedule(batch.batch_size, n, n_mini, 1, step)
+    if balanced.first_pass is not None:
+        schedule = balanced.first_pass
+    losses, norms, micro = [], [], []
+    for part in schedule:
+        m = policy_update(policy, optimizer, data.select(part), gmpo_loss, max_tokens_per_micro_batch=120,
+                          max_grad_norm=0.0, device=cpu, group_size=n)
+        losses.append(m["loss/total"])
+        norms.append(m["actor/grad_norm"])
+        micro.append(m["actor/micro_batches"])
+    params = {k: distributed.full_tensor(p.data) for k, p in policy.named_parameters()}
+    # every response's old log-prob sum, keyed by (prompt id, sample): where it was computed must not matter
+    lp = {f"{gen.prompts[x.prompt_index].prompt.id}/{x.sample_index}": float(old[i].sum())
+          for i, x in enumerate(gen.rollouts)}
+    return {"metrics": balanced.metrics, "losses": losses, "norms": norms, "micro": micro, "params": params,
+            "logprobs": distributed.gather_dicts(lp), "ids": [p.prompt.id for p in gen.prompts]}
+
+
+def case_balanced_update(info, tmp: Path) -> dict:
+    plain, moved = _balanced_run(info, enabled=False), _balanced_run(info, enabled=True)
+    diff = max(float((plain["params"][k] - moved["params"][k]).abs().max()) for k in plain["params"])
+    lp_diff = max(abs(plain["logprobs"][k] - moved["logprobs"][k]) for k in plain["logprobs"])
+    return {"plain": {k: v for k, v in plain.items() if k != "params"},
+            "moved": {k: v for k, v in moved.items() if k != "params"},
+            "param_max_diff": diff, "logprob_max_diff": lp_diff,
+            "param_change": max(float(p.abs().max()) for p in moved["params"].values())}
+
+
 CASES = {"tp_prompts": case_tp_prompts, "overlong": case_overlong, "eval_empty": case_eval_empty, "metric_keys": case_metric_keys,
          "resume_views": case_resume_views, "shared_folder": case_shared_folder, "mixed_images": case_mixed_images,
-         "sync_bf16": case_sync_bf16}
+         "sync_bf16": case_sync_bf16, "balanced_update": case_balanced_update}
 
 
 def main() -> None:

@@ -97,6 +97,27 @@ def test_ranks_with_and_without_images_update_together(results):
     assert all(x["vision_moved"] > 0 for x in r) and len({x["vision_moved"] for x in r}) == 1
 
 
+def test_balanced_ranks_give_the_same_update_as_the_unbalanced_order(results):
+    """Rank 0's responses are long, the others' short. Moving prompt groups between ranks within their mini-batch
+    (balance_stage) and splitting each rank's tokens evenly into micro-batches evens the ranks out, and the old
+    log-probs of every response, the loss and gradient norm of each mini-batch and the weights after two
+    optimizer steps equal those of the unbalanced order (fp32 summation order apart)."""
+    r = results("balanced_update")
+    plain, moved = r[0]["plain"], r[0]["moved"]
+    assert plain["metrics"]["perf/balance_moved_groups"] == 0
+    assert moved["metrics"]["perf/balance_moved_groups"] > 0
+    before = plain["metrics"]["perf/rank_token_imbalance"]
+    assert before > 1.3 and moved["metrics"]["perf/rank_token_imbalance_unbalanced"] == before
+    assert moved["metrics"]["perf/rank_token_imbalance"] < before - 0.2
+    assert sorted(i for x in r for i in x["moved"]["ids"]) == sorted(i for x in r for i in x["plain"]["ids"])
+    assert any(x["moved"]["ids"] != x["plain"]["ids"] for x in r)  # groups did travel
+    assert moved["losses"] == pytest.approx(plain["losses"], rel=1e-4, abs=1e-7) and plain["losses"][1] != 0
+    assert moved["norms"] == pytest.approx(plain["norms"], rel=1e-5)
+    assert r[0]["logprob_max_diff"] < 1e-3  # sums of ~50 log-probs of about -12 each
+    assert r[0]["param_max_diff"] < 1e-5 < 1e-2 < r[0]["param_change"]
+    assert all(x["param_max_diff"] == r[0]["param_max_diff"] for x in r)
+
+
 def test_weight_sync_gathers_bf16_and_sends_the_same_tensors(results):
     for x in results("sync_bf16"):
         assert x["gathered_dtypes"] == ["torch.bfloat16"] and x["exact"] and x["names"]

@@ -225,13 +225,7 @@ def test_split_by_token_budget():
     for g in groups:
         assert len(g) == 1 or max(lengths[i] for i in g) * len(g) <= 100
     assert [5] in groups  # longer than... exactly the budget: alone
-    packed = split_by_token_budget(lengths, 100, packed=True)  # packed rows cost the sum of lengths
-    assert sorted(i for g in packed for i in g) == list(range(6))
-    assert all(len(g) == 1 or sum(lengths[i] for i in g) <= 100 for g in packed)
-    short = [60, 10, 10, 10, 10]  # padded: 60 x 2 > 100, so two micro-batches; packed: 100 tokens, one
-    assert len(split_by_token_budget(short, 100)) == 2 and len(split_by_token_budget(short, 100, packed=True)) == 1
-    # packed keeps the order: the samples of one prompt (adjacent) stay together
-    assert split_by_token_budget([30, 30, 30, 30, 30], 90, packed=True) == [[0, 1, 2], [3, 4]]
+    assert len(split_by_token_budget([60, 10, 10, 10, 10], 100)) == 2  # 60 x 2 > 100
 
 
 @pytest.mark.parametrize("packed", [False, True])

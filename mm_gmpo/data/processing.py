@@ -53,6 +53,10 @@ class EncodedPrompt:
     image_keys: list[str] = field(default_factory=list)
 
     @property
+    def n_images(self) -> int:
+        return 0 if self.image_grid_thw is None else int(self.image_grid_thw.shape[0])
+
+    @property
     def n_image_tokens(self) -> int:
         return 0 if self.image_grid_thw is None else int(self.image_grid_thw.prod(-1).sum()) // 4
 
