@@ -3,12 +3,12 @@
     python benchmarks/bench_rollout.py --model qwen2_5_vl_3b --prompts 32 --n 8 --max-tokens 512 --image 448
     python benchmarks/bench_rollout.py --backend hf --model tiny --prompts 4 --n 2 --max-tokens 8 --image 56  # CPU
 
-vLLM: a random-weight model (``load_format="dummy"``) from the real config; first bare ``LLM.generate`` on the
-prompts (text + one image each, ``n`` samples, sampling at temperature 1, ``ignore_eos`` so every sample is
-``max_tokens`` long, the sampled token's log-prob, as a user would write it), then the same bare engine with flat
-log-probs and no detokenization (the per-token output objects that mm_gmpo's engine avoids), then mm_gmpo's
-``VLLMEngine.generate`` on the same prompts in the same process (same engine settings, its own LLM). Each is
-timed after one warm-up call. Reports generated tokens/s and the ratios.
+vLLM: a random-weight model (``load_format="dummy"``) from the real config in one engine; bare ``LLM.generate``
+on the prompts (text + one image each, ``n`` samples, sampling at temperature 1, ``ignore_eos`` so every sample
+is ``max_tokens`` long, the sampled token's log-prob, as a user would write it) and mm_gmpo's
+``VLLMEngine.generate`` on the same prompts, through the same ``LLM`` (so the same engine arguments: CUDA graphs
+unless ``--eager``), each warmed up once, then timed alternately ``--repeats`` times. Reports the median seconds,
+generated tokens/s and their ratio.
 HF: mm_gmpo's transformers engine alone (slow path; CPU format check).
 """
 
@@ -31,46 +31,47 @@ from mm_gmpo.rollout.base import SamplingParams
 
 
 def bench_vllm(args, prompts, folder) -> dict:
+    """Bare vLLM and mm_gmpo's engine on one and the same ``LLM`` (same engine arguments, same KV cache, same
+    compiled graphs), timed alternately ``--repeats`` times after a warm-up of each: the ratio of the medians is
+    what mm_gmpo's request building and output handling cost or save, not a difference of engine settings."""
+    import statistics
+
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    from vllm import LLM
     from vllm import SamplingParams as VSP
 
-    from mm_gmpo.rollout.vllm_engine import VLLMEngine, engine_request, fast_output_kwargs, vllm_sampling_kwargs
+    from mm_gmpo.rollout.vllm_engine import VLLMEngine, engine_request, vllm_sampling_kwargs
 
     device = torch.device("cuda")
     sampling = SamplingParams(n=args.n, temperature=1.0, max_tokens=args.max_tokens, seed=0, ignore_eos=True)
-    common = dict(dtype="bfloat16", gpu_memory_utilization=args.gpu_mem, enforce_eager=args.eager,
-                  max_model_len=args.max_model_len, seed=0)
-    figures: dict = {}
-
-    # bare vLLM: what a user would write by hand
-    llm = LLM(model=str(folder), load_format="dummy", limit_mm_per_prompt={"image": 1}, **common)
+    eng = VLLMEngine(folder, load_format="dummy", dtype="bfloat16", gpu_memory_utilization=args.gpu_mem,
+                     enforce_eager=args.eager, max_model_len=args.max_model_len, seed=0)
+    # bare vLLM: what a user would write by hand (requests, per-token log-prob objects, detokenized text)
     reqs = [engine_request(p) for p in prompts]
     sp = VSP(**vllm_sampling_kwargs(sampling))
-    llm.generate(reqs[:2], sp, use_tqdm=False)
-    with Timer(device) as t:
-        outs = llm.generate(reqs, sp, use_tqdm=False)
-    bare_tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
-    figures |= {"bare vLLM s": t.s, "bare vLLM tokens/s": bare_tokens / t.s}
-    fast = fast_output_kwargs(getattr(VSP, "__struct_fields__", ()))
-    if fast:  # the same engine without per-token output objects
-        sp_fast = VSP(**vllm_sampling_kwargs(sampling), **fast)
-        with Timer(device) as t:
-            outs = llm.generate(reqs, sp_fast, use_tqdm=False)
-        tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
-        figures |= {"bare vLLM, flat log-probs, no detokenize s": t.s,
-                    "bare vLLM, flat log-probs, no detokenize tokens/s": tokens / t.s}
-    del llm, outs
-    torch.cuda.empty_cache()
 
-    # mm_gmpo's engine (sleep mode, prefix caching, processed + flat log-probs, one decode at the end, prompt check)
-    eng = VLLMEngine(folder, load_format="dummy", **common)
+    def bare() -> int:
+        outs = eng.llm.generate(reqs, sp, use_tqdm=False)
+        return sum(len(c.token_ids) for o in outs for c in o.outputs)
+
+    def ours() -> int:
+        return sum(len(r.response_ids) for r in eng.generate(prompts, sampling))
+
+    eng.llm.generate(reqs[:2], sp, use_tqdm=False)
     eng.generate(prompts[:2], sampling)
-    with Timer(device) as t:
-        rolls = eng.generate(prompts, sampling)
-    ours = sum(len(r.response_ids) for r in rolls)
-    figures |= {"mm_gmpo s": t.s, "mm_gmpo tokens/s": ours / t.s,
-                "mm_gmpo / bare": (ours / t.s) / figures["bare vLLM tokens/s"]}
+    times: dict[str, list[float]] = {"bare": [], "ours": []}
+    tokens: dict[str, int] = {}
+    for _ in range(args.repeats):
+        for name, fn in (("bare", bare), ("ours", ours)):
+            with Timer(device) as t:
+                tokens[name] = fn()
+            times[name].append(t.s)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    figures = {"repeats (alternating)": args.repeats,
+               "bare vLLM s (median)": med["bare"], "bare vLLM tokens/s": tokens["bare"] / med["bare"],
+               "mm_gmpo s (median)": med["ours"], "mm_gmpo tokens/s": tokens["ours"] / med["ours"],
+               "mm_gmpo / bare (tokens/s, medians)": (tokens["ours"] / med["ours"]) / (tokens["bare"] / med["bare"]),
+               "bare s, each": " ".join(f"{x:.2f}" for x in times["bare"]),
+               "mm_gmpo s, each": " ".join(f"{x:.2f}" for x in times["ours"])}
     with Timer(device) as t:
         eng.sleep()
     figures["sleep s"] = t.s
@@ -107,6 +108,7 @@ def main() -> None:
     ap.add_argument("--gpu-mem", type=float, default=0.8)
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--eager", action="store_true", help="enforce_eager (faster start, slower decode)")
+    ap.add_argument("--repeats", type=int, default=3, help="alternating timed calls of each (vLLM)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 

@@ -25,11 +25,13 @@
 #   profile  one 3B update step (packed) under the torch profiler: time per category (matmul, attention,
 #            optimizer, FSDP, copies, other ops), busy vs wall, matmul TFLOP/s; $OUT/profile.md
 #   sync     bench_sync.py, Qwen2.5-VL-7B FSDP2 -> vLLM
-#   rollout  bench_rollout.py, Qwen2.5-VL-3B, 32 prompts x n=8 x 512 tokens, bare vLLM (per-token output
-#            objects, then flat log-probs without detokenization) vs mm_gmpo's engine
-#   step     GMPO steps (STEPS, default 3) of the geo3k 3B config (random weights, reduced batch) for the stage
-#            breakdown, step 2's update profiled (step_profile_update.md); vLLM sleeps at level 2 (issue 23: weights
-#            dropped, woken weights-first by the sync); step_sleep1 repeats it at level 1 for the comparison
+#   rollout  bench_rollout.py, Qwen2.5-VL-3B, 32 prompts x n=8 x 512 tokens, CUDA graphs: bare LLM.generate vs
+#            mm_gmpo's engine on the same LLM (same engine arguments), alternating, 3 repeats each (issue 20)
+#   step     GMPO steps (STEPS, default 3) of the geo3k 3B config (random weights, reduced batch, CUDA graphs on:
+#            rollout.enforce_eager=false) for the steady-state stage breakdown (summary: step_metrics.jsonl),
+#            reward wait vs busy, pixel MB, in-loop MFU against the update stage's; step 2's update profiled
+#            (step_profile_update.md); vLLM sleeps at level 2 (issue 23: weights dropped, woken weights-first by
+#            the sync); step_sleep1 repeats it (eager) at level 1 for the comparison
 #   multigpu (2+ GPUs; issue 23) the same run on 2 ranks with TP 1 (each rank its own engine) and with TP 2 (one
 #            engine over both ranks: same prompts and seed, outputs split), evaluated on the 300 val problems; each
 #            must finish without a hang and log eval/prompts == 300
@@ -99,12 +101,12 @@ for what in "$@"; do
       stage sync 200 "$PY" benchmarks/bench_sync.py --model qwen2_5_vl_7b --repeats 3 ;;
     rollout)
       stage rollout 330 "$PY" benchmarks/bench_rollout.py --model qwen2_5_vl_3b --prompts 32 --n 8 --max-tokens 512 \
-        --image 448 --gpu-mem 0.4 ;;
+        --image 448 --gpu-mem 0.4 --repeats 3 ;;
     step)
       stage step 270 "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 scripts/train_mm.py \
         --config configs/geo3k_qwen2_5_vl_3b_gmpo.yaml model.path=random:qwen2_5_vl_3b \
         data.train_source=data/geometry3k data.train_split=val trainer.total_steps=${STEPS:-3} trainer.rollout_batch_size=32 \
-        trainer.mini_batch_size=32 rollout.max_tokens=512 rollout.enforce_eager=true rollout.gpu_memory_utilization=0.2 trainer.eval_every=0 \
+        trainer.mini_batch_size=32 rollout.max_tokens=512 rollout.enforce_eager=false rollout.gpu_memory_utilization=0.2 trainer.eval_every=0 \
         trainer.save_every=-1 trainer.export_hf=false logging.tensorboard=false trainer.output_dir="$OUT/step_run" \
         trainer.profile_step=2
       cp "$OUT/step_run/metrics.jsonl" "$OUT/step_metrics.jsonl" 2>/dev/null

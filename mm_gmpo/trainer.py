@@ -1,13 +1,14 @@
 """The training loop. ``train(cfg)`` reads top to bottom in data-flow order:
 
-    prompts -> rollout (n per prompt) -> rewards -> group advantages -> old log-probs
-            -> mini-batch GMPO/GRPO updates (FSDP2) -> weight sync -> log / eval / checkpoint
+    prompts -> rollout (n per prompt) -> rank balance -> rewards (scored beside the old log-probs)
+            -> group advantages -> mini-batch GMPO/GRPO updates (FSDP2) -> weight sync -> log / eval / checkpoint
 
 Every rank holds an FSDP2 shard of the policy and a colocated rollout engine with its own full copy of the
 weights (as vLLM does; with ``rollout.tensor_parallel_size`` > 1 one engine spans that many ranks), refreshed by
-``sync_weights`` after each step. Each rank trains on a contiguous slice of the step's prompts, so every prompt
-group lives on one rank and advantages need no communication; the ranks of one tensor-parallel engine generate
-their slices together (``distributed.RolloutLayout``).
+``sync_weights`` after each step. Each rank generates a contiguous slice of the step's prompts (the ranks of one
+tensor-parallel engine generate their slices together, ``distributed.RolloutLayout``); ``balance_stage`` then
+moves whole prompt groups between ranks to even out their tokens, so a group always lives on one rank and
+advantages need no communication. Rewards are scored beside the old-log-prob pass (``PendingRewards``).
 """
 
 from __future__ import annotations

@@ -251,8 +251,8 @@ def _balanced_run(info, enabled: bool) -> dict:
     gen = Generated(encoded, rollouts, rewards, {}, {})
     balanced = balance_stage(gen, n, n_mini, step, info, enabled=enabled)
     gen = balanced.gen
-    model = build_model("tiny", random_init=True, config=tiny_qwen2_5_vl_config(), dtype=torch.float32, seed=0,
-                        attn_implementation="sdpa")
+    model = build_model("tiny", random_init=True, config=tiny_qwen2_5_vl_config(hidden_size=32, layers=1, vision_depth=1),
+                        dtype=torch.float32, seed=0, attn_implementation="sdpa")
     policy = Policy(model, chunk_size=64, packed=True)
     distributed.parallelize(policy, param_dtype=None, reduce_dtype=None, activation_checkpointing=False)
     optimizer = build_optimizer(policy, lr=1e-3)

@@ -183,10 +183,13 @@ def test_memory_plan_counts_what_one_step_allocates(overrides, own_process_group
 
 
 def test_bench_step_reports_stages_pixels_and_balance(tmp_path):
-    """bench_step.py: a geo3k-shaped run on 2 ranks; n=2 samples per prompt hold 2 copies of each picture, the
-    warm reward pool leaves step 1 no start-up to wait for, and the ranks' token counts are reported."""
+    """bench_step.py: a geo3k-shaped run on 2 ranks; n=2 samples per prompt share one copy of each picture (the
+    old-log-prob pass and the one update each get it once: a copy per sample would add as much again), the warm
+    reward pool leaves step 1 no start-up to wait for, and the ranks' token counts are reported."""
     f = bench("bench_step.py", tmp_path / "r.jsonl", "--steps", "2", "--n", "2", "--prompts", "2", "--max-tokens", "4")
     assert f["steps (steady)"] == "2 (1)" and f["prompts x n"] == "2 x 2"
-    assert f["pixel MB held per step"] == pytest.approx(2 * f["pixel MB of distinct images"])
-    assert f["pixel MB of distinct images"] > 0 and f["rank token imbalance (max / mean)"] >= 1.0
+    held = f["pixel MB held per step (each picture once)"]
+    assert held > 0 and f["pixel MB given to the forwards per step"] == pytest.approx(2 * held)
+    assert f["pixel MB a copy per sample would add"] == pytest.approx(2 * held)
+    assert f["rank token imbalance, after balancing"] <= f["rank token imbalance, unbalanced (max / mean per mini-batch)"]
     assert f["reward wait s, step 1"] < 1.0 and f["update s (median)"] > 0

@@ -242,12 +242,12 @@ def test_own_jsonl_with_0_1_2_images_and_own_reward_function_learns(tmp_path):
     as on the built-in task (measured: 0.23 at the start, 0.6-0.7 after 30 steps; eval 0.5 -> 1.0 by step 40).
 
     Rows with 0, 1 or 2 images differ in length, so the ranks are uneven and balance_stage moves prompt groups
-    between them; scoring runs beside the old-log-prob pass (2 reward workers). Resumed from step 25, the run
-    repeats steps 26-30 exactly: the data order and the balancing come back the same."""
+    between them; scoring runs beside the old-log-prob pass (2 reward workers). Resumed from step 27, the run
+    repeats steps 28-30 exactly: the data order and the balancing come back the same."""
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "scripts" / "train_mm.py"), *own_data(tmp_path), "trainer.total_steps=30",
-           "trainer.eval_every=30", "trainer.save_every=25", "trainer.export_hf=false", "logging.sample_generations=12"]
+           "trainer.eval_every=30", "trainer.save_every=27", "trainer.export_hf=false", "logging.sample_generations=12"]
     r = subprocess.run([*cmd, f"trainer.output_dir={out}"], capture_output=True, text=True, timeout=900, env=ENV,
                        cwd=ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -382,3 +382,37 @@ def test_run_summary_medians_leave_out_the_first_step():
     assert "update tokens/s: 200" in table and "first step of the run (one-off costs, left out above): 10.000 s" in table
     assert run_summary([]) == ""
 
+
+
+def test_scoring_runs_beside_the_callers_work_and_reports_wait_and_busy(monkeypatch):
+    """With reward worker processes the step's scoring runs in a thread while the caller computes old log-probs:
+    the step waits only for what is left (here nothing); in-process scoring (0 workers) runs at once, in the main
+    thread (its per-item deadline is a SIGALRM). Errors in the thread reach the caller."""
+    import threading
+    import time
+
+    import mm_gmpo.trainer as trainer
+    from mm_gmpo.config import load_config
+
+    threads = []
+
+    def slow_stage(prompts, rollouts, cfg, rf):
+        threads.append(threading.current_thread() is threading.main_thread())
+        time.sleep(0.3)
+        if rf == "boom":
+            raise RuntimeError("reward function failed")
+        return torch.ones(2), torch.ones(2), {"reward/overall": 1.0}
+
+    monkeypatch.setattr(trainer, "reward_stage", slow_stage)
+    cfg = load_config(None, ["trainer.reward_workers=2"])
+    pending = trainer.PendingRewards([], [], cfg, None)
+    time.sleep(0.5)  # the old-log-prob pass
+    rewards, metrics, busy, wait = pending.result()
+    assert threads == [False] and torch.equal(rewards, torch.ones(2)) and metrics == {"reward/overall": 1.0}
+    assert busy >= 0.3 and wait < busy
+    inline = trainer.PendingRewards([], [], load_config(None, ["trainer.reward_workers=0"]), None)
+    assert threads[-1] is True
+    _, _, busy, wait = inline.result()
+    assert busy >= 0.3 and wait == busy
+    with pytest.raises(RuntimeError, match="reward function failed"):
+        trainer.PendingRewards([], [], cfg, "boom").result()
