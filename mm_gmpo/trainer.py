@@ -373,22 +373,20 @@ class PendingRewards:
 
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="mm_gmpo-rewards")
             self._future = self._executor.submit(job)
-        else:
-            t0 = time.perf_counter()
+        else:  # the caller waited for all of it
             self._done = job()
-            self._inline_s = time.perf_counter() - t0
 
     @classmethod
     def scored(cls, rewards: torch.Tensor, metrics: dict, busy_s: float) -> PendingRewards:
         """Rewards already computed (online filtering scores while it chooses groups)."""
         out = cls.__new__(cls)
-        out._executor, out._done, out._inline_s = None, (rewards, metrics, busy_s), busy_s
+        out._executor, out._done = None, (rewards, metrics, busy_s)
         return out
 
     def result(self) -> tuple[torch.Tensor, dict, float, float]:
         if self._executor is None:
             rewards, metrics, busy = self._done
-            return rewards, metrics, busy, self._inline_s
+            return rewards, metrics, busy, busy
         t0 = time.perf_counter()
         try:
             rewards, metrics, busy = self._future.result()
