@@ -96,3 +96,21 @@ def test_bf16_packed_is_as_close_to_the_reference_as_padded(reference):
         errs[packed] = (lp - ref_lp)[mask].abs().mean().item()
     assert errs[True] < 1.5 * errs[False] + 1e-3, errs
     assert errs[True] < 0.1, errs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locked memory needs CUDA")
+def test_pinned_pixels_stay_pinned_through_select_and_copy_asynchronously():
+    """The trainer pins a step's pixels once on a GPU: sub-batches cut from them (a view for whole groups, one
+    gathered copy for mixed ones) are still page-locked, so their non-blocking transfers are asynchronous, and
+    the copies arrive intact."""
+    pa, pb = torch.randn(16, 1176), torch.randn(4, 1176)
+    grid_a, grid_b = torch.tensor([[1, 4, 4]]), torch.tensor([[1, 2, 2]])
+    b = collate([[1, 151655, 2]] * 2 + [[7, 151655]] * 2, [[4], [5], [8], [9]], pad_id=0,
+                pixel_values=[pa, pa, pb, pb], image_grid_thw=[grid_a, grid_a, grid_b, grid_b]).pin_memory()
+    assert b.pixel_values.is_pinned()
+    for idx in ([2, 3], [3, 0, 1]):
+        sub = b.select(idx)
+        assert sub.pixel_values.is_pinned()
+        on_gpu = sub.to(torch.device("cuda"))
+        torch.cuda.synchronize()
+        assert torch.equal(on_gpu.pixel_values.cpu(), sub.pixel_values)
