@@ -788,7 +788,8 @@ def train(cfg: Config) -> dict[str, float]:
         watch.check()  # torchrun's launcher gone: stop rather than train on into its run folder
         t_step = time.perf_counter()
 
-        # 1-3. prompts, rollout, rewards (online filtering: more rounds until the batch is full of signal)
+        # 1-2. prompts, rollout (online filtering scores here too, and rolls out more rounds until the batch is
+        # full of signal)
         gen = generate(engine, sampler, train_prompts, processor, sampling, cfg, rf, step, info, layout)
         timings = dict(gen.timings)
         n_mini_step = n_mini
@@ -840,9 +841,7 @@ def train(cfg: Config) -> dict[str, float]:
 
         # 5. rewards (waited for only now), group advantages (of the rewards, or with kl_in_reward of the rewards
         # less the summed KL)
-        scores, reward_metrics, busy_s, wait_s = scoring.result()
-        timings["timing/reward_s"] = wait_s if gen.rewards is None else timings["timing/reward_s"]
-        timings["timing/reward_busy_s"] = busy_s
+        scores, reward_metrics, timings["timing/reward_busy_s"], timings["timing/reward_s"] = scoring.result()
         t0 = time.perf_counter()
         rewards, kl_metrics = scores, {}
         if kl_on:
