@@ -90,8 +90,8 @@ def assign_groups(tokens: Sequence[float], owner: Sequence[int], minibatch: Sequ
         for _, b, r in pairs:
             if b not in rank_of and r not in rank_of.values():
                 rank_of[b] = r
-        old_max = max(sum(tokens[g] for g in members if owner[g] == r) for r in range(world))
-        if max(sum(tokens[members[j]] for j in part) for part in parts) >= old_max:
+        busiest_now = max(rank_loads(tokens, owner, members, world))
+        if max(sum(tokens[members[j]] for j in part) for part in parts) >= busiest_now:
             continue  # no better than it was: nothing moves
         for b, part in enumerate(parts):
             for j in part:
@@ -99,7 +99,20 @@ def assign_groups(tokens: Sequence[float], owner: Sequence[int], minibatch: Sequ
     return new
 
 
-def imbalance(loads: Sequence[float]) -> float:
-    """Largest load over the mean (1 = balanced)."""
-    mean = sum(loads) / max(len(loads), 1)
-    return max(loads) / mean if mean > 0 else 1.0
+def rank_loads(tokens: Sequence[float], owner: Sequence[int], members: Sequence[int], world: int) -> list[float]:
+    """Tokens each rank holds of the groups ``members``."""
+    loads = [0.0] * world
+    for g in members:
+        loads[owner[g]] += tokens[g]
+    return loads
+
+
+def pace(tokens: Sequence[float], owner: Sequence[int], minibatch: Sequence[int], world: int) -> float:
+    """How much the busiest rank holds the others up over a step's mini-batches: the sum over mini-batches of the
+    busiest rank's tokens over the sum of the mean rank's (1 = balanced)."""
+    busiest = mean = 0.0
+    for k in sorted(set(minibatch)):
+        loads = rank_loads(tokens, owner, [g for g in range(len(tokens)) if minibatch[g] == k], world)
+        busiest += max(loads)
+        mean += sum(loads) / world
+    return busiest / max(mean, 1e-9)

@@ -159,20 +159,12 @@ def all_reduce_mean_metrics(metrics: dict[str, float], device: torch.device | No
 
 def union_keys(keys: list[str]) -> list[str]:
     """The sorted union of every rank's ``keys`` (metric names that only some ranks produced)."""
-    if not dist.is_initialized():
-        return sorted(set(keys))
-    gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, sorted(set(keys)))
-    return sorted({k for ks in gathered for k in ks})
+    return sorted({k for ks in all_gather_objects(sorted(set(keys))) for k in ks})
 
 
 def gather_dicts(part: dict) -> dict:
     """The union of every rank's dict (same on all ranks)."""
-    if not dist.is_initialized():
-        return dict(part)
-    parts: list = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, part)
-    return {k: v for p in parts for k, v in p.items()}
+    return {k: v for p in all_gather_objects(part) for k, v in p.items()}
 
 
 def all_gather_objects(obj) -> list:

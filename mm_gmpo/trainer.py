@@ -26,7 +26,7 @@ from tqdm import tqdm
 from mm_gmpo import distributed
 from mm_gmpo.advantage import group_advantages, groups_in_band, kl_shaped_rewards
 from mm_gmpo.attention import use_grouped_vision_attention
-from mm_gmpo.balance import assign_groups
+from mm_gmpo.balance import assign_groups, pace
 from mm_gmpo.checkpoint import (
     CheckpointError,
     TrainerState,
@@ -516,17 +516,12 @@ def balance_stage(gen: Generated, group_size: int, n_mini: int, step: int, info:
         minibatch += [mb[q].pop() for q in range(len(toks))]
         flat += toks
 
-    def pace(own: list[int]) -> float:
-        ks = sorted(set(minibatch))
-        loads = [[sum(flat[g] for g in range(len(flat)) if minibatch[g] == k and own[g] == r)
-                  for r in range(info.world_size)] for k in ks]
-        return sum(max(x) for x in loads) / max(sum(sum(x) / len(x) for x in loads), 1e-9)
-
-    before = pace(owner)
+    before = pace(flat, owner, minibatch, info.world_size)
     new_owner = assign_groups(flat, owner, minibatch, info.world_size) if enabled else owner
-    if before <= 1 + BALANCE_TOLERANCE or pace(new_owner) >= before:
-        new_owner = owner
-    metrics = {"perf/rank_token_imbalance": pace(new_owner), "perf/rank_token_imbalance_unbalanced": before}
+    after = pace(flat, new_owner, minibatch, info.world_size)
+    if before <= 1 + BALANCE_TOLERANCE or after >= before:
+        new_owner, after = owner, before
+    metrics = {"perf/rank_token_imbalance": after, "perf/rank_token_imbalance_unbalanced": before}
     if new_owner == owner:
         return Balanced(gen, None, metrics | {"perf/balance_moved_groups": 0.0})
 

@@ -6,13 +6,12 @@ import random
 
 import pytest
 
-from mm_gmpo.balance import (
-    assign_groups,
-    balanced_micro_batches,
-    imbalance,
-    lpt_partition,
-    micro_batches_needed,
-)
+from mm_gmpo.balance import assign_groups, balanced_micro_batches, lpt_partition, micro_batches_needed, pace
+
+
+def imbalance(loads: list[float]) -> float:
+    """Largest load over the mean (1 = balanced)."""
+    return max(loads) * len(loads) / sum(loads)
 
 
 def test_lpt_partition_evens_sums_and_respects_capacity():
@@ -76,6 +75,10 @@ def test_assign_groups_keeps_each_minibatch_and_each_ranks_count():
             assert sum(new[g] == r and minibatch[g] == k for g in range(len(new))) == \
                 sum(owner[g] == r and minibatch[g] == k for g in range(len(owner)))
     assert max(imbalance(x) for x in loads(new)) < max(imbalance(x) for x in loads(owner))
+    # pace: the sum over mini-batches of the busiest rank's tokens over the sum of the mean rank's
+    expected = sum(max(x) for x in loads(owner)) / sum(sum(x) / world for x in loads(owner))
+    assert pace(tokens, owner, minibatch, world) == pytest.approx(expected)
+    assert 1.0 <= pace(tokens, new, minibatch, world) < pace(tokens, owner, minibatch, world)
     # already even: nothing moves
     even = [100.0] * len(owner)
     assert assign_groups(even, owner, minibatch, world) == owner
