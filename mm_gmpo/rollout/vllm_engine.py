@@ -12,16 +12,23 @@
   strings are used); each response is decoded once at the end. For 32 prompts x 8 x 512 tokens the per-token
   objects cost 0.83 s more host time than this on a 2-core development machine (``bench_output_objects.py``),
   in the in-process loop that also drives the GPU.
-* ``update_weights`` streams (name, tensor) pairs straight into the model's ``load_weights`` (transformers names
-  are accepted as they are), then clears everything computed with the old weights: the prefix (KV) cache, the
-  multimodal processor cache and the encoder (vision feature) cache. On an H100 with vLLM 0.25.1 a reused image
-  kept its old-weight vision features until the caches were cleared (``../shared/gpu/README.md``); where this
-  vLLM has no encoder-cache reset, a sleep / wake-up cycle clears it.
+* ``update_weights`` streams (name, tensor) pairs into vLLM's layerwise reload (the model runner's
+  ``reload_weights(weights_iterator=..., is_checkpoint_format=True)``, made for RL weight updates: transformers
+  names are accepted as they are, each layer is processed again after its weights arrive, one layer's buffers at
+  a time). The same path runs on a GPU and on vLLM's CPU build; the model's bare ``load_weights`` skips that
+  processing and fails on the CPU build. Then everything computed with the old weights is cleared: the prefix
+  (KV) cache, the multimodal processor cache and the encoder (vision feature) cache. On an H100 with vLLM 0.25.1
+  a reused image kept its old-weight vision features until the caches were cleared (``../shared/gpu/README.md``).
+* Every request carries its own seed (``sampling.seed``, else one drawn from torch's RNG, which the trainer seeds
+  per step): without one vLLM draws it from numpy's global RNG, which the trainer does not govern, and the ranks
+  of one tensor-parallel engine could sample different tokens and hang in its collectives.
 * ``sleep()`` / ``wake_up()``: vLLM sleep mode so the update gets the GPU memory back between rollouts. Level 2
   (the default, ``rollout.sleep_level``) drops the weights and the KV cache: no pinned host copy of the weights
   per rank (15 GB for the 7B in bf16), which level 1 keeps although the next sync overwrites every weight. The
   sync wakes the weights alone, loads them, then the KV cache, so weights and KV cache are never both allocated
   beside the trainer's freed memory (TRL's order).
+* On a CPU (vLLM's CPU build: tests, small runs) the settings such an engine needs are chosen for it and said
+  once (``cpu_engine_settings``): no sleep mode (unsupported there), eager mode, and a KV cache sized in bytes.
 * Several ranks: vLLM's ``external_launcher`` executor in every torchrun process, tensor parallelism inside
   groups of ``tensor_parallel_size`` consecutive ranks (on one node). No vLLM data-parallel group: with one,
   every generate step would all-reduce over all ranks, so a rank with nothing to generate (an empty validation
@@ -80,6 +87,13 @@ def sampled_logprobs(logprobs, token_ids: list[int]) -> list[float] | None:
     return [float(step[t].logprob) for step, t in zip(logprobs, token_ids, strict=True)]
 
 
+def request_seeds(n_prompts: int, n: int, seed: int | None) -> list[int]:
+    """One seed per request: ``seed`` (else one drawn from torch's RNG) for the first, spaced by ``n`` because
+    vLLM gives the i-th of a request's n samples the seed + i: no two samples of a call share a seed."""
+    base = int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else int(seed)
+    return [(base + i * n) % (2**63 - 1) for i in range(n_prompts)]
+
+
 def fast_output_kwargs(supported_fields: Iterable[str]) -> dict:
     """vLLM ``SamplingParams`` that avoid per-token Python objects, where this vLLM has them (see module doc)."""
     wanted = {"flat_logprobs": True, "detokenize": False}
@@ -94,7 +108,6 @@ def vllm_sampling_kwargs(sampling: SamplingParams, eos_ids: Iterable[int] = EOS_
         "temperature": max(sampling.temperature, 0.0),
         "top_p": sampling.top_p,
         "max_tokens": sampling.max_tokens,
-        "seed": sampling.seed,
         "logprobs": 0,  # the sampled token's log-prob only
         "stop_token_ids": sorted(set(eos_ids)),
         "skip_special_tokens": True,
@@ -124,6 +137,31 @@ def engine_layout_kwargs(world: int, local_world: int, tp: int, sleep_mode: bool
     return kwargs
 
 
+def on_cpu_platform() -> bool:
+    """Whether vLLM runs on its CPU build here (no CUDA device)."""
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+CPU_KV_CACHE_GIB = 1.0
+
+
+def cpu_engine_settings(enable_sleep_mode: bool, enforce_eager: bool) -> tuple[dict, list[str]]:
+    """What a CPU engine needs instead of the GPU settings, and a line per change: vLLM's CPU build refuses sleep
+    mode ("Sleep mode is not supported on current platform"), compiles nothing worth the wait for small models,
+    and reads ``gpu_memory_utilization`` as a share of host memory that must hold the whole process (the trainer
+    too) besides the KV cache: the KV cache is sized in bytes instead (``kv_cache_memory_bytes``)."""
+    settings = {"enable_sleep_mode": False, "enforce_eager": True,
+                "kv_cache_memory_bytes": int(CPU_KV_CACHE_GIB * 2**30)}
+    said = [f"KV cache {CPU_KV_CACHE_GIB:g} GiB of host memory (not gpu_memory_utilization)"]
+    if enable_sleep_mode:
+        said.append("sleep mode off (not supported on a CPU)")
+    if not enforce_eager:
+        said.append("eager mode")
+    return settings, said
+
+
 class VLLMEngine:
     """A colocated vLLM engine behind the RolloutEngine interface."""
 
@@ -147,7 +185,7 @@ class VLLMEngine:
     ):
         """load_format="dummy": random weights at start, which is right for training because the trainer's
         weights are synced in before the first rollout; use "auto" to load the checkpoint (evaluation)."""
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: load_weights is reachable
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: the model runner is reachable
         try:
             from vllm import LLM
         except ImportError as e:  # pragma: no cover - depends on the machine
@@ -159,6 +197,13 @@ class VLLMEngine:
         if sleep_level not in (1, 2):
             raise ValueError(f"rollout.sleep_level={sleep_level}: use 1 (weights to host memory) or 2 (weights dropped)")
         mm_kwargs = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v}
+        if on_cpu_platform():
+            cpu, said = cpu_engine_settings(enable_sleep_mode, enforce_eager)
+            enable_sleep_mode, enforce_eager = cpu.pop("enable_sleep_mode"), cpu.pop("enforce_eager")
+            kwargs |= cpu
+            kwargs.pop("disable_custom_all_reduce", None)
+            if int(os.environ.get("RANK", "0")) == 0:
+                print("vLLM on a CPU: " + "; ".join(said))
         self.enable_sleep_mode, self.sleep_level = enable_sleep_mode, sleep_level
         self.progress = progress  # vLLM's own progress bar on long generates (256+ tokens)
         self.llm = LLM(
@@ -173,12 +218,12 @@ class VLLMEngine:
             seed=seed,
             enable_prefix_caching=True,
             logprobs_mode="processed_logprobs",
-            limit_mm_per_prompt={"image": max_images_per_prompt},
+            # no videos: without "video": 0 vLLM also sizes its profiling run for a video per prompt
+            limit_mm_per_prompt={"image": max_images_per_prompt, "video": 0},
             mm_processor_kwargs=mm_kwargs or None,
             **kwargs,
         )
         self.sleeping = False
-        self.cache_reset = "none"  # how the last update cleared the encoder cache (reported by benchmarks)
 
     # ------------------------------------------------------------ generate
 
@@ -187,8 +232,9 @@ class VLLMEngine:
 
         self.wake_up()
         kwargs = vllm_sampling_kwargs(sampling) | fast_output_kwargs(getattr(VSamplingParams, "__struct_fields__", ()))
+        params = [VSamplingParams(**kwargs, seed=s) for s in request_seeds(len(prompts), sampling.n, sampling.seed)]
         t0 = time.perf_counter()
-        outputs = self.llm.generate([engine_request(p) for p in prompts], VSamplingParams(**kwargs),
+        outputs = self.llm.generate([engine_request(p) for p in prompts], params,
                                     use_tqdm=self.progress and sampling.max_tokens >= 256)
         dt = time.perf_counter() - t0
         decode = None if kwargs.get("detokenize", True) else self.llm.get_tokenizer().decode
@@ -208,41 +254,36 @@ class VLLMEngine:
 
     # ------------------------------------------------------------ weights and caches
 
-    def _model(self):
+    def _model_runner(self):
         engine = self.llm.llm_engine
         executor = getattr(engine, "model_executor", None) or engine.engine_core.engine_core.model_executor
-        return executor.driver_worker.worker.model_runner.model
+        return executor.driver_worker.worker.model_runner
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        count = [0]
+
+        def counted():
+            for item in named_tensors:
+                count[0] += 1
+                yield item
+
+        runner = self._model_runner()
         if self.sleeping:  # weights first, the KV cache once they are loaded
             self._wake(["weights"])
-            loaded = self._model().load_weights(named_tensors)
+            runner.reload_weights(weights_iterator=counted(), is_checkpoint_format=True)
             self._wake(["kv_cache"])
             self.sleeping = False
         else:
-            loaded = self._model().load_weights(named_tensors)
-        if loaded is not None and len(loaded) == 0:
-            raise RuntimeError("weight sync: vLLM's load_weights accepted no tensor (names do not match)")
+            runner.reload_weights(weights_iterator=counted(), is_checkpoint_format=True)
+        if count[0] == 0:
+            raise RuntimeError("weight sync: no tensor was sent to vLLM")
         self.reset_caches()
 
     def reset_caches(self) -> None:
         """Forget every result computed with the old weights: KV prefix cache, MM processor and encoder caches."""
         self.llm.reset_prefix_cache()
-        reset_mm = getattr(self.llm, "reset_mm_cache", None)
-        if reset_mm is not None:
-            reset_mm()
-        reset_enc = getattr(self.llm, "reset_encoder_cache", None) or getattr(self.llm.llm_engine,
-                                                                              "reset_encoder_cache", None)
-        if reset_enc is not None:
-            reset_enc()
-            self.cache_reset = "reset_encoder_cache"
-        elif self.enable_sleep_mode:  # seen to clear the encoder cache on vLLM 0.25.1
-            self.llm.sleep(level=1)
-            self.llm.wake_up()
-            self.cache_reset = "sleep_wake"
-        else:
-            raise RuntimeError("this vLLM cannot clear its encoder cache: enable sleep mode "
-                               "(rollout.enable_sleep_mode=true) so stale vision features are never reused")
+        self.llm.reset_mm_cache()
+        self.llm.llm_engine.reset_encoder_cache()
 
     def sleep(self) -> None:
         if self.enable_sleep_mode and not self.sleeping:
