@@ -77,8 +77,6 @@ def main() -> None:
             "largest tensor GB": last["perf/weight_sync_max_tensor_gb"],
             "tensors": int(last["perf/weight_sync_tensors"]),
         }
-        if args.backend == "vllm":
-            figures["cache reset"] = engine.cache_reset
         if gpu:
             free, total = torch.cuda.mem_get_info(device)
             figures["sync peak extra GiB"] = (torch.cuda.max_memory_allocated(device) - base) / 2**30

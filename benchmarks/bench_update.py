@@ -150,6 +150,8 @@ def main() -> None:
         figures["MFU (LM only)"] = 6 * n_lm * tokens / dt / peak
     if device.type == "cuda":
         figures["peak memory GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
+        # what the caching allocator held at its peak: what the GPU had to give (the plan's figure to compare)
+        figures["peak reserved GiB"] = torch.cuda.max_memory_reserved(device) / 2**30
     if args.profile:
         with profiled(device, trace=Path(args.profile) / "trace.json.gz" if args.trace else None) as prof:
             step()

@@ -1,130 +1,229 @@
 #!/usr/bin/env bash
-# The GPU checks and benchmarks of issues 6, 9 and 18, in priority order, each under its own time limit so one hang
-# cannot eat the rest. Run from the repository root on a GPU machine with vLLM installed:
+# The GPU checks, in order of value, each under its own time limit, for a lent one-GPU machine (one H200 here: 15
+# device-minutes per issue, at most 10 minutes a call, nothing reachable from it). Run from the repository root:
 #
-#   bash benchmarks/gpu_suite.sh env gputests plan7b update profile  # needs no vLLM: before carrying it
-#   bash benchmarks/gpu_suite.sh parity rollout step sync  # with vLLM installed (../shared/gpu/)
+#   bash benchmarks/gpu_suite.sh --dry-run                 # on a CPU: every stage's imports, files and flags, and
+#                                                          # the plan with each stage's time limit; runs nothing
+#   bash benchmarks/gpu_suite.sh --install env plan7b      # device call 1 (carry .carry/suite-wheels.tar.xz and
+#                                                          # .carry/vllm-wheels.tar.xz.p00): no vLLM needed
+#   bash benchmarks/gpu_suite.sh --install parity step rollout   # call 2 (carry the last part) within 30 s
 #
-# Logs and benchmarks/results.jsonl rows go to $OUT (default: runs/gpu_suite); SUITE_BUDGET_S (seconds) skips
-# the stages that no longer fit. Stages:
-#   gputests pytest -m gpu tests/test_gpu_update.py (packed, grouped, compiled paths on CUDA vs float64; bf16 packed
-#            as close to the reference as padded); tests/test_offload.py round trips (shards and optimizer state to
-#            the CPU and back, the run unchanged)
-#   parity   pytest -m gpu tests/test_vllm_engine.py (vLLM log-probs == trainer's after a sync, fresh + seen + two-image prompts)
-#   update   bench_update.py, Qwen2.5-VL-3B, 8 x 1024 tokens, 448x448 images, grouped vision attention: packed
-#            and padded micro-batches; packed with compiled MLPs and norms (--compile); packed recomputing every
-#            2nd layer only (--ac-every 2: 26.8 GiB of activations at 8192 tokens is over what fp32 AdamW leaves
-#            free, so 4096-token micro-batches; benchmarks/activation_memory.py); lengths spread over 384..1024
-#            with 4 sequences per image (a prompt's samples: one vision pass)
-#   layouts  padded vs packed with lengths spread over 384..1024 (what packing saves on uneven responses)
-#   update7b Qwen2.5-VL-7B, 4 x 1024 tokens, FSDP2 CPU offload, frozen vision tower (fp32 AdamW state of the
-#            whole 8.3B model, 133 GB, fits neither the GPU nor this machine's 128 GiB of host memory)
-#   plan7b   Qwen2.5-VL-7B update with the memory plan's one-H200 setting (optim.name=adamw_8bit, 4096-token
-#            micro-batches): measured peak memory, then the plan's update total for the same setting (issue 18:
-#            within 10%)
-#   profile  one 3B update step (packed) under the torch profiler: time per category (matmul, attention,
-#            optimizer, FSDP, copies, other ops), busy vs wall, matmul TFLOP/s; $OUT/profile.md
-#   sync     bench_sync.py, Qwen2.5-VL-7B FSDP2 -> vLLM
-#   rollout  bench_rollout.py, Qwen2.5-VL-3B, 32 prompts x n=8 x 512 tokens, CUDA graphs: bare LLM.generate vs
-#            mm_gmpo's engine on the same LLM (same engine arguments), alternating, 3 repeats each (issue 20)
-#   step     GMPO steps (STEPS, default 3) of the geo3k 3B config (random weights, reduced batch, CUDA graphs on:
-#            rollout.enforce_eager=false) for the steady-state stage breakdown (summary: step_metrics.jsonl),
-#            reward wait vs busy, pixel MB, in-loop MFU against the update stage's; step 2's update profiled
-#            (step_profile_update.md); vLLM sleeps at level 2 (issue 23: weights dropped, woken weights-first by
-#            the sync); step_sleep1 repeats it (eager) at level 1 for the comparison
-#   multigpu (2+ GPUs; issue 23) the same run on 2 ranks with TP 1 (each rank its own engine) and with TP 2 (one
-#            engine over both ranks: same prompts and seed, outputs split), evaluated on the 300 val problems; each
-#            must finish without a hang and log eval/prompts == 300
-# PARITY_K=bfloat16 (or float32) runs one dtype of the parity test.
+# The machine has torch 2.11 and transformers 5.17 but no registry: `bash benchmarks/stage_gpu.sh` packs the wheels
+# it lacks (benchmarks/gpu_wheels.txt: vLLM 0.25.1 and what the stages import) into .carry/ as parts that fit the
+# 64 MiB a call carries beside the repository; take data/ out of what travels for those calls (no stage reads it:
+# `git rm -r -q --cached data && echo /data/ >> .git/info/exclude`, undone by `git reset -q data` and deleting the
+# line). `--install` keeps each call's parts in /tmp/stage (the machine keeps /tmp while warm, 30 s after a call)
+# and installs an archive into /tmp/site once all its parts are there. With no stage named: env plan7b parity step
+# rollout.
+#
+# Stages (limits in seconds; SUITE_BUDGET_S, default 540, skips what no longer fits):
+#   env     GPU, driver, python, torch, transformers, vLLM versions
+#   plan7b  Qwen2.5-VL-7B update with the memory plan's one-H200 setting (adamw_8bit, 4096-token micro-batches,
+#           4 x 1024 tokens with one 448x448 image = 1024 patches each): peak allocated and reserved, then the
+#           plan of the same setting at the same patches per token (1.0), both phases (the rollout phase binds)
+#   parity  fp32 log-probs of vLLM vs the trainer after a sync (3B; seen, fresh and two-image prompts), with
+#           TRITON_F32_DEFAULT=ieee: vLLM's fp32 attention is Triton, which defaults to TF32
+#   step    2 GMPO steps of the geo3k 3B config (random weights) on one GPU, eager, vLLM asleep at level 2 during
+#           the update (weights dropped, woken weights-first by the sync): stage times, rollout/logprob_diff,
+#           MFU, peak memory and the GPU's use at the end of the rollout, then the memory plan of that run
+#   rollout bare LLM.generate vs mm_gmpo's engine on the same LLM (3B, 32 prompts x 8 x 256 tokens, eager), alternating
+# Never here: several GPUs (multigpu needs 2+) and the 7B with CPU offload (its fp32 AdamW state is over a 128 GiB
+# host). A stage over its limit is stopped with TERM (torchrun passes it on to its workers, which run in their own
+# session), then KILL for what is left of it; the next stage starts once the GPU is empty again.
+# Logs go to $SUITE_WORK (default /tmp/gpu_suite) and end up in one file, $OUT/gpu_suite.tgz (OUT default:
+# runs/gpu_suite), with results.jsonl rows of the benchmarks.
 set -uo pipefail
-OUT="${OUT:-runs/gpu_suite}"
-mkdir -p "$OUT"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export MM_GMPO_BENCH_OUT="$OUT/results.jsonl" VLLM_ENABLE_V1_MULTIPROCESSING=0
+cd "$(dirname "$0")/.."
+dry=0 install=0 stages=()
+for a in "$@"; do
+  case "$a" in --dry-run) dry=1 ;; --install) install=1 ;; *) stages+=("$a") ;; esac
+done
+(( ${#stages[@]} )) || stages=(env plan7b parity step rollout)
+if [ -z "${PYTHON:-}" ] && (( dry )) && [ -x .venv-vllm/bin/python ]; then PYTHON=.venv-vllm/bin/python; fi
 PY="${PYTHON:-python3}"
-U=("$PY" benchmarks/bench_update.py --model qwen2_5_vl_3b --batch 8 --seq 1024 --image 448 --steps 3
-   --vision-attention grouped)
-# the random-weight 3B geo3k run of the step and multigpu stages (reduced batch, no checkpoints)
-STEP_ARGS=(--config configs/geo3k_qwen2_5_vl_3b_gmpo.yaml model.path=random:qwen2_5_vl_3b data.train_source=data/geometry3k
-  data.train_split=val trainer.rollout_batch_size=32 trainer.mini_batch_size=32 rollout.max_tokens=512
-  rollout.enforce_eager=true rollout.gpu_memory_utilization=0.2 trainer.eval_every=0 trainer.save_every=-1
-  trainer.export_hf=false logging.tensorboard=false)
+OUT="${OUT:-runs/gpu_suite}"
+WORK="${SUITE_WORK:-/tmp/gpu_suite}"
+mkdir -p "$OUT" "$WORK"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export VLLM_ENABLE_V1_MULTIPROCESSING=0 MM_GMPO_BENCH_OUT="$WORK/results.jsonl"
+budget=${SUITE_BUDGET_S:-540}
 t_start=$(date +%s)
+failed=0
 
-stage() {  # stage NAME LIMIT_S COMMAND...; the limit is cut to what is left of SUITE_BUDGET_S
+# ---------------------------------------------------------------- wheels (device only)
+
+install_wheels() {
+  mkdir -p /tmp/stage /tmp/site
+  cp .carry/*.tar.xz* .carry/SHA256SUMS /tmp/stage/ 2>/dev/null
+  (cd /tmp/stage && sha256sum --quiet --ignore-missing -c SHA256SUMS) || { echo "install: a part is damaged"; return 1; }
+  local archive parts
+  for archive in suite-wheels vllm-wheels; do
+    [ -e "/tmp/stage/$archive.installed" ] && continue
+    parts=$(awk -v a="$archive" '$2 ~ "^"a {print $2}' /tmp/stage/SHA256SUMS)
+    if ! (cd /tmp/stage && ls $parts >/dev/null 2>&1); then
+      echo "install: $archive: $(cd /tmp/stage && ls $parts 2>/dev/null | wc -l) of $(echo $parts | wc -w) part(s) here"
+      continue
+    fi
+    local t0=$(date +%s) dest="/tmp/wheels/$archive"
+    mkdir -p "$dest"
+    (cd /tmp/stage && cat $parts) | { if command -v xz >/dev/null; then xz -T0 -dc; else "$PY" -c \
+      "import lzma, shutil, sys; shutil.copyfileobj(lzma.LZMAFile(sys.stdin.buffer), sys.stdout.buffer, 1 << 24)"; fi; } |
+      tar -x -C "$dest" &&
+      "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$dest"/*.whl \
+        2>&1 | grep -v "^WARNING: Target directory" ; rm -rf "$dest"
+    touch "/tmp/stage/$archive.installed"
+    echo "install: $archive in $(( $(date +%s) - t0 ))s"
+  done
+  export PYTHONPATH="/tmp/site:$PYTHONPATH"
+}
+
+# ---------------------------------------------------------------- stage runner
+
+check() {  # dry run: one suite_check.py call (imports / files / script flags); failures are counted
+  (( dry )) || return 0
+  "$PY" benchmarks/suite_check.py "$@" 2>&1 | tail -3 | sed 's/^/  /'
+  (( PIPESTATUS[0] == 0 )) || failed=$((failed + 1))
+}
+
+procs_of() {  # the processes of a stage: every one inherits MM_GMPO_STAGE=<name>, whatever session it is in
+  local p
+  for p in /proc/[0-9]*; do
+    tr '\0' '\n' < "$p/environ" 2>/dev/null | grep -qx "MM_GMPO_STAGE=$1" && echo "${p#/proc/}"
+  done
+}
+
+stop_stage() {  # TERM (torchrun passes it to its workers), up to 20 s, then KILL what is left
+  local name=$1 pid=$2 i left
+  kill -TERM -- "-$pid" 2>/dev/null; kill -TERM $(procs_of "$name") 2>/dev/null
+  for i in $(seq 20); do left=$(procs_of "$name"); [ -z "$left" ] && return 0; sleep 1; done
+  echo "=== $name: KILL $(echo $left)"; kill -KILL $left 2>/dev/null
+}
+
+gpu_empty() {  # wait (30 s at most) until no process holds the GPU's memory; say what is still used
+  local i used=0
+  command -v nvidia-smi >/dev/null || return 0
+  for i in $(seq 30); do
+    used=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)
+    (( used < 2048 )) && return 0
+    sleep 1
+  done
+  echo "=== warning: ${used} MiB still in use on the GPU before the next stage"
+}
+
+stage() {  # stage NAME LIMIT_S COMMAND...: the limit is cut to what is left of the budget
   local name=$1 limit=$2; shift 2
-  local left=$(( ${SUITE_BUDGET_S:-100000} - ($(date +%s) - t_start) ))
-  if (( left < 45 )); then echo "=== $name skipped: ${left}s left of SUITE_BUDGET_S"; return 0; fi
+  local left=$(( budget - ($(date +%s) - t_start) ))
+  if (( dry )); then echo "plan: $name, limit ${limit}s: $*"; return 0; fi
+  if (( left < 40 )); then echo "=== $name skipped: ${left}s left of SUITE_BUDGET_S=$budget"; return 0; fi
   (( limit > left )) && limit=$left
   echo "=== $name (limit ${limit}s, at +$(( $(date +%s) - t_start ))s): $*"
   local t0=$(date +%s)
-  timeout --signal=KILL "$limit" "$@" > "$OUT/$name.log" 2>&1
-  local rc=$?
+  MM_GMPO_STAGE=$name setsid "$@" > "$WORK/$name.log" 2>&1 &
+  local pid=$!
+  while kill -0 "$pid" 2>/dev/null && (( $(date +%s) - t0 < limit )); do sleep 1; done
+  if kill -0 "$pid" 2>/dev/null; then echo "=== $name: over its ${limit}s, stopping it"; stop_stage "$name" "$pid"; fi
+  wait "$pid"; local rc=$?
+  local rest; rest=$(procs_of "$name"); [ -n "$rest" ] && stop_stage "$name" "$pid"
+  gpu_empty
   echo "=== $name rc=$rc in $(( $(date +%s) - t0 ))s"
-  grep -E "^\| |passed|failed|error|Error|mean \|logp|^step|timing" "$OUT/$name.log" | tail -40
-  return 0
+  grep -E "^\| |passed|failed|rror|mean \||max \||^fp32|^\[" "$WORK/$name.log" | grep -v "^\[transformers\]" | tail -30
 }
 
-for what in "$@"; do
+needs_vllm() {
+  (( dry )) && return 0
+  "$PY" -c "import vllm" 2>/dev/null && return 0
+  echo "=== $1 skipped: no vLLM here (carry every part of .carry/vllm-wheels.tar.xz.p* and pass --install)"
+  return 1
+}
+
+# ---------------------------------------------------------------- stages
+
+(( install && !dry )) && install_wheels
+(( dry )) && { echo "dry run with $PY: checks and the plan, nothing runs"; check files benchmarks/gpu_wheels.txt \
+  benchmarks/stage_gpu.sh; for w in vllm== datasets== math-verify== qwen-vl-utils== torchao==; do
+    grep -q "^$w" benchmarks/gpu_wheels.txt || { echo "  gpu_wheels.txt names no $w"; failed=$((failed + 1)); }; done; }
+U7=(benchmarks/bench_update.py --model qwen2_5_vl_7b --batch 4 --seq 1024 --image 448 --steps 1
+    --vision-attention grouped --layout packed --optim adamw_8bit --micro-tokens 4096)
+PLAN7=(benchmarks/memory_plan.py --config configs/geo3k_qwen2_5_vl_7b_gmpo.yaml --gpus 1 --gpu-gib 141
+       --patches-per-token 1.0 optim.name=adamw_8bit trainer.max_tokens_per_micro_batch=4096)
+STEP_DATA="$WORK/step_data"
+STEP=(--config configs/geo3k_qwen2_5_vl_3b_gmpo.yaml model.path=random:qwen2_5_vl_3b data.dataset=files
+      "data.train_files=$STEP_DATA/train.jsonl" data.task=math trainer.total_steps=2 trainer.rollout_batch_size=16
+      trainer.mini_batch_size=16 rollout.max_tokens=256 rollout.enforce_eager=true rollout.sleep_level=2
+      rollout.gpu_memory_utilization=0.3 trainer.eval_every=0 trainer.save_every=-1 trainer.export_hf=false
+      logging.tensorboard=false "trainer.output_dir=$WORK/step_run")
+# 512x512 pictures: 37 x 37 = 1369 patches, 342 image tokens + ~60 of text + 256 of response per sequence
+PLAN_STEP=(benchmarks/memory_plan.py --config configs/geo3k_qwen2_5_vl_3b_gmpo.yaml --gpus 1 --gpu-gib 141
+           --patches-per-token 2.1 model.path=random:qwen2_5_vl_3b trainer.rollout_batch_size=16
+           trainer.mini_batch_size=16 rollout.max_tokens=256 rollout.gpu_memory_utilization=0.3)
+ROLL=(benchmarks/bench_rollout.py --model qwen2_5_vl_3b --prompts 32 --n 8 --max-tokens 256 --image 448 --gpu-mem 0.4
+      --repeats 2 --eager)
+
+for what in "${stages[@]}"; do
   case "$what" in
     env)
-      nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-      "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-      "$PY" -c "import vllm; print('vllm', vllm.__version__)" 2>&1 | tail -1 ;;
-    gputests)
-      stage gputests 240 "$PY" -m pytest -m gpu tests/test_gpu_update.py -q -p no:cacheprovider
-      stage offload 120 "$PY" -m pytest tests/test_offload.py -k round_trip -q -p no:cacheprovider ;;
-    parity)
-      stage parity 300 "$PY" -m pytest -m gpu tests/test_vllm_engine.py -s -q -p no:cacheprovider ${PARITY_K:+-k "$PARITY_K"} ;;
-    update)
-      stage update_packed 100 "${U[@]}" --layout packed
-      stage update_padded 100 "${U[@]}" --layout padded
-      stage update_packed_compile 160 "${U[@]}" --layout packed --compile
-      stage update_packed_ac2_mt4096 100 "${U[@]}" --layout packed --ac-every 2 --micro-tokens 4096
-      stage update_spread_packed_n4 100 "${U[@]}" --min-seq 384 --layout packed --group 4 ;;
-    layouts)
-      stage update_spread_padded 100 "${U[@]}" --min-seq 384 --layout padded
-      stage update_spread_packed 100 "${U[@]}" --min-seq 384 --layout packed ;;
-    update7b)
-      stage update7b 420 "$PY" benchmarks/bench_update.py --model qwen2_5_vl_7b --batch 4 --seq 1024 --image 448 \
-        --steps 1 --vision-attention grouped --layout packed --cpu-offload --freeze-vision ;;
+      check imports torch transformers
+      if (( !dry )); then
+        nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+        "$PY" -c "import sys, torch, transformers; print('python', sys.version.split()[0], '| torch', torch.__version__,
+'| cuda', torch.version.cuda, '| transformers', transformers.__version__)"
+        "$PY" -c "import vllm; print('vllm', vllm.__version__)" 2>&1 | tail -1
+      fi ;;
     plan7b)
-      stage plan7b 300 "$PY" benchmarks/bench_update.py --model qwen2_5_vl_7b --batch 4 --seq 1024 --image 448 \
-        --steps 1 --vision-attention grouped --layout packed --optim adamw_8bit --micro-tokens 4096
-      "$PY" benchmarks/memory_plan.py --config configs/geo3k_qwen2_5_vl_7b_gmpo.yaml --gpus 1 --gpu-gib 141 \
-        --patches-per-token 0.25 optim.name=adamw_8bit trainer.max_tokens_per_micro_batch=4096 | grep "update |" ;;
-    profile)
-      stage profile 200 "$PY" benchmarks/bench_update.py --model qwen2_5_vl_3b --batch 8 --seq 1024 --image 448 \
-        --steps 1 --vision-attention grouped --layout packed --profile "$OUT"
-      grep -A40 "^Profiled step" "$OUT/profile.md" ;;
-    sync)
-      stage sync 200 "$PY" benchmarks/bench_sync.py --model qwen2_5_vl_7b --repeats 3 ;;
-    rollout)
-      stage rollout 330 "$PY" benchmarks/bench_rollout.py --model qwen2_5_vl_3b --prompts 32 --n 8 --max-tokens 512 \
-        --image 448 --gpu-mem 0.4 --repeats 3 ;;
+      check imports torchao mm_gmpo.update
+      check script "${U7[@]}"
+      check script "${PLAN7[@]}"
+      stage plan7b 200 "$PY" "${U7[@]}"
+      stage plan7b_plan 60 "$PY" "${PLAN7[@]}" ;;
+    parity)
+      needs_vllm parity || continue
+      check imports vllm
+      (( dry )) && { "$PY" -m pytest --collect-only -q -m gpu tests/test_vllm_engine.py -k float32 -p no:cacheprovider \
+        2>&1 | grep -q "1/.* tests collected\|1 test collected" && echo "  ok: parity test collected" ||
+        { echo "  parity test not collected"; failed=$((failed + 1)); }; }
+      stage parity 200 env TRITON_F32_DEFAULT=ieee "$PY" -m pytest -m gpu tests/test_vllm_engine.py -k float32 -s -q \
+        -p no:cacheprovider ;;
     step)
-      stage step 270 "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 scripts/train_mm.py \
-        --config configs/geo3k_qwen2_5_vl_3b_gmpo.yaml model.path=random:qwen2_5_vl_3b \
-        data.train_source=data/geometry3k data.train_split=val trainer.total_steps=${STEPS:-3} trainer.rollout_batch_size=32 \
-        trainer.mini_batch_size=32 rollout.max_tokens=512 rollout.enforce_eager=false rollout.gpu_memory_utilization=0.2 trainer.eval_every=0 \
-        trainer.save_every=-1 trainer.export_hf=false logging.tensorboard=false trainer.output_dir="$OUT/step_run" \
-        trainer.profile_step=2
-      cp "$OUT/step_run/metrics.jsonl" "$OUT/step_metrics.jsonl" 2>/dev/null
-      cp "$OUT/step_run/profile_update_step2.md" "$OUT/step_profile_update.md" 2>/dev/null
-      rm -rf "$OUT/step_run"
-      stage step_sleep1 270 "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 scripts/train_mm.py \
-        "${STEP_ARGS[@]}" trainer.total_steps=${STEPS:-3} rollout.sleep_level=1 trainer.output_dir="$OUT/step_run1"
-      cp "$OUT/step_run1/metrics.jsonl" "$OUT/step_sleep1_metrics.jsonl" 2>/dev/null
-      rm -rf "$OUT/step_run1" ;;
-    multigpu)
-      for tp in 1 2; do
-        stage "multigpu_tp$tp" 300 "$PY" -m torch.distributed.run --standalone --nproc_per_node 2 scripts/train_mm.py \
-          "${STEP_ARGS[@]}" trainer.total_steps=2 rollout.tensor_parallel_size=$tp trainer.eval_every=2 \
-          data.val_source=data/geometry3k data.val_split=val trainer.output_dir="$OUT/mg_run$tp"
-        tail -1 "$OUT/mg_run$tp/metrics.jsonl" 2>/dev/null | "$PY" -c "import json,sys; r=json.loads(sys.stdin.read()); print('eval/prompts', r.get('eval/prompts'), 'reward', r.get('reward/mean'))"
-        rm -rf "$OUT/mg_run$tp"
-      done ;;
-    *) echo "unknown stage $what (env gputests parity update layouts update7b plan7b profile sync rollout step multigpu)"; exit 2 ;;
+      needs_vllm step || continue
+      check imports vllm datasets math_verify qwen_vl_utils
+      check script benchmarks/step_data.py --out "$STEP_DATA" --prompts 32 --side 512
+      if (( dry )); then
+        "$PY" benchmarks/step_data.py --out "$STEP_DATA" --prompts 32 --side 512 >/dev/null &&
+        "$PY" scripts/train_mm.py "${STEP[@]}" --check 2>&1 | tail -2 | sed 's/^/  /'
+        (( PIPESTATUS[0] == 0 )) || failed=$((failed + 1))
+        check script "${PLAN_STEP[@]}"
+      else
+        "$PY" benchmarks/step_data.py --out "$STEP_DATA" --prompts 32 --side 512 >/dev/null
+      fi
+      stage step 260 "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 scripts/train_mm.py "${STEP[@]}"
+      if (( !dry )) && [ -f "$WORK/step_run/metrics.jsonl" ]; then
+        cp "$WORK/step_run/metrics.jsonl" "$WORK/step_metrics.jsonl"
+        "$PY" - "$WORK/step_metrics.jsonl" <<'PY'
+import json, sys
+keys = ["timing/step_s", "timing/rollout_s", "timing/old_logprob_s", "timing/update_s", "timing/weight_sync_s",
+        "rollout/logprob_diff_mean", "rollout/logprob_diff_max", "perf/mfu", "perf/max_memory_allocated_gib",
+        "perf/max_memory_reserved_gib", "perf/rollout_gpu_used_gib", "rollout/response_len_mean"]
+rows = [json.loads(x) for x in open(sys.argv[1])]
+print("| step | " + " | ".join(keys) + " |")
+for r in rows:
+    print(f"| {r['step']} | " + " | ".join(f"{r[k]:.4g}" if k in r else "-" for k in keys) + " |")
+PY
+      fi
+      rm -rf "$WORK/step_run"
+      stage step_plan 60 "$PY" "${PLAN_STEP[@]}" ;;
+    rollout)
+      needs_vllm rollout || continue
+      check script "${ROLL[@]}"
+      stage rollout 240 "$PY" "${ROLL[@]}" ;;
+    multigpu|update7b)
+      echo "=== $what: not on one GPU with a 128 GiB host (see the header)" ;;
+    *) echo "unknown stage $what (env plan7b parity step rollout)"; exit 2 ;;
   esac
 done
+
+if (( dry )); then
+  echo "dry run: $failed problem(s)"
+  exit $(( failed > 0 ))
+fi
+tar -czf "$OUT/gpu_suite.tgz" -C "$WORK" --exclude=step_data . && echo "=== results: $OUT/gpu_suite.tgz"
 echo "=== done at +$(( $(date +%s) - t_start ))s"

@@ -590,15 +590,27 @@ def train_samples(prompts: list[EncodedPrompt], rollouts: list[Rollout], rewards
              "advantage": float(advantages[i])} for i, x in enumerate(rollouts[:k])]
 
 
-def memory_metrics(device: torch.device) -> dict[str, float]:
-    """Peak GPU memory allocated since start (the largest over ranks) and the largest host RSS of any rank."""
+def gpu_used_gib(device: torch.device) -> float:
+    """Memory in use on this rank's GPU, whoever holds it (torch's allocator and vLLM's pool alike); 0 on a CPU."""
+    if device.type != "cuda":
+        return 0.0
+    free, total = torch.cuda.mem_get_info(device)
+    return (total - free) / 2**30
+
+
+def memory_metrics(device: torch.device, rollout_used_gib: float = 0.0) -> dict[str, float]:
+    """Peak GPU memory allocated and reserved by torch since start, the GPU's use at the end of the rollout (vLLM
+    awake beside the trainer's resident state: the binding phase on one GPU), each the largest over ranks, and
+    the largest host RSS of any rank."""
     import resource
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30  # Linux reports KiB
     out = {"perf/host_rss_gib": distributed.all_reduce_max(rss, device)}
     if device.type == "cuda":
-        out["perf/max_memory_allocated_gib"] = distributed.all_reduce_max(
-            torch.cuda.max_memory_allocated(device) / 2**30, device)
+        for key, value in (("perf/max_memory_allocated_gib", torch.cuda.max_memory_allocated(device) / 2**30),
+                           ("perf/max_memory_reserved_gib", torch.cuda.max_memory_reserved(device) / 2**30),
+                           ("perf/rollout_gpu_used_gib", rollout_used_gib)):
+            out[key] = distributed.all_reduce_max(value, device)
     return out
 
 
@@ -801,6 +813,7 @@ def train(cfg: Config) -> dict[str, float]:
         scoring = (PendingRewards(gen.prompts, gen.rollouts, cfg, rf) if gen.rewards is None else
                    PendingRewards.scored(gen.rewards, {}, timings["timing/reward_s"]))
         t0 = time.perf_counter()
+        rollout_used = gpu_used_gib(info.device)  # the engine still awake beside the trainer's resident state
         engine.sleep()  # vLLM: give the GPU memory to the update
         timings["timing/rollout_s"] += time.perf_counter() - t0
         rollouts = gen.rollouts
@@ -896,7 +909,7 @@ def train(cfg: Config) -> dict[str, float]:
              float(policy.pixel_bytes_in - pixel_in_before), float(policy.pixel_bytes_saved - pixel_saved_before)],
             info.device)
         perf = {"perf/update_tokens_per_s": tokens / max(timings["timing/update_s"], 1e-9),
-                "perf/update_vision_patches": patches, **memory_metrics(info.device),
+                "perf/update_vision_patches": patches, **memory_metrics(info.device, rollout_used),
                 # pixel data: the step's batch (each picture once), what its forwards were given (old log-probs and
                 # updates), and what a copy per sample would have added to that
                 "perf/pixel_mb_held": held / 1e6, "perf/pixel_mb_moved": moved / 1e6,

