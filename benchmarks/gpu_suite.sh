@@ -52,11 +52,17 @@ failed=0
 
 # ---------------------------------------------------------------- wheels (device only)
 
+unxz() {  # xz on all cores where the machine has xz, else Python's lzma
+  if command -v xz >/dev/null; then xz -T0 -dc; else
+    "$PY" -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.LZMAFile(sys.stdin.buffer), sys.stdout.buffer, 1 << 24)"
+  fi
+}
+
 install_wheels() {
   mkdir -p /tmp/stage /tmp/site
   cp .carry/*.tar.xz* .carry/SHA256SUMS /tmp/stage/ 2>/dev/null
   (cd /tmp/stage && sha256sum --quiet --ignore-missing -c SHA256SUMS) || { echo "install: a part is damaged"; return 1; }
-  local archive parts
+  local archive parts t0 dest
   for archive in suite-wheels vllm-wheels; do
     [ -e "/tmp/stage/$archive.installed" ] && continue
     parts=$(awk -v a="$archive" '$2 ~ "^"a {print $2}' /tmp/stage/SHA256SUMS)
@@ -64,15 +70,17 @@ install_wheels() {
       echo "install: $archive: $(cd /tmp/stage && ls $parts 2>/dev/null | wc -l) of $(echo $parts | wc -w) part(s) here"
       continue
     fi
-    local t0=$(date +%s) dest="/tmp/wheels/$archive"
+    t0=$(date +%s) dest="/tmp/wheels/$archive"
     mkdir -p "$dest"
-    (cd /tmp/stage && cat $parts) | { if command -v xz >/dev/null; then xz -T0 -dc; else "$PY" -c \
-      "import lzma, shutil, sys; shutil.copyfileobj(lzma.LZMAFile(sys.stdin.buffer), sys.stdout.buffer, 1 << 24)"; fi; } |
-      tar -x -C "$dest" &&
-      "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$dest"/*.whl \
-        2>&1 | grep -v "^WARNING: Target directory" ; rm -rf "$dest"
-    touch "/tmp/stage/$archive.installed"
-    echo "install: $archive in $(( $(date +%s) - t0 ))s"
+    if (cd /tmp/stage && cat $parts) | unxz | tar -x -C "$dest" &&
+       "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+         "$dest"/*.whl > "$WORK/install_$archive.log" 2>&1; then
+      touch "/tmp/stage/$archive.installed"
+      echo "install: $archive in $(( $(date +%s) - t0 ))s"
+    else
+      echo "install: $archive failed"; tail -5 "$WORK/install_$archive.log"
+    fi
+    rm -rf "$dest"
   done
   export PYTHONPATH="/tmp/site:$PYTHONPATH"
 }

@@ -3,14 +3,13 @@
 # as can be: each wheel re-stored uncompressed, then tarred and compressed with xz (CUDA kernels shrink 3.5x more
 # than in the wheels' zip), files a one-H200 run never loads left out (gpu_wheels.txt says which):
 #   .carry/suite-wheels.tar.xz        the stages' own imports (torchao, datasets, math-verify, ...), ~5 MB
-#   .carry/vllm-wheels.tar.xz.pNN     vLLM and its needs, ~110 MB, in parts of PART_MIB (default 52)
+#   .carry/vllm-wheels.tar.xz.pNN     vLLM and its needs, ~113 MB, in parts as large as a call can take
 #   .carry/SHA256SUMS
-#   bash benchmarks/stage_gpu.sh [PART_MIB]
-# A call carries at most 64 MiB with the repository (5.4 MB without data/): call 1 carries SHA256SUMS, the suite
-# archive and part 00, call 2 SHA256SUMS and part 01; gpu_suite.sh --install puts them together (its header).
+#   bash benchmarks/stage_gpu.sh
+# A call carries at most 64 MiB, the repository included (5.5 MB without data/): call 1 carries SHA256SUMS, the
+# suite archive and part 00, call 2 SHA256SUMS and part 01; gpu_suite.sh --install puts them together (its header).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-part_mib=${1:-52}
 grep -qx '/.carry/' .git/info/exclude 2>/dev/null || echo '/.carry/' >> .git/info/exclude
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -48,7 +47,20 @@ PY
 rm -rf .carry && mkdir -p .carry
 tar -cf - -C "$work/suite" . | xz -T2 -9 > .carry/suite-wheels.tar.xz
 tar -cf - -C "$work/vllm" . | xz -T2 -9 > "$work/vllm-wheels.tar.xz"
-split -b "${part_mib}m" -d "$work/vllm-wheels.tar.xz" .carry/vllm-wheels.tar.xz.p
+repo=$(git ls-files -co --exclude-standard | grep -v '^data/' | xargs du -cb | tail -1 | cut -f1)
+python3 - "$work/vllm-wheels.tar.xz" "$repo" "$(stat -c %s .carry/suite-wheels.tar.xz)" <<'PY'
+import sys
+bundle, repo, suite = open(sys.argv[1], "rb").read(), int(sys.argv[2]), int(sys.argv[3])
+room = 64 * 2**20 - repo - 2**20  # what a call carries beside the repository, 1 MiB kept free
+sizes, at = [], 0
+while at < len(bundle):  # part 00 travels with the suite archive
+    sizes.append(min(room - (suite if not sizes else 0), len(bundle) - at))
+    at += sizes[-1]
+at = 0
+for i, n in enumerate(sizes):
+    open(f".carry/vllm-wheels.tar.xz.p{i:02d}", "wb").write(bundle[at:at + n])
+    at += n
+PY
 (cd .carry && sha256sum suite-wheels.tar.xz vllm-wheels.tar.xz.p* > SHA256SUMS)
 ls -l .carry
-echo "tracked files without data/: $(git ls-files | grep -v '^data/' | xargs du -cb | tail -1 | cut -f1) bytes"
+echo "repository without data/: $repo bytes; calls: $(ls .carry/vllm-wheels.tar.xz.p* | wc -l)"
