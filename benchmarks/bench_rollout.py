@@ -45,11 +45,9 @@ def bench_vllm(args, prompts, folder) -> dict:
     sampling = SamplingParams(n=args.n, temperature=1.0, max_tokens=args.max_tokens, seed=0, ignore_eos=True)
     eng = VLLMEngine(folder, load_format="dummy", dtype="bfloat16", gpu_memory_utilization=args.gpu_mem,
                      enforce_eager=args.eager, max_model_len=args.max_model_len, seed=0)
-    # bare vLLM: what a user would write by hand (requests, per-token log-prob objects, detokenized text, one
-    # seed); mm_gmpo's engine gives every request a seed of its own (either way vLLM samples seeded requests with
-    # a generator per request)
+    # bare vLLM: what a user would write by hand (requests, per-token log-prob objects, detokenized text)
     reqs = [engine_request(p) for p in prompts]
-    sp = VSP(**vllm_sampling_kwargs(sampling), seed=0)
+    sp = VSP(**vllm_sampling_kwargs(sampling))
 
     def bare() -> int:
         outs = eng.llm.generate(reqs, sp, use_tqdm=False)

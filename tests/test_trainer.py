@@ -416,3 +416,27 @@ def test_scoring_runs_beside_the_callers_work_and_reports_wait_and_busy(monkeypa
     assert busy >= 0.3 and wait == busy
     with pytest.raises(RuntimeError, match="reward function failed"):
         trainer.PendingRewards([], [], cfg, "boom").result()
+
+
+@pytest.mark.slow
+def test_validation_before_training_with_an_empty_share_on_one_rank(tmp_path):
+    """One validation prompt on 2 ranks: rank 1's share is empty, and it must still take part in the evaluation
+    (its sums are collectives): skipping it left rank 0 waiting in the all-reduce (gloo aborted on the mismatched
+    collective; NCCL waits until its timeout)."""
+    from user_data import write_dataset
+
+    train_file = write_dataset(tmp_path, 8, seed=0)
+    val_file = write_dataset(tmp_path, 2, seed=1, name="val.jsonl")
+    val_file.write_text(val_file.read_text().splitlines()[1] + "\n")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "scripts" / "train_mm.py"), "data.dataset=files", f"data.train_files={train_file}",
+           f"data.val_files={val_file}", "data.template=plain", "data.task=exact",
+           "rollout.allowed_tokens=[red,green,blue,yellow]", "trainer.rollout_batch_size=4",
+           "trainer.mini_batch_size=2", "rollout.n=2", "trainer.total_steps=1", "trainer.eval_every=0",
+           "trainer.val_before_train=true", "trainer.save_every=-1", "trainer.export_hf=false",
+           "logging.tensorboard=false", f"trainer.output_dir={out}"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in rows] == [0, 1] and rows[0]["eval/prompts"] == 1.0

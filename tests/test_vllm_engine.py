@@ -83,19 +83,19 @@ def test_engine_layout_on_several_ranks():
         engine_layout_kwargs(6, 6, 4, True)
 
 
-def test_every_request_gets_its_own_seed_from_the_callers_rng():
-    """No request is left to vLLM's own seed choice (numpy's global RNG, which the trainer does not govern):
-    seeds follow torch's RNG (the trainer seeds it per step and alike on the ranks of a TP group), spaced by n
-    (vLLM seeds the n samples of a request seed, seed + 1, ...), and a given seed is used as it is."""
-    from mm_gmpo.rollout.vllm_engine import request_seeds
+def test_a_seed_governs_torchs_generator_for_the_call_only():
+    from mm_gmpo.rollout.vllm_engine import seeded
 
-    torch.manual_seed(7)
-    a = request_seeds(3, 4, None)
-    torch.manual_seed(7)
-    assert request_seeds(3, 4, None) == a and a[1] - a[0] == 4 and a[2] - a[1] == 4
-    torch.manual_seed(8)
-    assert request_seeds(3, 4, None) != a
-    assert request_seeds(2, 5, 100) == [100, 105]
+    torch.manual_seed(1)
+    before = torch.random.get_rng_state()
+    with seeded(5):
+        a = torch.rand(3)
+    assert torch.equal(torch.random.get_rng_state(), before)  # the caller's stream goes on where it was
+    with seeded(5):
+        assert torch.equal(torch.rand(3), a)
+    with seeded(None):
+        torch.rand(1)
+    assert not torch.equal(torch.random.get_rng_state(), before)  # no seed: the caller's generator is used
 
 
 def test_a_cpu_engine_gets_the_settings_a_cpu_needs_and_says_which():
@@ -176,9 +176,9 @@ def vl(tmp_path_factory):
 @pytest.mark.parametrize("k", [0, 1, 3])
 def test_real_engine_generates_for_0_1_3_images_with_reproducible_seeds(vl, k):
     """n=3 samples for each of 2 prompts: the prompt ids vLLM expanded equal the trainer's (checked inside
-    generate), log-probs for every sampled token (flat columns), texts decoded once; the same torch seed gives the
-    same samples whatever numpy's global RNG holds (vLLM draws unseeded requests' seeds from it), another seed
-    other samples."""
+    generate), log-probs for every sampled token (flat columns), texts decoded once. Sampling follows torch's
+    seed (the trainer's per-step seeding), whatever numpy's global RNG holds; another seed gives other samples;
+    a seed in SamplingParams gives the same samples whatever torch's generator holds."""
     import numpy as np
 
     prompts = image_prompts(2, k, seed=k)
@@ -197,6 +197,11 @@ def test_real_engine_generates_for_0_1_3_images_with_reproducible_seeds(vl, k):
     assert [r.response_ids for r in a] == [r.response_ids for r in b]
     assert [r.response_ids for r in a] != [r.response_ids for r in c]
     assert len({tuple(r.response_ids) for r in a}) > 1  # the n samples of a request differ
+    fixed = SamplingParams(n=3, temperature=1.0, max_tokens=6, seed=4)
+    torch.manual_seed(1)
+    d = vl.engine.generate(prompts, fixed)
+    torch.manual_seed(2)
+    assert [r.response_ids for r in vl.engine.generate(prompts, fixed)] == [r.response_ids for r in d]
     tok = load_processor().tokenizer
     for r in a:
         assert len(r.logprobs) == len(r.response_ids) > 0 and all(lp <= 0 for lp in r.logprobs)
@@ -241,6 +246,19 @@ def test_after_a_sync_the_engine_scores_like_the_trainer_on_seen_and_fresh_pictu
           f"fresh {after_fresh:.3g} (sync {metrics['timing/weight_sync_s']:.3f} s)")
     assert before > 0.1
     assert 0 < after_seen < PARITY_FP32 and 0 < after_fresh < PARITY_FP32
+
+
+@pytest.mark.vllm
+@no_vllm
+def test_a_sync_that_leaves_parameters_without_a_value_is_an_error(vl):
+    """vLLM's reload only logs the parameters it got nothing for; the engine refuses: a sync of the vision tower
+    alone names what the language model missed."""
+    from mm_gmpo.weight_sync import sync_weights
+
+    visual = [(n, p.detach()) for n, p in vl.policy.model.named_parameters() if ".visual." in n]
+    with pytest.raises(RuntimeError, match=r"parameters got no new value \(e\.g\. .*language_model|lm_head"):
+        vl.engine.update_weights(iter(visual))
+    sync_weights(vl.policy, vl.engine)  # whole again for the other tests
 
 
 @pytest.mark.vllm

@@ -19,9 +19,11 @@
   processing and fails on the CPU build. Then everything computed with the old weights is cleared: the prefix
   (KV) cache, the multimodal processor cache and the encoder (vision feature) cache. On an H100 with vLLM 0.25.1
   a reused image kept its old-weight vision features until the caches were cleared (``../shared/gpu/README.md``).
-* Every request carries its own seed (``sampling.seed``, else one drawn from torch's RNG, which the trainer seeds
-  per step): without one vLLM draws it from numpy's global RNG, which the trainer does not govern, and the ranks
-  of one tensor-parallel engine could sample different tokens and hang in its collectives.
+* Sampling follows torch's RNG: in this in-process engine vLLM draws the noise of every request without a seed
+  of its own from torch's global generator of its device (``random_sample`` in vLLM's sampler), which the trainer
+  seeds per step, alike on the ranks of a tensor-parallel engine. A ``sampling.seed`` seeds that generator for
+  the call (and leaves it as it was). No request gets a seed of its own: vLLM would then sample those requests
+  one by one through their own generators at every decoding step (its sampler's comment: "This can be slow").
 * ``sleep()`` / ``wake_up()``: vLLM sleep mode so the update gets the GPU memory back between rollouts. Level 2
   (the default, ``rollout.sleep_level``) drops the weights and the KV cache: no pinned host copy of the weights
   per rank (15 GB for the 7B in bf16), which level 1 keeps although the next sync overwrites every weight. The
@@ -41,9 +43,11 @@ vLLM is an optional dependency (``pip install -e '.[vllm]'``); importing this mo
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -87,11 +91,17 @@ def sampled_logprobs(logprobs, token_ids: list[int]) -> list[float] | None:
     return [float(step[t].logprob) for step, t in zip(logprobs, token_ids, strict=True)]
 
 
-def request_seeds(n_prompts: int, n: int, seed: int | None) -> list[int]:
-    """One seed per request: ``seed`` (else one drawn from torch's RNG) for the first, spaced by ``n`` because
-    vLLM gives the i-th of a request's n samples the seed + i: no two samples of a call share a seed."""
-    base = int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else int(seed)
-    return [(base + i * n) % (2**63 - 1) for i in range(n_prompts)]
+@contextlib.contextmanager
+def seeded(seed: int | None) -> Iterator[None]:
+    """With a seed: torch's generators (the CPU's and the current GPU's) seeded with it inside, restored after.
+    Without: nothing changes (the caller's seeding governs)."""
+    if seed is None:
+        yield
+        return
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 def fast_output_kwargs(supported_fields: Iterable[str]) -> dict:
@@ -185,7 +195,10 @@ class VLLMEngine:
     ):
         """load_format="dummy": random weights at start, which is right for training because the trainer's
         weights are synced in before the first rollout; use "auto" to load the checkpoint (evaluation)."""
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: the model runner is reachable
+        # in-process: the weight sync reaches the model runner, and the trainer's seeding governs sampling
+        if os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
+            raise ValueError("mm_gmpo runs vLLM inside the training process: unset VLLM_ENABLE_V1_MULTIPROCESSING "
+                             f"(it is {os.environ['VLLM_ENABLE_V1_MULTIPROCESSING']!r}) or set it to 0")
         try:
             from vllm import LLM
         except ImportError as e:  # pragma: no cover - depends on the machine
@@ -204,6 +217,10 @@ class VLLMEngine:
             kwargs.pop("disable_custom_all_reduce", None)
             if int(os.environ.get("RANK", "0")) == 0:
                 print("vLLM on a CPU: " + "; ".join(said))
+            # vLLM's own multimodal processing sets torch's thread count per request, which its CPU worker then
+            # refuses with a warning every step: nothing to act on, so it is not shown
+            logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(
+                lambda record: "torch.set_num_threads" not in record.getMessage())
         self.enable_sleep_mode, self.sleep_level = enable_sleep_mode, sleep_level
         self.progress = progress  # vLLM's own progress bar on long generates (256+ tokens)
         self.llm = LLM(
@@ -232,10 +249,10 @@ class VLLMEngine:
 
         self.wake_up()
         kwargs = vllm_sampling_kwargs(sampling) | fast_output_kwargs(getattr(VSamplingParams, "__struct_fields__", ()))
-        params = [VSamplingParams(**kwargs, seed=s) for s in request_seeds(len(prompts), sampling.n, sampling.seed)]
         t0 = time.perf_counter()
-        outputs = self.llm.generate([engine_request(p) for p in prompts], params,
-                                    use_tqdm=self.progress and sampling.max_tokens >= 256)
+        with seeded(sampling.seed):
+            outputs = self.llm.generate([engine_request(p) for p in prompts], VSamplingParams(**kwargs),
+                                        use_tqdm=self.progress and sampling.max_tokens >= 256)
         dt = time.perf_counter() - t0
         decode = None if kwargs.get("detokenize", True) else self.llm.get_tokenizer().decode
         rollouts: list[Rollout] = []
@@ -260,24 +277,38 @@ class VLLMEngine:
         return executor.driver_worker.worker.model_runner
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        count = [0]
-
-        def counted():
-            for item in named_tensors:
-                count[0] += 1
-                yield item
-
         runner = self._model_runner()
         if self.sleeping:  # weights first, the KV cache once they are loaded
             self._wake(["weights"])
-            runner.reload_weights(weights_iterator=counted(), is_checkpoint_format=True)
+            missing = self._reload(runner, named_tensors)
             self._wake(["kv_cache"])
             self.sleeping = False
         else:
-            runner.reload_weights(weights_iterator=counted(), is_checkpoint_format=True)
-        if count[0] == 0:
-            raise RuntimeError("weight sync: no tensor was sent to vLLM")
+            missing = self._reload(runner, named_tensors)
+        if missing:
+            raise RuntimeError(f"weight sync: {len(missing)} of the engine's parameters got no new value (e.g. "
+                               f"{', '.join(missing[:3])}): the names sent do not match the engine's model")
         self.reset_caches()
+
+    @staticmethod
+    def _reload(runner, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+        """vLLM's layerwise reload of ``named_tensors``; returns the engine parameters that got nothing (the
+        check vLLM itself only logs). The model's ``load_weights`` is wrapped for the call to see what it loaded."""
+        model = runner.get_model()
+        loaded: set[str] = set()
+        load = model.load_weights
+
+        def recorded(weights):
+            names = load(weights)
+            loaded.update(names or ())
+            return names
+
+        model.load_weights = recorded
+        try:
+            runner.reload_weights(weights_iterator=iter(named_tensors), is_checkpoint_format=True)
+        finally:
+            del model.load_weights  # the class's method again
+        return sorted({name for name, _ in model.named_parameters()} - loaded)
 
     def reset_caches(self) -> None:
         """Forget every result computed with the old weights: KV prefix cache, MM processor and encoder caches."""
