@@ -27,6 +27,7 @@
 #           the update (weights dropped, woken weights-first by the sync): stage times, rollout/logprob_diff,
 #           MFU, peak memory and the GPU's use at the end of the rollout, then the memory plan of that run
 #   rollout bare LLM.generate vs mm_gmpo's engine on the same LLM (3B, 32 prompts x 8 x 256 tokens, eager), alternating
+#   selftest (not in the default list) a command over its 3 s whose own-session child ignores TERM: both stopped
 # Never here: several GPUs (multigpu needs 2+) and the 7B with CPU offload (its fp32 AdamW state is over a 128 GiB
 # host). A stage over its limit is stopped with TERM (torchrun passes it on to its workers, which run in their own
 # session), then KILL for what is left of it; the next stage starts once the GPU is empty again.
@@ -100,10 +101,10 @@ procs_of() {  # the processes of a stage: every one inherits MM_GMPO_STAGE=<name
   done
 }
 
-stop_stage() {  # TERM (torchrun passes it to its workers), up to 20 s, then KILL what is left
+stop_stage() {  # TERM (torchrun passes it to its workers), up to SUITE_TERM_WAIT_S (20), then KILL what is left
   local name=$1 pid=$2 i left
   kill -TERM -- "-$pid" 2>/dev/null; kill -TERM $(procs_of "$name") 2>/dev/null
-  for i in $(seq 20); do left=$(procs_of "$name"); [ -z "$left" ] && return 0; sleep 1; done
+  for i in $(seq "${SUITE_TERM_WAIT_S:-20}"); do left=$(procs_of "$name"); [ -z "$left" ] && return 0; sleep 1; done
   echo "=== $name: KILL $(echo $left)"; kill -KILL $left 2>/dev/null
 }
 
@@ -223,9 +224,14 @@ PY
       needs_vllm rollout || continue
       check script "${ROLL[@]}"
       stage rollout 240 "$PY" "${ROLL[@]}" ;;
+    selftest)  # the runner's stop: a command over its limit whose child, in a session of its own, ignores TERM
+      stage selftest "${SELFTEST_LIMIT_S:-3}" "$PY" -c "import subprocess, time
+subprocess.Popen(['setsid', '$PY', '-c', 'import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)'])
+time.sleep(600)"
+      left=$(procs_of selftest); echo "=== selftest: ${left:-no} process left" ;;
     multigpu|update7b)
       echo "=== $what: not on one GPU with a 128 GiB host (see the header)" ;;
-    *) echo "unknown stage $what (env plan7b parity step rollout)"; exit 2 ;;
+    *) echo "unknown stage $what (env plan7b parity step rollout selftest)"; exit 2 ;;
   esac
 done
 
