@@ -78,7 +78,7 @@ def test_parse_errors_name_the_key(overrides, message):
         (["algorithm.objective=grpo"], 1, r"ratio epsilon in \(0, 1\), e\.g\. 0\.2"),  # clip_low set to 1.5 below
         (["rollout.temperature=0"], 1, r"temperature must be > 0"),
         (["data.min_pixels=10", "data.max_pixels=5"], 1, r"data\.min_pixels \(10\) is larger"),
-        (["rollout.backend=vllm"], 1, r"needs a model folder"),
+        (["rollout.backend=vllm", "rollout.sleep_level=3"], 1, r"rollout\.sleep_level=3: use 2"),
         (["trainer.save_every=-2"], 1, r"trainer\.save_every = -2: use N > 0 .* or -1 \(never\)"),
         (["data.dataset=files"], 1, r"data\.dataset=files needs data\.train_files: a \.jsonl"),
         (["data.dataset=files", "data.train_files=a.jsonl"], 1, r"needs data\.val_files; set it, or "
