@@ -9,7 +9,7 @@
 One optimizer step = forward + backward of the policy's response log-probs (chunked LM head, GMPO loss) over
 ``batch`` sequences of ``seq`` tokens, each with one ``image`` x ``image`` picture, under FSDP2 (world size 1 here,
 the same code path as multi-GPU) with bf16 compute, fp32 gradients reduction and activation checkpointing, then
-AdamW. MFU counts model FLOPs as the trainer's ``perf/mfu`` does (``update.training_flops``): 6 x language-model
+AdamW. MFU counts model FLOPs as the trainer's ``perf/mfu`` does (``metrics.training_flops``): 6 x language-model
 parameters x tokens plus 6 x vision parameters x the patches the vision tower encoded (``--group``: sequences
 sharing one image, encoded once), over the GPU's dense bf16 peak. ``--profile DIR`` runs one more step under the
 torch profiler and splits its time into matmul / attention / optimizer / FSDP / copies / other ops.
@@ -31,10 +31,12 @@ from mm_gmpo.attention import use_grouped_vision_attention
 from mm_gmpo.data.processing import load_processor
 from mm_gmpo.lora import add_lora
 from mm_gmpo.loss import gmpo_loss
+from mm_gmpo.metrics import peak_bf16_flops, training_flops
 from mm_gmpo.models import build_model, compile_blocks, resolve_attention
+from mm_gmpo.optim import build_optimizer, master_dtype
 from mm_gmpo.policy import Policy, collate, use_packing
 from mm_gmpo.profiling import profiled, write_profile
-from mm_gmpo.update import UpdateBatch, build_optimizer, master_dtype, peak_bf16_flops, policy_update, training_flops
+from mm_gmpo.update import UpdateBatch, policy_update
 
 
 def make_batch(n: int, seq: int, side: int, processor, vocab: int, min_seq: int | None = None, group: int = 1):

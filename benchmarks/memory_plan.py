@@ -129,7 +129,7 @@ def plan(cfg: Config, gpus: int, gpu_gib: float, *, patches_per_token: float | N
     ppt = default_patches_per_token(cfg) if patches_per_token is None else patches_per_token
     vh = hf_cfg.vision_config.hidden_size
 
-    wbytes, wname = (2, "bf16") if cfg.optim.name == "adamw_bf16" else (4, "fp32")  # update.master_dtype
+    wbytes, wname = (2, "bf16") if cfg.optim.name == "adamw_bf16" else (4, "fp32")  # optim.master_dtype
     state = {
         f"parameters ({wname}, sharded)": wbytes * c.total / gpus,
         f"gradients ({wname}, sharded)": wbytes * c.trainable / gpus,

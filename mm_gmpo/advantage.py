@@ -74,8 +74,16 @@ def kl_shaped_rewards(rewards: torch.Tensor, token_kl: torch.Tensor, mask: torch
     return shaped, {"actor/kl_in_reward_mean": kl_seq.mean().item()}
 
 
-def pass_at_k(correct: torch.Tensor, k: int) -> tuple[float, float]:
-    """(mean@k, pass@k) of (P x k,) per-sample correctness (samples of a prompt consecutive): the mean accuracy
-    over all samples, and the fraction of prompts with at least one correct sample."""
-    per_prompt = correct.float().view(-1, k)
-    return per_prompt.mean().item(), (per_prompt.max(-1).values > 0).float().mean().item()
+def step_advantages(scores: torch.Tensor, group_size: int, *, normalize_std: bool, eps: float,
+                    token_kl: torch.Tensor | None = None, mask: torch.Tensor | None = None, kl_coef: float = 0.0
+                    ) -> tuple[torch.Tensor, Metrics, Metrics]:
+    """A step's advantages: of the rewards ``scores``, or with ``token_kl`` (``algorithm.kl_in_reward``) of the
+    rewards less ``kl_coef`` x the summed KL. Returns (advantages, adv/* and reward/* metrics (those of the
+    rewards, never of the shaped ones), the shaping's metrics)."""
+    if token_kl is None:
+        adv, metrics = group_advantages(scores, group_size, normalize_std=normalize_std, eps=eps)
+        return adv, metrics, {}
+    shaped, shaping = kl_shaped_rewards(scores, token_kl, mask, kl_coef)
+    adv, metrics = group_advantages(shaped, group_size, normalize_std=normalize_std, eps=eps)
+    plain = group_advantages(scores, group_size, normalize_std=normalize_std, eps=eps)[1]
+    return adv, metrics | {k: v for k, v in plain.items() if k.startswith("reward/")}, shaping

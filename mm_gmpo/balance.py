@@ -3,7 +3,8 @@
 Every optimizer step is a collective, so the rank with the most tokens sets the pace of each mini-batch; and a
 micro-batch's cost is its tokens. Both plans here are greedy longest-first partitions (LPT: the heaviest item
 goes to the lightest part), over whole prompt groups wherever they fit, so the n samples of a prompt stay
-together (one vision pass for its picture). Pure functions of token counts; the trainer does the exchange.
+together (one vision pass for its picture). The plans are pure functions of token counts; ``balance_step``
+applies the rank plan to a step (the exchange) and hands the update its schedule of mini-batches.
 
 Neither plan changes the maths: the loss is normalised by global counts (``mm_gmpo.update``), so the gradient of
 a mini-batch is the sum over its samples wherever they are computed, and the rank plan keeps each mini-batch's
@@ -14,6 +15,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from mm_gmpo.distributed import DistInfo
+    from mm_gmpo.rollout.batch import Generated
 
 
 def lpt_partition(weights: Sequence[float], parts: int, capacity: Sequence[int] | None = None) -> list[list[int]]:
@@ -116,3 +125,121 @@ def pace(tokens: Sequence[float], owner: Sequence[int], minibatch: Sequence[int]
         busiest += max(loads)
         mean += sum(loads) / world
     return busiest / max(mean, 1e-9)
+
+
+def group_minibatches(n_samples: int, group_size: int, n_mini: int, seed: int) -> list[list[int]]:
+    """Sample indices of ``n_mini`` mini-batches made of whole prompt groups, the groups in a seeded random order.
+
+    The ``group_size`` samples of a prompt are adjacent in a batch. Keeping them in one mini-batch (as verl and
+    EasyR1 do) means every update sees all samples of its prompts, and a prompt's image goes through the vision
+    tower once per micro-batch rather than once per sample. With fewer groups than mini-batches (tiny runs on
+    many ranks), samples are shuffled individually instead.
+    """
+    n_groups = n_samples // group_size if group_size > 0 and n_samples % group_size == 0 else 0
+    g = torch.Generator().manual_seed(seed)
+    if n_groups < n_mini:
+        order = torch.randperm(n_samples, generator=g).tolist()
+        return [order[k * n_samples // n_mini:(k + 1) * n_samples // n_mini] for k in range(n_mini)]
+    perm = torch.randperm(n_groups, generator=g).tolist()
+    return [[q * group_size + s for q in perm[k * n_groups // n_mini:(k + 1) * n_groups // n_mini]
+             for s in range(group_size)] for k in range(n_mini)]
+
+
+def update_schedule(n_samples: int, group_size: int, n_mini: int, ppo_epochs: int, step: int) -> list[list[int]]:
+    """The mini-batches of one step, in order: ``ppo_epochs`` passes over the batch, each split afresh by
+    :func:`group_minibatches` (the first pass with seed ``step``)."""
+    return [part for epoch in range(ppo_epochs)
+            for part in group_minibatches(n_samples, group_size, n_mini, seed=step + 1_000_003 * epoch)]
+
+
+# ---------------------------------------------------------------- the rank-balancing step (collective)
+
+BALANCE_TOLERANCE = 0.02  # moving groups costs an exchange: only when the busiest rank is this much above the mean
+
+
+@dataclass
+class Balanced:
+    """The balancing step's hand-off: this rank's groups after the move, and the step's whole update schedule
+    over them (the sample indices of each optimizer step's mini-batch, in order)."""
+
+    gen: Generated
+    schedule: list[list[int]]
+    metrics: dict[str, float]
+
+
+def _first_pass_plan(per_rank: list[list[float]], n: int, n_mini: int, step: int
+                     ) -> tuple[list[int], list[int], list[float]] | None:
+    """(owner rank, mini-batch, tokens) of every group of every rank in the schedule's first pass; None when the
+    samples are shuffled one by one there (fewer groups than mini-batches): no group to move then."""
+    owner, minibatch, flat = [], [], []
+    for r, toks in enumerate(per_rank):
+        mb: dict[int, set[int]] = {}
+        for k, part in enumerate(group_minibatches(len(toks) * n, n, n_mini, seed=step)):
+            for i in part:
+                mb.setdefault(i // n, set()).add(k)
+        if any(len(v) != 1 for v in mb.values()):
+            return None
+        owner += [r] * len(toks)
+        minibatch += [mb[q].pop() for q in range(len(toks))]
+        flat += toks
+    return owner, minibatch, flat
+
+
+def _exchange(gen: Generated, n: int, owner: list[int], new_owner: list[int], minibatch: list[int], start: int,
+              me: int) -> tuple[Generated, list[list[int]]]:
+    """Send the groups this rank gives away, receive those it takes; its groups in mini-batch order and the
+    first pass over them. ``start``: the global index of this rank's first group."""
+    from mm_gmpo import distributed
+
+    def group(q: int) -> tuple:
+        enc = gen.prompts[q]  # the pictures' pixels go along; the PIL images are the engine's, not needed now
+        light = replace(enc, images=[], prompt=replace(enc.prompt, images=[]))
+        rewards = None if gen.rewards is None else gen.rewards[q * n:(q + 1) * n]
+        return light, gen.rollouts[q * n:(q + 1) * n], rewards
+
+    outgoing = {g: group(g - start) for g in range(start, start + len(gen.prompts)) if new_owner[g] != me}
+    arriving = distributed.gather_dicts(outgoing)
+    mine = sorted((g for g in range(len(owner)) if new_owner[g] == me), key=lambda g: (minibatch[g], g))
+    groups = [group(g - start) if owner[g] == me else arriving[g] for g in mine]
+    rollouts = [replace(x, prompt_index=p) for p, (_, rs, _) in enumerate(groups) for x in rs]
+    rewards = None if gen.rewards is None else torch.cat([rw for _, _, rw in groups])
+    first_pass = [[p * n + s for p, g in enumerate(mine) if minibatch[g] == k for s in range(n)]
+                  for k in sorted(set(minibatch))]
+    return replace(gen, prompts=[enc for enc, _, _ in groups], rollouts=rollouts, rewards=rewards), first_pass
+
+
+def balance_step(gen: Generated, group_size: int, n_mini: int, ppo_epochs: int, step: int,
+                 info: DistInfo, *, enabled: bool = True, uneven: bool = False) -> Balanced:
+    """Owner of rank balancing and of the step's update schedule. Evens out the ranks' tokens (prompt + response)
+    in every mini-batch of the first pass by moving prompt groups between ranks within their mini-batch
+    (:func:`assign_groups`): each global mini-batch keeps its groups and each rank its number of groups, so the
+    update's maths is unchanged and only the slowest rank's wait shrinks. ``uneven``: the ranks may hold different
+    numbers of groups (online filtering): every rank then takes as many optimizer steps, each at least a group.
+
+    ``perf/rank_token_imbalance`` is the pace the ranks run at, the sum over mini-batches of the busiest rank's
+    tokens over the sum of the mean rank's (1 = balanced); ``..._unbalanced`` the same without moving anything."""
+    from mm_gmpo import distributed
+
+    n = group_size
+    if uneven:
+        n_mini = min(n_mini, -int(distributed.all_reduce_max(-float(len(gen.prompts)), info.device)))
+    schedule = update_schedule(len(gen.rollouts), n, n_mini, ppo_epochs, step)  # whole prompt groups
+    tokens = [float(sum(len(x.prompt_ids) + len(x.response_ids) for x in gen.rollouts[q * n:(q + 1) * n]))
+              for q in range(len(gen.prompts))]
+    per_rank = distributed.all_gather_objects(tokens)
+    plan = _first_pass_plan(per_rank, n, n_mini, step)
+    if plan is None:
+        return Balanced(gen, schedule, {})
+    owner, minibatch, flat = plan
+    before = pace(flat, owner, minibatch, info.world_size)
+    new_owner = assign_groups(flat, owner, minibatch, info.world_size) if enabled else owner
+    after = pace(flat, new_owner, minibatch, info.world_size)
+    if before <= 1 + BALANCE_TOLERANCE or after >= before:
+        new_owner, after = owner, before
+    metrics = {"perf/rank_token_imbalance": after, "perf/rank_token_imbalance_unbalanced": before}
+    if new_owner == owner:
+        return Balanced(gen, schedule, metrics | {"perf/balance_moved_groups": 0.0})
+    start = sum(len(t) for t in per_rank[:info.rank])
+    gen, first_pass = _exchange(gen, n, owner, new_owner, minibatch, start, info.rank)
+    moved = float(sum(a != b for a, b in zip(owner, new_owner, strict=True)))
+    return Balanced(gen, first_pass + schedule[n_mini:], metrics | {"perf/balance_moved_groups": moved})

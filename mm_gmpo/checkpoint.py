@@ -188,6 +188,12 @@ def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
+def remove_partial_saves(ckpt_dir: Path) -> None:
+    """The folders of saves that were killed or failed before they finished (rank 0)."""
+    for stale in Path(ckpt_dir).glob(".tmp_*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 def save_checkpoint(
     ckpt_dir: str | Path,
     policy: nn.Module,
@@ -204,14 +210,13 @@ def save_checkpoint(
     tmp = ckpt_dir / f".tmp_{name}"
     if distributed.rank() == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        for stale in ckpt_dir.glob(".tmp_*"):
-            shutil.rmtree(stale, ignore_errors=True)
+        remove_partial_saves(ckpt_dir)
         (tmp / "rng").mkdir(parents=True)
     distributed.barrier()
 
     failure = None
     try:
-        distributed.save_sharded(tmp / "model_optim", policy, optimizer)
+        save_sharded(tmp / "model_optim", policy, optimizer)
         torch.save(_rng_state(), tmp / "rng" / f"rank_{distributed.rank()}.pt")
         if distributed.rank() == 0:
             if scheduler is not None:
@@ -256,7 +261,7 @@ def load_checkpoint(
     path = Path(path)
     if not (path / "trainer_state.json").exists():
         raise FileNotFoundError(f"{path}: not a finished checkpoint (no trainer_state.json)")
-    distributed.load_sharded(path / "model_optim", policy, optimizer)
+    load_sharded(path / "model_optim", policy, optimizer)
     raw = json.loads((path / "trainer_state.json").read_text())
     state = TrainerState(**raw)
     if scheduler is not None and state.scheduler:
@@ -299,3 +304,44 @@ def export_hf(policy: nn.Module, out_dir: str | Path, processor=None, *, save_ad
         os.replace(tmp, out_dir)
     distributed.barrier()
     return out_dir if distributed.rank() == 0 else None
+
+
+# ---------------------------------------------------------------- sharded model and optimizer state (DCP)
+
+
+def _dcp_options(policy: nn.Module):
+    """With LoRA a checkpoint holds the adapters only: the frozen base weights come from model.path again."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    from mm_gmpo.lora import has_lora
+
+    return StateDictOptions(ignore_frozen_params=True, strict=False) if has_lora(policy) else None
+
+
+def _dcp_state(policy: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    options = _dcp_options(policy)
+    model_sd, optim_sd = get_state_dict(policy, optimizer if optimizer is not None else [], options=options)
+    if options is not None:  # a tied LM head is listed apart from the frozen embedding it shares: drop it too
+        trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
+        model_sd = {k: v for k, v in model_sd.items() if k in trainable}
+    return {"model": model_sd, "optim": optim_sd} if optimizer is not None else {"model": model_sd}
+
+
+def save_sharded(path: Path, policy: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """Model and optimizer state with torch.distributed.checkpoint: every rank writes its shards."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(_dcp_state(policy, optimizer), checkpoint_id=str(path))
+
+
+def load_sharded(path: Path, policy: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """Load a :func:`save_sharded` checkpoint into this (possibly differently sharded) policy and optimizer."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    state = _dcp_state(policy, optimizer)
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(policy, optimizer if optimizer is not None else [], model_state_dict=state["model"],
+                   optim_state_dict=state.get("optim", {}), options=_dcp_options(policy))

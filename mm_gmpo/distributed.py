@@ -1,4 +1,4 @@
-"""All distributed code of mm_gmpo: process group, FSDP2 sharding, collectives, sharded state dicts.
+"""The process group, collectives, FSDP2 sharding (``parallelize``, sharded loading) and gathering full tensors.
 
 Everything also works in a single process without ``torchrun`` (world size 1, no process group).
 """
@@ -8,7 +8,6 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -49,50 +48,6 @@ def init_distributed(backend: str | None = None, timeout_s: int = 1800, *, cpu_c
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
                                 device_id=device if use_cuda else None)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
-
-
-@dataclass(frozen=True)
-class RolloutLayout:
-    """How the ranks share out rollouts when each engine spans ``tp`` ranks (vLLM tensor parallelism).
-
-    The ``tp`` ranks of one group run one engine together (under vLLM's ``external_launcher`` each of them runs
-    its own scheduler), so they must submit the same prompts with the same sampling seed; each then trains on its
-    own part of the group's outputs. Groups are contiguous ranks (vLLM's TP groups): group ``dp_rank`` of
-    ``dp_size``, position ``tp_rank`` in it. ``tp=1``: every rank is its own group."""
-
-    dp_rank: int
-    dp_size: int
-    tp_rank: int
-    tp: int
-
-    def group_slice(self, n_per_rank: int) -> slice:
-        """The items (of a global list with ``n_per_rank`` per rank) that this rank's engine group generates."""
-        return slice(self.dp_rank * n_per_rank * self.tp, (self.dp_rank + 1) * n_per_rank * self.tp)
-
-    def own_slice(self, n_per_rank: int) -> slice:
-        """This rank's part of its group's items."""
-        return slice(self.tp_rank * n_per_rank, (self.tp_rank + 1) * n_per_rank)
-
-
-def rollout_layout(rank: int, world_size: int, tp: int = 1) -> RolloutLayout:
-    if tp < 1 or world_size % tp:
-        raise ValueError(f"tensor-parallel size {tp} must divide the number of ranks ({world_size})")
-    return RolloutLayout(rank // tp, world_size // tp, rank % tp, tp)
-
-
-class LauncherWatch:
-    """Under torchrun, notices when the launcher (this worker's parent) is gone: killing the launcher alone leaves
-    its workers running in their own process groups, still training into the run folder. ``check()`` raises
-    then; outside torchrun it never does."""
-
-    def __init__(self, parent: int | None = None):
-        self.parent = parent if parent is not None else (os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ or
-                                                         "LOCAL_RANK" in os.environ else None)
-
-    def check(self) -> None:
-        if self.parent is not None and os.getppid() != self.parent:
-            raise RuntimeError(f"the launcher (pid {self.parent}) is gone; this worker (pid {os.getpid()}) stops "
-                               "instead of training on without it")
 
 
 def world_size() -> int:
@@ -183,28 +138,6 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
-
-
-def ranks_not_seeing(folder: Path) -> dict[int, str]:
-    """{rank: host} of the ranks that cannot read back a file rank 0 writes into ``folder`` (a fresh token each
-    time; the file is removed); empty when every rank sees it, as on a shared filesystem. Every rank calls it."""
-    import secrets
-    import socket
-
-    token = broadcast_object(secrets.token_hex(8) if rank() == 0 else None)
-    probe = Path(folder) / f".shared_check_{token}"
-    if rank() == 0:
-        probe.write_text(token)
-    barrier()
-    try:
-        seen = probe.read_text() == token
-    except OSError:
-        seen = False
-    blind = gather_dicts({} if seen else {rank(): socket.gethostname()})
-    barrier()
-    if rank() == 0:
-        probe.unlink(missing_ok=True)
-    return {int(k): v for k, v in blind.items()}
 
 
 def _comm_device() -> torch.device:
@@ -318,7 +251,7 @@ def materialize(policy: nn.Module, source, device: torch.device | str) -> dict[s
     for name, b in policy.named_buffers():
         b.copy_(buffers[name])
     for name, p in policy.named_parameters():
-        local = _local(p)
+        local = local_shard(p)
         rows = local_rows(p)
         part = source.read(name.removeprefix("model."), rows)
         if part.shape != local.shape:
@@ -350,38 +283,7 @@ def clip_grad_norm(params, max_norm: float) -> float:
     return float(norm)
 
 
-# ---------------------------------------------------------------- offload between stages
-
-
-def _moved_state(optimizer: torch.optim.Optimizer, device: torch.device) -> list[tuple[dict, str, torch.Tensor]]:
-    """The optimizer's per-parameter tensors not on ``device``; scalars (AdamW's step) stay where the optimizer
-    keeps them (the CPU unless fused)."""
-    return [(state, k, v) for state in optimizer.state.values() for k, v in state.items()
-            if torch.is_tensor(v) and v.ndim > 0 and v.device != device]
-
-
-@torch.no_grad()
-def move_train_state(policy: nn.Module, optimizer: torch.optim.Optimizer | None, device: torch.device, *,
-                     params: bool = True, optimizer_state: bool = True) -> float:
-    """Move this rank's parameter shards (``params``) and optimizer state (``optimizer_state``) to ``device``: the
-    CPU while the rollout engine generates (its KV cache gets the GPU memory), back to the GPU for the log-probs
-    and the update (EasyR1's offload_params / offload_optimizer). Returns the bytes moved. Gradients are freed
-    after every update, so there are none to move."""
-    moved = 0
-    if params:
-        moved += sum(_local(p).numel() * p.element_size() for p in policy.parameters() if p.device != device)
-        policy.to(device)  # FSDP2 re-registers its sharded parameters after a move
-    if optimizer_state and optimizer is not None:
-        for state, k, v in _moved_state(optimizer, device):
-            moved += _local(v).numel() * v.element_size()
-            state[k] = v.to(device, non_blocking=True)
-    if device.type == "cpu" and torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()  # hand the freed blocks back for the engine's wake-up
-    return float(moved)
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
+def local_shard(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
@@ -400,7 +302,7 @@ def full_tensor(param: torch.Tensor) -> torch.Tensor:
     return param.full_tensor()
 
 
-# ---------------------------------------------------------------- state dicts and checkpoints
+# ---------------------------------------------------------------- full tensors
 
 
 def full_model_state_dict(policy: nn.Module) -> dict[str, torch.Tensor]:
@@ -420,41 +322,3 @@ def full_model_state_dict(policy: nn.Module) -> dict[str, torch.Tensor]:
         if main:
             out[name] = full.to("cpu", copy=True)
     return out
-
-
-def _dcp_options(policy: nn.Module):
-    """With LoRA a checkpoint holds the adapters only: the frozen base weights come from model.path again."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    from mm_gmpo.lora import has_lora
-
-    return StateDictOptions(ignore_frozen_params=True, strict=False) if has_lora(policy) else None
-
-
-def _dcp_state(policy: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    options = _dcp_options(policy)
-    model_sd, optim_sd = get_state_dict(policy, optimizer if optimizer is not None else [], options=options)
-    if options is not None:  # a tied LM head is listed apart from the frozen embedding it shares: drop it too
-        trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
-        model_sd = {k: v for k, v in model_sd.items() if k in trainable}
-    return {"model": model_sd, "optim": optim_sd} if optimizer is not None else {"model": model_sd}
-
-
-def save_sharded(path: Path, policy: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
-    """Model and optimizer state with torch.distributed.checkpoint: every rank writes its shards."""
-    import torch.distributed.checkpoint as dcp
-
-    dcp.save(_dcp_state(policy, optimizer), checkpoint_id=str(path))
-
-
-def load_sharded(path: Path, policy: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
-    """Load a :func:`save_sharded` checkpoint into this (possibly differently sharded) policy and optimizer."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_state_dict
-
-    state = _dcp_state(policy, optimizer)
-    dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(policy, optimizer if optimizer is not None else [], model_state_dict=state["model"],
-                   optim_state_dict=state.get("optim", {}), options=_dcp_options(policy))

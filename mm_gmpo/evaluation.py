@@ -27,13 +27,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
 from mm_gmpo.data.processing import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, encode_prompt
 from mm_gmpo.data.prompts import Prompt
 from mm_gmpo.logger import drop_torn_tail, read_jsonl
-from mm_gmpo.rewards import extract_answer, score_batch
+from mm_gmpo.rewards import extract_answer
+from mm_gmpo.rewards.pending import score_rollouts
 from mm_gmpo.rollout.base import RolloutEngine, SamplingParams
+from mm_gmpo.rollout.factory import make_engine as factory_make_engine
 
 TYPE_FIELDS = ("problem_type_graph", "problem_type_goal", "level", "subject")
 
@@ -202,13 +205,7 @@ def evaluate(
             chunk = todo[start:start + batch_size]
             encs = [encode_prompt(p, processor, min_pixels=min_pixels, max_pixels=max_pixels) for p in chunk]
             rollouts = engine.generate(encs, sampling)
-            scores, _ = score_batch(
-                [r.text for r in rollouts], [chunk[r.prompt_index].ground_truth for r in rollouts],
-                task=[chunk[r.prompt_index].task for r in rollouts],
-                choices=[chunk[r.prompt_index].choices for r in rollouts],
-                choice_values=[chunk[r.prompt_index].choice_values for r in rollouts],
-                format_weight=format_weight,
-            )
+            scores, _ = score_rollouts(chunk, rollouts, format_weight=format_weight)
             for r, s in zip(rollouts, scores, strict=True):
                 p = chunk[r.prompt_index]
                 rec = {
@@ -237,47 +234,27 @@ def evaluate(
 
 def make_engine(backend: str, model: str, *, device: str | None = None, batch_size: int = 16, dtype: str = "auto",
                 min_pixels: int | None = None, max_pixels: int | None = None, max_model_len: int | None = None):
-    """(engine, processor) for a backend: 'vllm', 'hf' (transformers generate), 'oracle' / 'oracle-wrong'.
-
-    ``model`` is an HF-format folder (the trainer's export works), a hub name, or a random-weight model as in the
-    trainer's ``model.path`` ('tiny-random', 'random:NAME': plumbing and speed only, accuracy means nothing).
-    """
-    import torch
-
+    """(engine, processor) for the evaluation commands: ``rollout.factory.make_engine`` with a model's own weights
+    (vLLM loads them; a random-weight model is for --backend hf, plumbing and speed only)."""
     from mm_gmpo.data.processing import load_processor
-    from mm_gmpo.models import is_random_model, random_model_config
+    from mm_gmpo.models import is_random_model, torch_dtype
+    from mm_gmpo.rollout.factory import BACKENDS
 
-    is_random = is_random_model(model)
-    if backend in ("oracle", "oracle-wrong"):
-        from mm_gmpo.rollout.oracle import OracleEngine
-
-        proc = load_processor() if not model or is_random else load_processor(model)
-        return OracleEngine("correct" if backend == "oracle" else "wrong"), proc
+    if backend not in BACKENDS:
+        raise SystemExit(f"unknown backend {backend!r}; choose {', '.join(BACKENDS)}")
+    is_random = is_random_model(model) if model else True
+    if backend == "vllm" and is_random:
+        raise SystemExit(f"--backend vllm needs a model folder or hub name; {model} is for --backend hf")
+    processor = load_processor() if is_random else load_processor(model)
     if backend == "vllm":
-        from mm_gmpo.rollout.vllm_engine import VLLMEngine
-
-        if is_random:
-            raise SystemExit(f"--backend vllm needs a model folder or hub name; {model} is for --backend hf")
-        engine = VLLMEngine(model, dtype={"auto": "auto", "bf16": "bfloat16", "fp32": "float32"}[dtype],
-                            load_format="auto", enable_sleep_mode=False, gpu_memory_utilization=0.85,
-                            min_pixels=min_pixels, max_pixels=max_pixels, max_model_len=max_model_len)
-        return engine, load_processor(model)
-    if backend != "hf":
-        raise SystemExit(f"unknown backend {backend!r}; choose vllm, hf, oracle or oracle-wrong")
-    from mm_gmpo.models import build_model
-    from mm_gmpo.rollout.hf import HFEngine
-
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch_dtype = {"auto": torch.bfloat16 if dev.type == "cuda" else torch.float32, "bf16": torch.bfloat16,
-                   "fp32": torch.float32}[dtype]
-    if is_random:
-        net = build_model(model, random_init=True, config=random_model_config(model), dtype=torch_dtype, device=dev)
-        proc = load_processor()
+        engine = factory_make_engine("vllm", model, processor=processor, dtype=dtype if dtype == "auto" else
+                                     torch_dtype(dtype), load_format="auto", enable_sleep_mode=False,
+                                     gpu_memory_utilization=0.85, min_pixels=min_pixels, max_pixels=max_pixels,
+                                     max_model_len=max_model_len)
     else:
-        net = build_model(model, dtype=torch_dtype)
-        proc = load_processor(model)
-    net.to(dev)
-    return HFEngine(net, getattr(proc, "tokenizer", proc), device=dev, batch_size=batch_size), proc
+        engine = factory_make_engine(backend, model, processor=processor, dtype=dtype,
+                                     device=torch.device(device) if device else None, batch_size=batch_size)
+    return engine, processor
 
 
 def add_eval_args(ap) -> None:

@@ -335,3 +335,12 @@ def checkpoint_files(source: str | Path) -> list[Path]:
         return [single]
     raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json; sharded loading "
                             "reads safetensors only: set model.load=full to load other formats")
+
+
+def torch_dtype(name: str, device: torch.device | str | None = None) -> torch.dtype:
+    """'bf16', 'fp32', or 'auto' (bf16 on a GPU, fp32 on a CPU) as a torch dtype."""
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device or "cpu").type == "cuda" else torch.float32
+    if name not in ("bf16", "fp32"):
+        raise ValueError(f"dtype {name!r}: choose auto, bf16 or fp32")
+    return torch.bfloat16 if name == "bf16" else torch.float32

@@ -332,14 +332,18 @@ class Policy(nn.Module):
         self.model = model
         self.chunk_size = chunk_size
         self.packed = packed
-        self.vision_patches = 0  # patches the vision tower has encoded (a running count, for FLOP accounting)
-        self.pixel_bytes_in = 0  # bytes of pixel data its forwards were given (a running count) ...
-        self.pixel_bytes_saved = 0  # ... and the bytes more a copy per image (not per picture) would have been
         self.always_run_vision = False  # FSDP: run the vision tower even without images (set by parallelize)
+        self.reset_counters()
         if packed:
             from mm_gmpo.attention import use_packed_text_attention
 
             use_packed_text_attention(model)
+
+    def reset_counters(self) -> None:
+        """Zero the running counts of what the forwards were given (for FLOP and pixel-traffic accounting)."""
+        self.vision_patches = 0  # patches the vision tower has encoded
+        self.pixel_bytes_in = 0  # bytes of pixel data its forwards were given ...
+        self.pixel_bytes_saved = 0  # ... and the bytes more a copy per image (not per picture) would have been
 
     @property
     def is_vlm(self) -> bool:

@@ -1,4 +1,4 @@
-"""The update stage: optimizer, LR schedule and one policy update over a batch of rollouts.
+"""The update: one optimizer step over a mini-batch of rollouts, and a step's metrics over its optimizer steps.
 
 Loss normalisation is global: the loss of every micro-batch on every rank is divided by the *global* count
 (sequences for GMPO and ``seq_mean_token_mean``, valid tokens for GRPO ``token_mean``) and multiplied by the
@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from mm_gmpo import distributed
-from mm_gmpo.balance import balanced_micro_batches, micro_batches_needed
+from mm_gmpo.logprobs import micro_batches, packed
 from mm_gmpo.loss import PolicyLossFn
-from mm_gmpo.policy import PolicyBatch, split_by_token_budget
+from mm_gmpo.policy import PolicyBatch
 
 
 @dataclass
@@ -49,159 +49,6 @@ class UpdateBatch:
 
         return UpdateBatch(self.batch.to(device), self.old_logprobs.to(device), self.advantages.to(device),
                            move(self.ref_logprobs), move(self.is_weights))
-
-
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense bf16 FLOP/s
-
-
-def peak_bf16_flops(device: torch.device) -> float | None:
-    """Dense bf16 peak of the GPU for MFU; None on a CPU or an unknown GPU."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-
-
-def training_flops(policy: nn.Module, tokens: float, vision_patches: float) -> float:
-    """Model FLOPs of a forward + backward, 6 x parameters x inputs (activation recompute not counted, as MFU
-    conventionally does): the language model's parameters over ``tokens`` (its input embedding is a lookup, so it
-    counts only when tied to the LM head), the vision tower's over the ``vision_patches`` it encoded."""
-    vision = text = 0
-    untied_head = False
-    for name, p in policy.named_parameters():  # a tied weight is listed once; FSDP2 DTensors report global numel
-        if ".visual." in name:
-            vision += p.numel()
-        else:
-            text += p.numel()
-        untied_head |= name.endswith("lm_head.weight")  # listed only when it is not the input embedding
-    if untied_head:
-        text -= getattr(policy, "model", policy).get_input_embeddings().weight.numel()
-    return 6.0 * text * tokens + 6.0 * vision * vision_patches
-
-
-def _packed(policy: nn.Module) -> bool:
-    """Whether the policy packs micro-batches (then the token budget counts real tokens, not padded rows)."""
-    return bool(getattr(policy, "packed", False))
-
-
-def _micro_groups(batch: PolicyBatch, max_tokens: int, device, packed: bool, group_size: int = 1) -> list[list[int]]:
-    """The micro-batches of this rank's samples, as many on every rank (the collectives of each pass pair up).
-
-    Packed: every rank makes as many micro-batches as the rank that needs the most (within ``max_tokens``) and
-    splits its tokens evenly among them, whole prompt groups of ``group_size`` where possible (balanced_micro_batches):
-    no rank runs a pass with nothing to do unless it has fewer samples than passes. Padded (eager attention, a
-    pass costs count x longest): token-budget micro-batches of similar lengths, padded with empty passes."""
-    lengths = [int(n) for n in batch.attention_mask.sum(-1).tolist()]
-    if packed:
-        need = micro_batches_needed(lengths, max_tokens, group_size)
-        return balanced_micro_batches(lengths, int(distributed.all_reduce_max(float(need), device)), max_tokens,
-                                      group_size)
-    groups = split_by_token_budget(lengths, max_tokens)
-    n_micro = int(distributed.all_reduce_max(float(len(groups)), device))
-    return groups + [[] for _ in range(n_micro - len(groups))]
-
-
-@torch.no_grad()
-def compute_logprobs(policy: nn.Module, batch: PolicyBatch, *, max_tokens_per_micro_batch: int = 8192,
-                     temperature: float = 1.0, allowed_token_ids: Sequence[int] | None = None,
-                     device: torch.device | None = None, group_size: int = 1) -> torch.Tensor:
-    """(B, R) log-probs of the responses under the current policy, micro-batched (the 'old log-probs' stage);
-    ``group_size``: the samples of a prompt are that many adjacent rows (kept in one micro-batch if they fit)."""
-    policy.eval()
-    out = torch.zeros(batch.response_mask.shape, dtype=torch.float32)
-    for idx in _micro_groups(batch, max_tokens_per_micro_batch, device, _packed(policy), group_size):
-        mb = batch.select(idx if idx else [0])
-        lp, _ = policy(mb.to(device) if device is not None else mb, temperature=temperature,
-                       allowed_token_ids=allowed_token_ids)
-        if idx:
-            out[idx, :lp.shape[1]] = lp.float().cpu()
-    return out
-
-
-def group_minibatches(n_samples: int, group_size: int, n_mini: int, seed: int) -> list[list[int]]:
-    """Sample indices of ``n_mini`` mini-batches made of whole prompt groups, the groups in a seeded random order.
-
-    The ``group_size`` samples of a prompt are adjacent in a batch. Keeping them in one mini-batch (as verl and
-    EasyR1 do) means every update sees all samples of its prompts, and a prompt's image goes through the vision
-    tower once per micro-batch rather than once per sample. With fewer groups than mini-batches (tiny runs on
-    many ranks), samples are shuffled individually instead.
-    """
-    n_groups = n_samples // group_size if group_size > 0 and n_samples % group_size == 0 else 0
-    g = torch.Generator().manual_seed(seed)
-    if n_groups < n_mini:
-        order = torch.randperm(n_samples, generator=g).tolist()
-        return [order[k * n_samples // n_mini:(k + 1) * n_samples // n_mini] for k in range(n_mini)]
-    perm = torch.randperm(n_groups, generator=g).tolist()
-    return [[q * group_size + s for q in perm[k * n_groups // n_mini:(k + 1) * n_groups // n_mini]
-             for s in range(group_size)] for k in range(n_mini)]
-
-
-def update_schedule(n_samples: int, group_size: int, n_mini: int, ppo_epochs: int, step: int) -> list[list[int]]:
-    """The mini-batches of one step, in order: ``ppo_epochs`` passes over the batch, each split afresh by
-    :func:`group_minibatches` (the first pass with seed ``step``)."""
-    return [part for epoch in range(ppo_epochs)
-            for part in group_minibatches(n_samples, group_size, n_mini, seed=step + 1_000_003 * epoch)]
-
-
-OPTIMIZERS = ("adamw", "adamw_8bit", "adamw_bf16")
-
-
-def master_dtype(optimizer_name: str) -> torch.dtype:
-    """The dtype the trainer keeps its (sharded) weights in: bf16 for adamw_bf16, else fp32."""
-    return torch.bfloat16 if optimizer_name == "adamw_bf16" else torch.float32
-
-
-def build_optimizer(policy: nn.Module, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999),
-                    eps: float = 1e-8, name: str = "adamw") -> torch.optim.Optimizer:
-    """AdamW over trainable parameters (no decay on biases and norms).
-
-    name: 'adamw' (torch, fp32 moments; fused kernels on CUDA) or 'adamw_8bit' (torchao's AdamW8bit: the moments of
-    every tensor of >= 4096 values in 8 bits with a scale per 256, about 2 bytes per parameter instead of 8; the
-    weights stay fp32, so updates at RL learning rates are kept) or 'adamw_bf16' (optimi's AdamW over bf16 weights:
-    bf16 moments and a bf16 Kahan compensation per weight that carries the part of each update bf16 rounds away,
-    so the updates of lr 1e-6 accumulate instead of vanishing; build the model in bf16, see master_dtype).
-    """
-    decay, no_decay = [], []
-    for pname, p in policy.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 or "norm" in pname else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if name == "adamw_8bit":
-        from torchao.optim import AdamW8bit
-
-        return AdamW8bit(groups, lr=lr, betas=betas, eps=eps)
-    if name == "adamw_bf16":
-        from optimi import AdamW
-
-        if any(p.dtype != torch.bfloat16 for g in groups for p in g["params"]):
-            raise ValueError("adamw_bf16 updates bf16 weights: build the model with dtype=torch.bfloat16")
-        # triton=False: optimi's Triton kernels take plain tensors, FSDP2 hands it DTensors (foreach handles them)
-        return AdamW(groups, lr=lr, betas=betas, eps=eps, kahan_sum=True, triton=False)
-    if name != "adamw":
-        raise ValueError(f"optimizer {name!r}: choose one of {OPTIMIZERS}")
-    fused = all(p.is_cuda for p in decay + no_decay) and len(decay + no_decay) > 0
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, *, schedule: str, warmup_steps: int, total_steps: int,
-                    min_lr_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup, then constant or cosine decay to ``min_lr_ratio`` x lr."""
-    if schedule not in ("constant", "cosine"):
-        raise ValueError(f"lr schedule must be 'constant' or 'cosine', got {schedule!r}")
-
-    def factor(step: int) -> float:
-        if warmup_steps > 0 and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    for group in optimizer.param_groups:  # torchao keeps lr as a tensor: schedule from a float, as after a resume
-        if torch.is_tensor(group["lr"]):
-            group.setdefault("initial_lr", float(group["lr"]))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def policy_update(
@@ -235,10 +82,11 @@ def policy_update(
     normalizer = global_seqs if normalize_by == "sequences" else global_tokens
     scale = float(distributed.world_size())  # undo FSDP's mean over ranks: we normalise globally ourselves
 
-    groups = _micro_groups(data.batch, max_tokens_per_micro_batch, device, _packed(policy), group_size)
+    groups = micro_batches(data.batch, max_tokens_per_micro_batch, device, packed(policy), group_size)
     n_micro = len(groups)
 
     policy.train()
+    patches_before = getattr(policy, "vision_patches", 0)
     optimizer.zero_grad(set_to_none=True)
     sums: dict[str, float] = defaultdict(float)  # loss/*: already globally normalised, so they add up
     extremes: dict[str, float] = {}
@@ -279,8 +127,9 @@ def policy_update(
         skipped = 1.0
     if not keep_grads or skipped:
         # free the gradients now, not at the next update: held through the rollout they cost an fp32 copy of the
-        # (sharded) model, memory vLLM needs to wake up (the 3B on one H100 ran out of it at step 2)
+        # (sharded) model, memory vLLM needs to wake up
         optimizer.zero_grad(set_to_none=True)
+    sums["perf/update_vision_patches"] = float(getattr(policy, "vision_patches", 0) - patches_before)
     metrics = distributed.all_reduce_sum_metrics(dict(sums), device)  # over every rank's keys (see there)
     local = {k: v / max(weight, 1.0) for k, v in weighted.items()} | extremes
     metrics |= distributed.all_reduce_mean_metrics(local, device)
@@ -292,3 +141,29 @@ def policy_update(
         "timing/update_s": time.perf_counter() - t0,
     })
     return metrics
+
+
+LAST = ("actor/lr",)  # the rate the step ended on
+SUMMED = ("actor/skipped_step", "perf/update_vision_patches", "timing/update_s")
+
+
+def step_update_metrics(updates: list[dict[str, float]]) -> dict[str, float]:
+    """A step's update metrics over its optimizer steps (``policy_update`` results, in order): the mean of each
+    (loss, grad norm, ratios, ...), the extremes of ``*_min`` / ``*_max``, the sums of counts, the last learning
+    rate; ``actor/grad_norm_last`` is the grad norm of the last optimizer step."""
+    out: dict[str, float] = {}
+    for key in dict.fromkeys(k for m in updates for k in m):
+        values = [m[key] for m in updates if key in m]
+        if key in LAST:
+            out[key] = values[-1]
+        elif key in SUMMED:
+            out[key] = sum(values)
+        elif key.endswith("_min"):
+            out[key] = min(values)
+        elif key.endswith("_max"):
+            out[key] = max(values)
+        else:
+            out[key] = sum(values) / len(values)
+    if updates:
+        out["actor/grad_norm_last"] = updates[-1]["actor/grad_norm"]
+    return out

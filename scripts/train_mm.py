@@ -21,10 +21,11 @@ import time
 from pathlib import Path
 
 from mm_gmpo.checkpoint import CheckpointError
-from mm_gmpo.config import ConfigError, load_config, validate
+from mm_gmpo.config import ConfigError, load_config
 from mm_gmpo.data.prompts import DataError
+from mm_gmpo.inputs import check_inputs
 from mm_gmpo.logger import quiet_dependency_warnings
-from mm_gmpo.trainer import check_inputs, train
+from mm_gmpo.trainer import train
 
 DEFAULT = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
@@ -63,8 +64,6 @@ def main() -> int:
     quiet_dependency_warnings()
     try:
         cfg = load_config(args.config, args.overrides)
-        validate(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")),
-                 local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"))))
     except ConfigError as e:
         return user_error("config", e)
     out = Path(cfg.trainer.output_dir)

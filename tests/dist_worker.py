@@ -19,8 +19,9 @@ from mm_gmpo import distributed
 from mm_gmpo.checkpoint import TrainerState, export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from mm_gmpo.loss import gmpo_loss
 from mm_gmpo.models import build_model, tiny_qwen2_5_vl_config
+from mm_gmpo.optim import build_optimizer, build_scheduler
 from mm_gmpo.policy import Policy, collate
-from mm_gmpo.update import UpdateBatch, build_optimizer, build_scheduler, policy_update
+from mm_gmpo.update import UpdateBatch, policy_update
 
 VISION_START, IMAGE_PAD, VISION_END, PAD = 151652, 151655, 151653, 151643
 GLOBAL_B = 4

@@ -4,18 +4,18 @@ Every case runs on all four ranks, in order, and each rank writes ``<out>/<case>
 group has a short timeout, so a case that would hang (ranks in different collectives) fails within a minute.
 
 Cases
-    tp_prompts     generate() with rollout tensor parallelism 2 and a stub engine: the ranks of one TP group
+    tp_prompts     BatchFiller.fill() with rollout tensor parallelism 2 and a stub engine: the ranks of one TP group
                    submit the same prompts with the same sampler seed, and each trains on its own slice.
-    eval_empty     eval_stage() with fewer validation prompts than engine groups, with a stub engine whose
+    eval_empty     Validator.run() with fewer validation prompts than engine groups, with a stub engine whose
                    generate is a collective over its TP group (as vLLM's is): no rank waits for one that skipped.
     metric_keys    metric reductions where ranks report different keys.
     resume_views   resume_point() where only rank 0 sees the checkpoint, and where all do.
     shared_folder  check_shared_folder() where ranks 1 and 3 write to a folder of their own (node-local disks).
     mixed_images   one FSDP2 update where ranks 0 and 2 hold image prompts and ranks 1 and 3 text-only ones.
-    overlong       generate() where every prompt of rank 1's share is too long: every rank stops with a DataError.
+    overlong       BatchFiller.fill() where every prompt of rank 1's share is too long: every rank stops with a DataError.
     sync_bf16      weight sync that casts each shard to bf16 before the gather: tensors equal fp32-gather-then-cast.
     balanced_update  old log-probs and two mini-batch updates over fixed rollouts, rank 0's long and the others'
-                   short, with balance_stage off and on: the same log-probs, losses and weights.
+                   short, with balance_step off and on: the same log-probs, losses and weights.
 """
 
 from __future__ import annotations
@@ -62,15 +62,19 @@ def _cfg(tmp: Path, *overrides: str):
 def case_tp_prompts(info, tmp: Path) -> dict:
     from mm_gmpo.data.processing import load_processor
     from mm_gmpo.data.synthetic import synthetic_prompts
-    from mm_gmpo.trainer import PromptSampler, generate
+    from mm_gmpo.inputs import PromptSampler
+    from mm_gmpo.metrics import StepTimer
+    from mm_gmpo.rollout.batch import BatchFiller
+    from mm_gmpo.rollout.layout import rollout_layout
 
     cfg = _cfg(tmp)
     prompts = synthetic_prompts(32, seed=1)
     sampler = PromptSampler(len(prompts), seed=1)
     engine = StubEngine()
-    layout = distributed.rollout_layout(info.rank, info.world_size, 2)
-    gen = generate(engine, sampler, prompts, load_processor(), SamplingParams(n=2, max_tokens=1), cfg, None,
-                   step=3, info=info, layout=layout)
+    layout = rollout_layout(info.rank, info.world_size, 2)
+    filler = BatchFiller(cfg, engine, sampler, prompts, load_processor(), SamplingParams(n=2, max_tokens=1), None,
+                         info, layout)
+    gen = filler.fill(3, StepTimer())
     global_batch = [prompts[i].id for i in PromptSampler(len(prompts), seed=1).next(8)]
     return {"submitted": engine.calls[0]["ids"], "draw": engine.calls[0]["draw"],
             "trained": [p.prompt.id for p in gen.prompts], "rollouts": len(gen.rollouts),
@@ -82,13 +86,17 @@ def case_overlong(info, tmp: Path) -> dict:
     from mm_gmpo.data.processing import load_processor
     from mm_gmpo.data.prompts import DataError
     from mm_gmpo.data.synthetic import synthetic_prompts
-    from mm_gmpo.trainer import PromptSampler, generate
+    from mm_gmpo.inputs import PromptSampler
+    from mm_gmpo.metrics import StepTimer
+    from mm_gmpo.rollout.batch import BatchFiller
+    from mm_gmpo.rollout.layout import rollout_layout
 
     cfg = _cfg(tmp, f"data.max_prompt_length={5 if info.rank == 1 else 512}")
     prompts = synthetic_prompts(32, seed=1)
     try:
-        generate(StubEngine(), PromptSampler(len(prompts), seed=1), prompts, load_processor(),
-                 SamplingParams(n=2, max_tokens=1), cfg, None, step=1, info=info)
+        BatchFiller(cfg, StubEngine(), PromptSampler(len(prompts), seed=1), prompts, load_processor(),
+                    SamplingParams(n=2, max_tokens=1), None, info, rollout_layout(info.rank, info.world_size)
+                    ).fill(1, StepTimer())
         return {"error": None}
     except DataError as e:
         return {"error": str(e)}
@@ -97,10 +105,12 @@ def case_overlong(info, tmp: Path) -> dict:
 def case_eval_empty(info, tmp: Path) -> dict:
     from mm_gmpo.data.processing import encode_prompts, load_processor
     from mm_gmpo.data.synthetic import synthetic_prompts
-    from mm_gmpo.trainer import eval_stage
+    from mm_gmpo.logger import MetricsLogger
+    from mm_gmpo.rollout.layout import rollout_layout
+    from mm_gmpo.validator import Validator
 
     cfg = _cfg(tmp)
-    layout = distributed.rollout_layout(info.rank, info.world_size, 2)
+    layout = rollout_layout(info.rank, info.world_size, 2)
     tp_group = None
     for g in range(layout.dp_size):  # every rank creates every group, in the same order
         ranks = list(range(g * 2, g * 2 + 2))
@@ -110,8 +120,8 @@ def case_eval_empty(info, tmp: Path) -> dict:
     val = synthetic_prompts(1, seed=1, split="val")[layout.dp_rank::layout.dp_size]  # group 1 gets nothing
     encoded, _ = encode_prompts(val, load_processor(), max_prompt_length=512, min_pixels=3136, max_pixels=12544)
     engine = StubEngine(group=tp_group)
-    metrics, _ = eval_stage(engine, encoded, cfg, SamplingParams(n=1, max_tokens=1), torch.device("cpu"), None,
-                            seed=5, layout=layout)
+    validator = Validator(cfg, engine, encoded, None, info, layout, MetricsLogger(tmp, enabled=False), None)
+    metrics = validator.run(1, seed=5)
     return {"metrics": metrics, "generated": len(engine.calls)}
 
 
@@ -145,7 +155,7 @@ def case_resume_views(info, tmp: Path) -> dict:
 
 def case_shared_folder(info, tmp: Path) -> dict:
     from mm_gmpo.config import ConfigError
-    from mm_gmpo.trainer import check_shared_folder
+    from mm_gmpo.run_folder import check_shared_folder
 
     common = tmp / "run"
     common.mkdir(exist_ok=True)
@@ -163,8 +173,9 @@ def case_shared_folder(info, tmp: Path) -> dict:
 def case_mixed_images(info, tmp: Path) -> dict:
     from mm_gmpo.loss import gmpo_loss
     from mm_gmpo.models import build_model, tiny_qwen2_5_vl_config
+    from mm_gmpo.optim import build_optimizer
     from mm_gmpo.policy import Policy, collate
-    from mm_gmpo.update import UpdateBatch, build_optimizer, policy_update
+    from mm_gmpo.update import UpdateBatch, policy_update
 
     model = build_model("tiny", random_init=True, config=tiny_qwen2_5_vl_config(), dtype=torch.float32, seed=0)
     policy = Policy(model, chunk_size=8)
@@ -227,15 +238,18 @@ def case_sync_bf16(info, tmp: Path) -> dict:
 
 def _balanced_run(info, enabled: bool) -> dict:
     """One training step's old log-probs and two mini-batch updates over fixed rollouts: rank 0's responses are
-    long, the others' short (so the ranks are unbalanced), through balance_stage on or off."""
+    long, the others' short (so the ranks are unbalanced), through balance_step on or off."""
     from mm_gmpo.advantage import group_advantages
+    from mm_gmpo.balance import balance_step
     from mm_gmpo.data.processing import encode_prompts, load_processor
     from mm_gmpo.data.synthetic import synthetic_prompts
+    from mm_gmpo.logprobs import compute_logprobs
     from mm_gmpo.loss import gmpo_loss
     from mm_gmpo.models import build_model, tiny_qwen2_5_vl_config
+    from mm_gmpo.optim import build_optimizer
     from mm_gmpo.policy import Policy
-    from mm_gmpo.trainer import Generated, balance_stage, to_batch
-    from mm_gmpo.update import UpdateBatch, build_optimizer, compute_logprobs, policy_update, update_schedule
+    from mm_gmpo.rollout.batch import Generated, to_batch
+    from mm_gmpo.update import UpdateBatch, policy_update
 
     n, groups, n_mini, step = 2, 4, 2, 5
     prompts = synthetic_prompts(groups * info.world_size, seed=3)[info.rank * groups:(info.rank + 1) * groups]
@@ -248,8 +262,8 @@ def _balanced_run(info, enabled: bool) -> dict:
             rollouts.append(Rollout(q, s, list(enc.input_ids), torch.randint(0, 150000, (length,), generator=g).tolist(),
                                     "x", None, "stop"))
     rewards = torch.tensor([float((info.rank + q + s) % 3) for q in range(groups) for s in range(n)])
-    gen = Generated(encoded, rollouts, rewards, {}, {})
-    balanced = balance_stage(gen, n, n_mini, step, info, enabled=enabled)
+    gen = Generated(encoded, rollouts, rewards)
+    balanced = balance_step(gen, n, n_mini, 1, step, info, enabled=enabled)
     gen = balanced.gen
     model = build_model("tiny", random_init=True, config=tiny_qwen2_5_vl_config(hidden_size=32, layers=1, vision_depth=1),
                         dtype=torch.float32, seed=0, attn_implementation="sdpa")
@@ -261,11 +275,8 @@ def _balanced_run(info, enabled: bool) -> dict:
     old = compute_logprobs(policy, batch, max_tokens_per_micro_batch=120, device=cpu, group_size=n)
     advantages, _ = group_advantages(gen.rewards, n)
     data = UpdateBatch(batch, old, advantages)
-    schedule = update_schedule(batch.batch_size, n, n_mini, 1, step)
-    if balanced.first_pass is not None:
-        schedule = balanced.first_pass
     losses, norms, micro = [], [], []
-    for part in schedule:
+    for part in balanced.schedule:
         m = policy_update(policy, optimizer, data.select(part), gmpo_loss, max_tokens_per_micro_batch=120,
                           max_grad_norm=0.0, device=cpu, group_size=n)
         losses.append(m["loss/total"])

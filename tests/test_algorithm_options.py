@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mm_gmpo.advantage import groups_in_band, kl_shaped_rewards, pass_at_k
+from mm_gmpo.advantage import groups_in_band, kl_shaped_rewards
 from mm_gmpo.config import ConfigError, load_config, validate
+from mm_gmpo.validator import pass_counts
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -53,9 +54,9 @@ def test_kl_shaped_rewards_subtract_the_summed_token_kl():
     assert m["actor/kl_in_reward_mean"] == pytest.approx((0.75 + 0.6) / 2)
 
 
-def test_pass_at_k_counts_prompts_with_one_correct_sample():
-    mean, passed = pass_at_k(torch.tensor([0, 0, 1, 0, 0, 0, 1, 1, 1]), 3)
-    assert mean == pytest.approx(4 / 9) and passed == pytest.approx(2 / 3)
+def test_pass_counts_prompts_with_one_correct_sample():
+    assert pass_counts(torch.tensor([0.0, 0, 1, 0, 0, 0, 1, 1, 1]), 3) == 2.0
+    assert pass_counts(torch.zeros(6), 3) == 0.0
 
 
 @pytest.mark.parametrize("overrides, key", [

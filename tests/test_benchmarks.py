@@ -140,8 +140,8 @@ def test_memory_plan_counts_what_one_step_allocates(overrides, own_process_group
     from mm_gmpo.config import load_config
     from mm_gmpo.lora import add_lora
     from mm_gmpo.models import build_model, tiny_qwen2_5_vl_config
+    from mm_gmpo.optim import build_optimizer, master_dtype
     from mm_gmpo.policy import Policy, collate
-    from mm_gmpo.update import build_optimizer, master_dtype
 
     cfg = load_config(None, ["model.path=tiny-random", "rollout.backend=hf", *overrides])
     p = plan(cfg, gpus=1, gpu_gib=80, unit_bytes=(1000.0, 1000.0))

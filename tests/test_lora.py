@@ -43,7 +43,7 @@ def image_batch():
 
 
 def test_only_adapters_train_and_the_vision_tower_is_excluded_by_default():
-    from mm_gmpo.update import build_optimizer
+    from mm_gmpo.optim import build_optimizer
 
     m = lora_model()
     trainable = [n for n, p in m.named_parameters() if p.requires_grad]

@@ -152,13 +152,15 @@ def test_cpu_offload_gets_a_gloo_backend_beside_nccl(monkeypatch):
 
 
 def test_rollout_layout_slices():
-    lay = distributed.rollout_layout(5, 8, 2)
+    from mm_gmpo.rollout.layout import rollout_layout
+
+    lay = rollout_layout(5, 8, 2)
     assert (lay.dp_rank, lay.dp_size, lay.tp_rank) == (2, 4, 1)
-    assert lay.group_slice(3) == slice(12, 18) and lay.own_slice(3) == slice(3, 6)
-    one = distributed.rollout_layout(5, 8)
-    assert one.group_slice(3) == slice(15, 18) and one.own_slice(3) == slice(0, 3)  # the old per-rank slice
+    assert lay.group_slice(3) == slice(12, 18)
+    one = rollout_layout(5, 8)
+    assert one.group_slice(3) == slice(15, 18)  # every rank its own engine: its own slice
     with pytest.raises(ValueError, match="must divide"):
-        distributed.rollout_layout(0, 6, 4)
+        rollout_layout(0, 6, 4)
 
 
 def test_tensor_parallel_size_is_checked_against_gpus_per_node():

@@ -14,8 +14,10 @@ import torch
 from mm_gmpo import distributed
 from mm_gmpo.loss import gmpo_loss
 from mm_gmpo.models import build_model, tiny_qwen2_5_vl_config
+from mm_gmpo.offload import move_train_state
+from mm_gmpo.optim import build_optimizer
 from mm_gmpo.policy import Policy, collate
-from mm_gmpo.update import UpdateBatch, build_optimizer, policy_update
+from mm_gmpo.update import UpdateBatch, policy_update
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -44,7 +46,7 @@ def test_offload_round_trip_leaves_the_run_unchanged(name, own_process_group):
         policy, opt = sharded_policy(name)
         policy_update(policy, opt, data(0), gmpo_loss, device=DEVICE)  # optimizer state exists from here on
         if offload:
-            moved = distributed.move_train_state(policy, opt, torch.device("cpu"))
+            moved = move_train_state(policy, opt, torch.device("cpu"))
             assert all(p.device.type == "cpu" for p in policy.parameters())
             assert all(v.device.type == "cpu" for s in opt.state.values() for v in s.values()
                        if torch.is_tensor(v) and v.ndim > 0)
@@ -52,7 +54,7 @@ def test_offload_round_trip_leaves_the_run_unchanged(name, own_process_group):
             assert moved >= (4 * n_params if DEVICE.type == "cuda" else 0)  # nothing to move on a CPU
             # the weight sync gathers from the CPU shards: the same tensors as on the device
             offloaded = {n: distributed.full_tensor(p).cpu() for n, p in policy.named_parameters()}
-            distributed.move_train_state(policy, opt, DEVICE)
+            move_train_state(policy, opt, DEVICE)
             assert all(p.device == DEVICE or p.device.type == DEVICE.type for p in policy.parameters())
             for n, p in policy.named_parameters():
                 assert torch.equal(offloaded[n], distributed.full_tensor(p).cpu()), n
@@ -94,7 +96,7 @@ def test_with_offload_the_checkpoint_and_export_are_written_from_the_cpu_shards(
     back to the GPU then would need the memory the engine holds (the one-H200 7B plan runs out). So the state
     stays where offload put it. A spy follows the state's place; the compute device is named cpu:0 here so that
     a move to it can be told from a move to the host."""
-    from mm_gmpo import trainer
+    from mm_gmpo import checkpointer, offload, run_folder, trainer
     from mm_gmpo.config import load_config
 
     compute = torch.device("cpu", 0)
@@ -102,7 +104,7 @@ def test_with_offload_the_checkpoint_and_export_are_written_from_the_cpu_shards(
                         lambda **kw: distributed.DistInfo(0, 1, 0, compute))
     where = ["compute"]
     seen = []
-    move = distributed.move_train_state
+    move = offload.move_train_state
 
     def spy_move(policy, optimizer, device, **kw):
         where[0] = "compute" if device == compute else "host"
@@ -114,9 +116,9 @@ def test_with_offload_the_checkpoint_and_export_are_written_from_the_cpu_shards(
             return real(*args, **kwargs)
         return call
 
-    monkeypatch.setattr(trainer.distributed, "move_train_state", spy_move)
-    monkeypatch.setattr(trainer, "save_checkpoint", spy("save", trainer.save_checkpoint))
-    monkeypatch.setattr(trainer, "export_hf", spy("export", trainer.export_hf))
+    monkeypatch.setattr(offload, "move_train_state", spy_move)
+    monkeypatch.setattr(checkpointer, "save_checkpoint", spy("save", checkpointer.save_checkpoint))
+    monkeypatch.setattr(run_folder, "export_hf", spy("export", run_folder.export_hf))
     cfg = load_config(None, [f"trainer.output_dir={tmp_path / 'run'}", "trainer.total_steps=1",
                              "trainer.rollout_batch_size=2", "trainer.mini_batch_size=2", "rollout.n=2",
                              "trainer.eval_every=0", "trainer.save_every=1", "trainer.export_hf=true",

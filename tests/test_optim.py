@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from mm_gmpo.update import build_optimizer, build_scheduler
+from mm_gmpo.optim import build_optimizer, build_scheduler
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}

@@ -11,8 +11,9 @@ from mm_gmpo.data import geometry3k_prompts, load_geometry3k
 from mm_gmpo.data.processing import encode_prompt, load_processor
 from mm_gmpo.loss import gmpo_loss
 from mm_gmpo.models import build_model, tiny_qwen2_5_vl_config
+from mm_gmpo.optim import build_optimizer, build_scheduler
 from mm_gmpo.policy import Policy, collate, split_by_token_budget
-from mm_gmpo.update import UpdateBatch, build_optimizer, build_scheduler, policy_update
+from mm_gmpo.update import UpdateBatch, policy_update
 
 PAD = 151643
 
@@ -364,7 +365,8 @@ from mm_gmpo import distributed
 from mm_gmpo.loss import gmpo_loss
 from mm_gmpo.models import build_model, tiny_qwen2_5_vl_config
 from mm_gmpo.policy import Policy, collate
-from mm_gmpo.update import UpdateBatch, build_optimizer, policy_update
+from mm_gmpo.optim import build_optimizer
+from mm_gmpo.update import UpdateBatch, policy_update
 
 def run(**opts):
     m = build_model("t", random_init=True, config=tiny_qwen2_5_vl_config(), dtype=torch.float32, seed=5)
@@ -524,7 +526,7 @@ def test_compiled_blocks_match_eager():
 
 
 def test_group_minibatches_keep_prompt_groups_whole():
-    from mm_gmpo.update import group_minibatches
+    from mm_gmpo.balance import group_minibatches
 
     parts = group_minibatches(24, 4, 3, seed=7)  # 6 prompts x 4 samples, 3 updates of 2 prompts each
     assert sorted(i for p in parts for i in p) == list(range(24))
@@ -539,8 +541,8 @@ def test_group_minibatches_keep_prompt_groups_whole():
 def test_training_flops_count_each_matmul_parameter_once():
     """6 x params x inputs: LM parameters over tokens (a tied embedding once, an untied input embedding not at
     all: it is a lookup), vision parameters over the patches encoded."""
+    from mm_gmpo.metrics import training_flops
     from mm_gmpo.models import model_config
-    from mm_gmpo.update import training_flops
 
     vl = Policy(build_model("t", random_init=True, config=tiny_qwen2_5_vl_config(), dtype=torch.float32))
     n_vis = sum(p.numel() for n, p in vl.named_parameters() if ".visual." in n)
@@ -556,7 +558,7 @@ def test_training_flops_count_each_matmul_parameter_once():
 
 
 def test_update_schedule_splits_each_ppo_epoch_afresh():
-    from mm_gmpo.update import group_minibatches, update_schedule
+    from mm_gmpo.balance import group_minibatches, update_schedule
 
     one = update_schedule(24, 4, 3, 1, step=5)
     assert one == group_minibatches(24, 4, 3, seed=5)  # one pass: the same split as before

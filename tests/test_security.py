@@ -195,8 +195,10 @@ def test_random_bad_overrides_fail_before_any_model(monkeypatch):
     def no_model(*args, **kwargs):
         raise AssertionError("a model was built")
 
-    monkeypatch.setattr(trainer, "build_policy", no_model)
-    monkeypatch.setattr(trainer, "_build", no_model)
+    from mm_gmpo import components
+
+    monkeypatch.setattr(components, "build_policy", no_model)
+    monkeypatch.setattr(components, "build_model", no_model)
     with pytest.raises(ConfigError):
         trainer.train(load_config(None, ["rollout.n=1", "trainer.output_dir=" + str(ROOT / "runs" / "never")]))
 
@@ -208,7 +210,8 @@ def test_a_second_trainer_on_a_busy_run_folder_stops_naming_the_holder(tmp_path)
     import fcntl
 
     from mm_gmpo.config import ConfigError, load_config
-    from mm_gmpo.trainer import lock_run_folder, train
+    from mm_gmpo.run_folder import lock_run_folder
+    from mm_gmpo.trainer import train
 
     out = tmp_path / "run"
     out.mkdir()
@@ -391,7 +394,7 @@ def test_a_worker_whose_launcher_died_stops(tmp_path):
 
     flag = tmp_path / "stopped"
     worker = (f"import os, sys, time; sys.path.insert(0, {str(ROOT)!r})\n"
-              "from mm_gmpo.distributed import LauncherWatch\n"
+              "from mm_gmpo.run_folder import LauncherWatch\n"
               "w = LauncherWatch(parent=int(sys.argv[1]))  # the launcher's pid (it may be gone already)\n"
               "for _ in range(400):\n"
               "    try:\n"
@@ -411,7 +414,7 @@ def test_a_worker_whose_launcher_died_stops(tmp_path):
 
 
 def LauncherWatch_never_fires_outside_torchrun() -> bool:
-    from mm_gmpo.distributed import LauncherWatch
+    from mm_gmpo.run_folder import LauncherWatch
 
     w = LauncherWatch()
     w.check()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mm_gmpo.trainer import PromptSampler
+from mm_gmpo.inputs import PromptSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -204,9 +204,7 @@ def test_metrics_logger_rewind_forgets_steps_after_the_checkpoint(tmp_path):
 
 
 def test_random_model_paths_build_the_named_config(tmp_path):
-    from mm_gmpo.config import Config
-    from mm_gmpo.models import random_model_config, tiny_qwen2_5_vl_config
-    from mm_gmpo.trainer import _build
+    from mm_gmpo.models import build_model, random_model_config, tiny_qwen2_5_vl_config
 
     assert random_model_config("Qwen/Qwen2.5-VL-3B-Instruct") is None  # real weights
     c3 = random_model_config("random:qwen2_5_vl_3b")
@@ -214,12 +212,14 @@ def test_random_model_paths_build_the_named_config(tmp_path):
     assert random_model_config("random:qwen2_5_vl_7b").text_config.hidden_size == 3584
     tiny = tiny_qwen2_5_vl_config(hidden_size=64, layers=1, vision_depth=1)
     tiny.to_json_file(tmp_path / "config.json")
-    cfg = Config()
-    cfg.model.path = f"random:{tmp_path / 'config.json'}"
-    model = _build(cfg, torch.float32, seed=0)
+    path = f"random:{tmp_path / 'config.json'}"
+
+    def build(seed):
+        return build_model(path, random_init=True, config=random_model_config(path), dtype=torch.float32, seed=seed)
+
+    model = build(0)
     assert model.config.text_config.num_hidden_layers == 1 and model.config.vision_config.depth == 1
-    assert sum(p.numel() for p in model.parameters()) == sum(
-        p.numel() for p in _build(cfg, torch.float32, seed=1).parameters())
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in build(1).parameters())
 
 
 # ---------------------------------------------------------------- your own data and reward
@@ -391,31 +391,38 @@ def test_scoring_runs_beside_the_callers_work_and_reports_wait_and_busy(monkeypa
     import threading
     import time
 
-    import mm_gmpo.trainer as trainer
-    from mm_gmpo.config import load_config
+    from mm_gmpo.metrics import StepTimer
+    from mm_gmpo.rewards import pending
 
     threads = []
 
-    def slow_stage(prompts, rollouts, cfg, rf):
+    def slow_scoring(prompts, rollouts, *, format_weight, workers, reward_function):
         threads.append(threading.current_thread() is threading.main_thread())
         time.sleep(0.3)
-        if rf == "boom":
+        if reward_function == "boom":
             raise RuntimeError("reward function failed")
-        return torch.ones(2), torch.ones(2), {"reward/overall": 1.0}
+        return [{"overall": 1.0, "accuracy": 1.0}] * 2, {"reward/overall": 1.0}
 
-    monkeypatch.setattr(trainer, "reward_stage", slow_stage)
-    cfg = load_config(None, ["trainer.reward_workers=2"])
-    pending = trainer.PendingRewards([], [], cfg, None)
+    monkeypatch.setattr(pending, "score_rollouts", slow_scoring)
+    args = dict(format_weight=0.0, reward_function=None)
+    scoring = pending.PendingRewards([], [], workers=2, **args)
     time.sleep(0.5)  # the old-log-prob pass
-    rewards, metrics, busy, wait = pending.result()
+    timer = StepTimer()
+    rewards, metrics = scoring.result(timer)
     assert threads == [False] and torch.equal(rewards, torch.ones(2)) and metrics == {"reward/overall": 1.0}
-    assert busy >= 0.3 and wait < busy
-    inline = trainer.PendingRewards([], [], load_config(None, ["trainer.reward_workers=0"]), None)
+    assert timer.seconds("reward_busy") >= 0.3 and timer.seconds("reward") < timer.seconds("reward_busy")
+    inline = pending.PendingRewards([], [], workers=0, **args)
     assert threads[-1] is True
-    _, _, busy, wait = inline.result()
-    assert busy >= 0.3 and wait == busy
+    timer = StepTimer()
+    inline.result(timer)
+    assert timer.seconds("reward_busy") >= 0.3 and timer.seconds("reward") == timer.seconds("reward_busy")
+    timer = StepTimer()  # scored by online filtering: its time is the filter's, already on the timer
+    timer.add("reward", 0.25)
+    rewards, metrics = pending.PendingRewards([], [], workers=2, scored=torch.zeros(3), **args).result(timer)
+    assert torch.equal(rewards, torch.zeros(3)) and metrics == {} and len(threads) == 2
+    assert timer.seconds("reward") == timer.seconds("reward_busy") == 0.25
     with pytest.raises(RuntimeError, match="reward function failed"):
-        trainer.PendingRewards([], [], cfg, "boom").result()
+        pending.PendingRewards([], [], workers=2, format_weight=0.0, reward_function="boom").result(StepTimer())
 
 
 @pytest.mark.slow

@@ -140,7 +140,7 @@ def two_image_prompts(n: int) -> list:
 
 def trainer_logprobs(policy, prompts, rollouts) -> tuple[torch.Tensor, torch.Tensor]:
     """(sampler's, trainer's) log-probs of the sampled tokens, flat over all response tokens."""
-    from mm_gmpo.trainer import to_batch
+    from mm_gmpo.rollout.batch import to_batch
 
     batch, sampler_lp = to_batch(prompts, rollouts, pad_id=load_processor().tokenizer.pad_token_id)
     with torch.no_grad():

@@ -1,0 +1,147 @@
+"""A run's inputs, read and checked before anything is written: the processor, the train and validation prompts,
+the user's reward function (probed once), restricted answer tokens, and the prompt sampler (the data position)."""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from mm_gmpo.config import Config, ConfigError, validate
+from mm_gmpo.data.processing import EncodedPrompt, encode_prompts, load_processor
+from mm_gmpo.data.prompts import DataError, Prompt, limit_images
+from mm_gmpo.data.synthetic import COLORS, DIGITS, single_token_ids
+from mm_gmpo.models import ASSETS, check_model_source, is_random_model
+from mm_gmpo.rewards.custom import RewardFunction, probe, resolve_spec
+from mm_gmpo.rollout.layout import RolloutLayout, rollout_layout
+
+
+class PromptSampler:
+    """Deterministic epoch-wise shuffling over a prompt list; its state is the data position in checkpoints."""
+
+    def __init__(self, n_items: int, seed: int):
+        self.n, self.seed, self.epoch, self.index = n_items, seed, 0, 0
+        self._order = self._shuffle()
+
+    def _shuffle(self) -> list[int]:
+        order = list(range(self.n))
+        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+        return order
+
+    def next(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            if self.index >= self.n:
+                self.epoch, self.index = self.epoch + 1, 0
+                self._order = self._shuffle()
+            take = min(k - len(out), self.n - self.index)
+            out += self._order[self.index:self.index + take]
+            self.index += take
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "n": self.n}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("n", self.n) != self.n:
+            raise ConfigError(f"the checkpoint's dataset had {state['n']} prompts, this one has {self.n}: "
+                              "resume with the same data, or start a new output_dir")
+        self.epoch, self.index = state["epoch"], state["index"]
+        self._order = self._shuffle()
+
+
+def load_prompts(cfg: Config, split: str) -> list[Prompt]:
+    """Train or validation prompts for the configured dataset; prompts with more than data.max_images images are
+    dropped with a counted warning."""
+    d = cfg.data
+    source = d.train_source if split == "train" else d.val_source
+    which = d.train_split if split == "train" else d.val_split
+    if d.dataset == "files":
+        from mm_gmpo.data.files import Columns, load_file_prompts
+
+        source = d.train_files if split == "train" else d.val_files
+        prompts = load_file_prompts(source, columns=Columns(d.prompt_key, d.answer_key, d.image_key),
+                                    image_dir=d.image_dir or None, template=d.template,
+                                    system_prompt=d.system_prompt or None, task=d.task, on_bad_sample=d.on_bad_sample,
+                                    default_split="train" if split == "train" else "test")
+    elif d.dataset == "synthetic":
+        from mm_gmpo.data.synthetic import synthetic_prompts
+
+        prompts = synthetic_prompts(512 if split == "train" else 64, seed=cfg.trainer.seed, split=split)
+    elif d.dataset == "arithmetic":
+        from mm_gmpo.data.synthetic import arithmetic_prompts
+
+        prompts = arithmetic_prompts(512 if split == "train" else 64, seed=cfg.trainer.seed, split=split,
+                                     template=d.template)
+    elif d.dataset == "geometry3k":
+        from mm_gmpo.data.geometry3k import geometry3k_prompts, load_geometry3k
+
+        ds = load_geometry3k(source, which, on_bad_sample=d.on_bad_sample) if source else load_geometry3k(split=which)
+        prompts = list(geometry3k_prompts(ds, template=d.template, show_choices=d.show_choices))
+    else:
+        from mm_gmpo.data.text_math import load_text_math, text_math_prompts
+
+        ds = load_text_math(source or "math500", split=which, levels=d.levels or None, on_bad_sample=d.on_bad_sample)
+        prompts = list(text_math_prompts(ds, template=d.template))
+    return limit_images(prompts, d.max_images, source or f"{d.dataset} [{split}]")
+
+
+def reward_function(cfg: Config, probe_ground_truth: str) -> RewardFunction | None:
+    """The configured user reward function, loaded and called once on one sample, or None (built-in verifiers).
+    Every mistake in it stops the run here, before the first rollout, with a message naming file and function."""
+    alg = cfg.algorithm
+    if not alg.reward_function:
+        return None
+    rf = RewardFunction(resolve_spec(alg.reward_function), dict(alg.reward_kwargs), alg.reward_type,
+                        alg.reward_timeout_s)
+    probe(rf, probe_ground_truth)
+    return rf
+
+
+@dataclass
+class Inputs:
+    """What the run reads before anything is written: processor, prompts, reward function, restricted tokens."""
+
+    processor: object
+    tokenizer: object
+    train_prompts: list[Prompt]
+    rf: RewardFunction | None
+    val_encoded: list[EncodedPrompt]  # this engine group's share of the validation prompts
+    allowed: tuple[int, ...] | None  # restricted sampling: the built-in tasks' answers, or rollout.allowed_tokens
+
+
+def prepare_inputs(cfg: Config, layout: RolloutLayout) -> Inputs:
+    """Load and check every input (model or processor source, train and validation data, the reward function's
+    probe, restricted tokens); raises ConfigError / DataError naming the key, file or filter."""
+    key, source = ("model.processor", cfg.model.processor) if cfg.model.processor else ("model.path", cfg.model.path)
+    check_model_source(source, key)
+    try:
+        processor = load_processor(ASSETS if is_random_model(source) else source)
+    except DataError as e:
+        why = ("the folder has no processor or tokenizer that loads" if Path(source).expanduser().exists() else
+               "the folder does not exist and the hub could not give it")
+        raise ConfigError(f"{key}: no model folder or hub id {source!r} that loads: {why} ({e})") from None
+    tokenizer = getattr(processor, "tokenizer", processor)
+    train_prompts = load_prompts(cfg, "train")
+    rf = reward_function(cfg, train_prompts[0].ground_truth)  # a user reward: loaded and probed before any model
+    val_encoded: list[EncodedPrompt] = []
+    if cfg.trainer.eval_every or cfg.trainer.val_before_train:
+        val = load_prompts(cfg, "val")[layout.dp_rank::layout.dp_size]  # each engine group answers its share
+        val_encoded, _ = encode_prompts(val, processor, max_prompt_length=cfg.data.max_prompt_length,
+                                        min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
+    allowed = None
+    words = list(cfg.rollout.allowed_tokens) or {"synthetic": list(COLORS), "arithmetic": list(DIGITS)}.get(cfg.data.dataset, [])
+    if words:
+        try:
+            allowed = tuple(single_token_ids(tokenizer, words))
+        except ValueError as e:
+            raise ConfigError(f"rollout.allowed_tokens: {e}") from None
+    return Inputs(processor, tokenizer, train_prompts, rf, val_encoded, allowed)
+
+
+def check_inputs(cfg: Config) -> None:
+    """``train_mm.py --check``: every check of a run's settings and inputs, in this process, writing nothing."""
+    validate(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")),
+             local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"))))
+    prepare_inputs(cfg, rollout_layout(0, 1))
