@@ -57,15 +57,15 @@ class ModelConfig:
                             "sequence attends to itself: varlen kernels under flash_attention_2, one SDPA call per "
                             "sequence under sdpa), padded, or auto (packed unless attention is eager)")
     vision_attention: str = f("auto", "Vision tower attention without flash-attn: transformers (one SDPA call per "
-                                      "window), grouped (one call per window length; mm_gmpo/attention.py; 2.4x "
-                                      "faster 3B step on an H100), or auto (grouped on a GPU, transformers on CPU)")
+                                      "window), grouped (one call per window length: fewer, larger kernels; mm_gmpo/attention.py), "
+                                      "or auto (grouped on a GPU, transformers on CPU)")
     freeze_vision: bool = f(False, "Do not train the vision tower")
     activation_checkpointing: bool = f(True, "Recompute activations in backward (less memory, ~30% more compute)")
     checkpoint_every: int = f(1, "With activation_checkpointing: recompute only every k-th layer (vision blocks, then "
                                  "decoder layers, counted together; transformers' every_n_layers): 1 = all, 2 = "
                                  "half (less recompute, more activation memory: benchmarks/activation_memory.py)")
     compile: bool = f(False, "torch.compile each decoder layer's and vision block's MLP and RMSNorms (fused "
-                             "elementwise kernels; the first step pays the compile; policy.compile_blocks)")
+                             "elementwise kernels; the first step pays the compile; models.compile_blocks)")
     logprob_chunk_size: int = f(1024, "Response tokens per chunk of the LM head / log-softmax (memory bound)")
     lora: LoraConfig = field(default_factory=LoraConfig)
 
@@ -387,12 +387,21 @@ def dump_yaml(cfg: Config) -> str:
 
 def validate(cfg: Config, world_size: int = 1, local_world_size: int | None = None) -> None:
     """Raise ConfigError for settings that cannot work together, saying what to change."""
+    _check_choices_and_ranges(cfg)
+    _check_batches(cfg, world_size)
+    _check_algorithm(cfg)
+    _check_run_and_data(cfg)
+    _check_model_and_engine(cfg, world_size, world_size if local_world_size is None else local_world_size)
+
+
+def _check_choices_and_ranges(cfg: Config) -> None:
+    """Every setting with a fixed set of values, and every number in its range."""
+    t, r, a = cfg.trainer, cfg.rollout, cfg.algorithm
     for dotted, options in CHOICES.items():
         section, key = dotted.split(".")
         value = getattr(getattr(cfg, section), key)
         if value not in options:
             raise ConfigError(f"{dotted}: {value!r} is not one of {', '.join(options)}{_hint(str(value), options)}")
-    t, r, a = cfg.trainer, cfg.rollout, cfg.algorithm
     _check_finite(cfg)
     for key, value in (("trainer.rollout_batch_size", t.rollout_batch_size),
                        ("trainer.mini_batch_size", t.mini_batch_size), ("trainer.ppo_epochs", t.ppo_epochs),
@@ -424,6 +433,11 @@ def validate(cfg: Config, world_size: int = 1, local_world_size: int | None = No
                        ("algorithm.entropy_coef", a.entropy_coef), ("algorithm.adv_eps", a.adv_eps)):
         if value < 0:
             raise ConfigError(f"{key} = {value}: must be >= 0" + (" (0 = no clipping)" if "grad" in key else ""))
+
+
+def _check_batches(cfg: Config, world_size: int) -> None:
+    """Batch sizes that split into mini-batches and over the ranks."""
+    t, r = cfg.trainer, cfg.rollout
     if r.temperature <= 0:
         raise ConfigError("rollout.temperature must be > 0 for training: greedy samples of one prompt are identical, "
                           "so every group has advantage 0")
@@ -437,6 +451,11 @@ def validate(cfg: Config, world_size: int = 1, local_world_size: int | None = No
     if t.rollout_batch_size % world_size:
         raise ConfigError(f"trainer.rollout_batch_size ({t.rollout_batch_size}) must be a multiple of the number "
                           f"of ranks ({world_size}) so every rank gets whole prompt groups")
+
+
+def _check_algorithm(cfg: Config) -> None:
+    """The objective, rewards, KL, online filtering and validation sampling."""
+    r, a = cfg.rollout, cfg.algorithm
     if a.objective == "grpo" and not (0 < a.clip_low < 1):
         raise ConfigError(f"algorithm.clip_low = {a.clip_low}: for grpo it is a ratio epsilon in (0, 1), "
                           "e.g. 0.2 (0.4 is GMPO's log-space clip)")
@@ -468,6 +487,11 @@ def validate(cfg: Config, world_size: int = 1, local_world_size: int | None = No
     if r.val_n > 1 and r.val_temperature == 0:
         raise ConfigError(f"rollout.val_n = {r.val_n} with val_temperature = 0: greedy samples are identical; set "
                           "rollout.val_temperature (the paper: 0.5) or val_n=1")
+
+
+def _check_run_and_data(cfg: Config) -> None:
+    """Saving, micro-batches, TIS, the data source and the reward function."""
+    t, r, a = cfg.trainer, cfg.rollout, cfg.algorithm
     if t.save_every < -1:
         raise ConfigError(f"trainer.save_every = {t.save_every}: use N > 0 (every N steps), 0 (only at the end) or "
                           "-1 (never)")
@@ -494,6 +518,11 @@ def validate(cfg: Config, world_size: int = 1, local_world_size: int | None = No
     if any(not isinstance(w, str) or not w for w in r.allowed_tokens):
         raise ConfigError(f"rollout.allowed_tokens: {[w for w in r.allowed_tokens if not isinstance(w, str) or not w]}"
                           " are not words; quote them (YAML reads yes/no/on/off as booleans and 1 as a number)")
+
+
+def _check_model_and_engine(cfg: Config, world_size: int, local: int) -> None:
+    """LoRA, offload, optimizer dtype, and the rollout engine's layout over the ranks."""
+    t, r, a = cfg.trainer, cfg.rollout, cfg.algorithm
     lo = cfg.model.lora
     if lo.rank < 0 or lo.alpha < 0:
         raise ConfigError(f"model.lora.rank = {lo.rank}, alpha = {lo.alpha}: use rank > 0 (e.g. 64) for LoRA or 0 for "
@@ -511,7 +540,6 @@ def validate(cfg: Config, world_size: int = 1, local_world_size: int | None = No
     if r.backend == "vllm" and world_size % r.tensor_parallel_size:
         raise ConfigError(f"rollout.tensor_parallel_size ({r.tensor_parallel_size}) must divide the number of "
                           f"ranks ({world_size})")
-    local = world_size if local_world_size is None else local_world_size
     if r.backend == "vllm" and local % r.tensor_parallel_size:
         raise ConfigError(f"rollout.tensor_parallel_size ({r.tensor_parallel_size}) must divide the GPUs per node "
                           f"({local}): a tensor-parallel engine spans consecutive ranks of one node")

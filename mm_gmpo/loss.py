@@ -253,6 +253,16 @@ def gmpo_loss(
     return loss, _finish(stats)
 
 
+def _token_reducer(loss_agg: LossAgg, mask: torch.Tensor, lengths: torch.Tensor, normalizer: float | None
+                   ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """GRPO's aggregation of a (B, T) token quantity into the batch loss (see ``loss_agg`` in :func:`grpo_loss`)."""
+    if loss_agg == "token_mean":
+        denom = float(normalizer) if normalizer is not None else mask.sum().clamp(min=1)
+        return lambda x: torch.where(mask, x, 0.0).sum() / denom
+    n_seq = float(normalizer) if normalizer is not None else float(mask.shape[0])
+    return lambda x: _masked_seq_mean(x, mask, lengths).sum() / n_seq
+
+
 def grpo_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -308,17 +318,7 @@ def grpo_loss(
     if is_weights is not None:
         per_token = per_token * _checked_is_weights(is_weights, logprobs)
 
-    if loss_agg == "token_mean":
-        denom = float(normalizer) if normalizer is not None else mask.sum().clamp(min=1)
-
-        def reduce(x: torch.Tensor) -> torch.Tensor:
-            return torch.where(mask, x, 0.0).sum() / denom
-    else:
-        n_seq = float(normalizer) if normalizer is not None else float(logprobs.shape[0])
-
-        def reduce(x: torch.Tensor) -> torch.Tensor:
-            return _masked_seq_mean(x, mask, lengths).sum() / n_seq
-
+    reduce = _token_reducer(loss_agg, mask, lengths, normalizer)
     policy = reduce(per_token)
     extra, reg_stats = _regularisers(logprobs32, mask, lengths, ref_logprobs, kl_coef, kl_penalty, entropy,
                                      entropy_coef, reduce)

@@ -51,6 +51,33 @@ class UpdateBatch:
                            move(self.ref_logprobs), move(self.is_weights))
 
 
+class _MicroMetrics:
+    """One optimizer step's loss metrics over its micro-batches: loss/* are already globally normalised, so they
+    add up; ``*_min`` / ``*_max`` keep their extremes; everything else is a token-weighted mean."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = defaultdict(float)
+        self.extremes: dict[str, float] = {}
+        self.weighted: dict[str, float] = defaultdict(float)
+        self.weight = 0.0
+
+    def add(self, loss: float, metrics: dict[str, float], tokens: float) -> None:
+        self.sums["loss/total"] += loss
+        self.weight += tokens
+        for k, v in metrics.items():
+            if k.startswith("loss/"):
+                self.sums[k] += v
+            elif k.endswith("_min"):
+                self.extremes[k] = min(self.extremes.get(k, v), v)
+            elif k.endswith("_max"):
+                self.extremes[k] = max(self.extremes.get(k, v), v)
+            else:
+                self.weighted[k] += v * tokens
+
+    def local(self) -> dict[str, float]:
+        return {k: v / max(self.weight, 1.0) for k, v in self.weighted.items()} | self.extremes
+
+
 def policy_update(
     policy: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -88,10 +115,7 @@ def policy_update(
     policy.train()
     patches_before = getattr(policy, "vision_patches", 0)
     optimizer.zero_grad(set_to_none=True)
-    sums: dict[str, float] = defaultdict(float)  # loss/*: already globally normalised, so they add up
-    extremes: dict[str, float] = {}
-    weighted: dict[str, float] = defaultdict(float)  # everything else: token-weighted mean
-    weight = 0.0
+    acc = _MicroMetrics()
     for idx in groups:
         empty = not idx
         mb = data.select(idx if idx else [0])
@@ -106,18 +130,7 @@ def policy_update(
         (loss * scale).backward()
         if empty:
             continue
-        sums["loss/total"] += loss.item()
-        w = float(mb.batch.response_mask.sum())
-        weight += w
-        for k, v in m.items():
-            if k.startswith("loss/"):
-                sums[k] += v
-            elif k.endswith("_min"):
-                extremes[k] = min(extremes.get(k, v), v)
-            elif k.endswith("_max"):
-                extremes[k] = max(extremes.get(k, v), v)
-            else:
-                weighted[k] += v * w
+        acc.add(loss.item(), m, float(mb.batch.response_mask.sum()))
 
     grad_norm = distributed.clip_grad_norm(policy.parameters(), max_grad_norm)
     if math.isfinite(grad_norm):
@@ -129,10 +142,9 @@ def policy_update(
         # free the gradients now, not at the next update: held through the rollout they cost an fp32 copy of the
         # (sharded) model, memory vLLM needs to wake up
         optimizer.zero_grad(set_to_none=True)
-    sums["perf/update_vision_patches"] = float(getattr(policy, "vision_patches", 0) - patches_before)
-    metrics = distributed.all_reduce_sum_metrics(dict(sums), device)  # over every rank's keys (see there)
-    local = {k: v / max(weight, 1.0) for k, v in weighted.items()} | extremes
-    metrics |= distributed.all_reduce_mean_metrics(local, device)
+    acc.sums["perf/update_vision_patches"] = float(getattr(policy, "vision_patches", 0) - patches_before)
+    metrics = distributed.all_reduce_sum_metrics(dict(acc.sums), device)  # over every rank's keys (see there)
+    metrics |= distributed.all_reduce_mean_metrics(acc.local(), device)
     metrics.update({
         "actor/grad_norm": grad_norm,
         "actor/skipped_step": skipped,

@@ -75,6 +75,7 @@ def test_bad_values_name_the_key(overrides, key):
         validate(load_config(None, overrides))
 
 
+@pytest.mark.slow
 def test_new_keys_are_documented():
     r = subprocess.run([sys.executable, "-m", "mm_gmpo.config"], capture_output=True, text=True, env=ENV, cwd=ROOT)
     for key in ("algorithm.kl_penalty", "algorithm.kl_in_reward", "algorithm.clip_ratio_c",
@@ -119,6 +120,7 @@ def test_lora_reference_is_the_base_model_with_adapters_off():
 # ---------------------------------------------------------------- in training
 
 
+@pytest.mark.slow
 def test_kl_is_zero_at_step_one_and_grows_and_lora_uses_no_copy(tmp_path):
     """One optimizer step per training step (mini-batch = batch), so step 1's loss sees the initial policy."""
     one = ["trainer.mini_batch_size=4"]
@@ -138,6 +140,7 @@ def test_kl_is_zero_at_step_one_and_grows_and_lora_uses_no_copy(tmp_path):
     assert lora[0]["actor/kl_mean"] == 0.0 and lora[-1]["actor/kl_mean"] > 0  # B = 0 at start: base == policy
 
 
+@pytest.mark.slow
 def test_online_filtering_drops_flat_groups_and_resumes_exactly(tmp_path):
     args = [*SMALL, "trainer.total_steps=4", "trainer.save_every=2", "algorithm.online_filtering=true",
             "algorithm.max_filter_rounds=3"]
@@ -152,6 +155,7 @@ def test_online_filtering_drops_flat_groups_and_resumes_exactly(tmp_path):
     assert strip(again) == strip(rows)  # the data position counts every prompt the rounds consumed
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("option", ["algorithm.kl_coef=0.01", "algorithm.online_filtering=true"])
 def test_builtin_task_still_learns(tmp_path, option):
     """The built-in task (2 gloo ranks, 30 steps at constant lr 1e-3) with kl_coef=0.01, and with online filtering:
@@ -170,6 +174,7 @@ def test_builtin_task_still_learns(tmp_path, option):
         assert rows[-1]["actor/kl_mean"] > 0
 
 
+@pytest.mark.slow
 def test_sampled_validation_reports_mean_and_pass_at_k_and_runs_before_training(tmp_path):
     rows, out = train(tmp_path / "val", *SMALL[:-2], "trainer.export_hf=false", "trainer.total_steps=2",
                       "trainer.save_every=0", "trainer.eval_every=2", "trainer.val_before_train=true",

@@ -96,6 +96,7 @@ def append_logprobs_for_next_position(c, token_ids, logprobs, decoded, rank, num
 '''
 
 
+@pytest.mark.slow
 def test_bench_output_objects_reports_both_containers(tmp_path):
     (tmp_path / "logprobs.py").write_text(STAND_IN_LOGPROBS)
     f = bench("bench_output_objects.py", tmp_path / "r.jsonl", "--prompts", "2", "--n", "3", "--tokens", "20",
@@ -107,6 +108,7 @@ def test_bench_output_objects_reports_both_containers(tmp_path):
     assert f["host s saved per rollout"] == pytest.approx(sum(f[k] for k in parts[:3]) - sum(f[k] for k in parts[3:]))
 
 
+@pytest.mark.slow
 def test_activation_memory_adds_up(tmp_path):
     """Bytes autograd saves per token (decoder layer) and per patch (vision block) in bf16, and the activation
     memory for each checkpoint_every: checkpointed layers keep their input only, the others everything."""
@@ -182,6 +184,7 @@ def test_memory_plan_counts_what_one_step_allocates(overrides, own_process_group
         assert grads < params / 20  # adapters only
 
 
+@pytest.mark.slow
 def test_bench_step_reports_stages_pixels_and_balance(tmp_path):
     """bench_step.py: a geo3k-shaped run on 2 ranks; n=2 samples per prompt share one copy of each picture (the
     old-log-prob pass and the one update each get it once: a copy per sample would add as much again), the warm

@@ -245,6 +245,7 @@ def test_hf_layout_parquet(tmp_path):
         load_geometry3k(tmp_path / "two.parquet", "test")
 
 
+@pytest.mark.slow
 def test_prepare_script_roundtrip(tmp_path):
     out = tmp_path / "val.parquet"
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "prepare_geometry3k.py"), "--split", "val", "--out", str(out)],

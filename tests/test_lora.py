@@ -132,6 +132,7 @@ def train(out: Path, steps: int, *extra: str) -> list[dict]:
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_fsdp2_lora_run_checkpoints_adapters_and_resumes_exactly(tmp_path):
     import torch.distributed.checkpoint as dcp
     from transformers import AutoModelForImageTextToText

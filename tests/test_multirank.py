@@ -12,10 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from mm_gmpo import distributed
-from mm_gmpo.config import ConfigError, load_config, validate
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -122,56 +120,6 @@ def test_weight_sync_gathers_bf16_and_sends_the_same_tensors(results):
     for x in results("sync_bf16"):
         assert x["gathered_dtypes"] == ["torch.bfloat16"] and x["exact"] and x["names"]
         assert x["gathered_gb"] == x["sent_gb"]
-
-
-# ---------------------------------------------------------------- in-process
-
-
-def test_cpu_offload_gets_a_gloo_backend_beside_nccl(monkeypatch):
-    """FSDP2's CPU offload keeps shards and gradients on the CPU, where NCCL cannot reduce them: the group is
-    cpu:gloo,cuda:nccl then (plain NCCL otherwise), and collectives on no particular device use the GPU."""
-    import torch.distributed as dist
-
-    seen = {}
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("LOCAL_RANK", "0")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
-    monkeypatch.setattr(dist, "is_initialized", lambda: False)
-    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: seen.setdefault("backends", []).append(backend))
-    monkeypatch.setattr(dist, "get_rank", lambda: 0)
-    monkeypatch.setattr(dist, "get_world_size", lambda: 1)
-    distributed.init_distributed(cpu_collectives=True)
-    distributed.init_distributed()
-    distributed.init_distributed(backend="gloo")
-    assert seen["backends"] == ["cpu:gloo,cuda:nccl", "nccl", "gloo"]
-    monkeypatch.setattr(dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(dist, "get_backend", lambda: "cpu:gloo,cuda:nccl")
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    assert distributed._comm_device() == torch.device("cuda", 0)
-
-
-def test_rollout_layout_slices():
-    from mm_gmpo.rollout.layout import rollout_layout
-
-    lay = rollout_layout(5, 8, 2)
-    assert (lay.dp_rank, lay.dp_size, lay.tp_rank) == (2, 4, 1)
-    assert lay.group_slice(3) == slice(12, 18)
-    one = rollout_layout(5, 8)
-    assert one.group_slice(3) == slice(15, 18)  # every rank its own engine: its own slice
-    with pytest.raises(ValueError, match="must divide"):
-        rollout_layout(0, 6, 4)
-
-
-def test_tensor_parallel_size_is_checked_against_gpus_per_node():
-    cfg = load_config(None, ["rollout.backend=vllm", "model.path=some/model", "rollout.tensor_parallel_size=8",
-                             "trainer.rollout_batch_size=16",
-                             "trainer.mini_batch_size=16"])
-    validate(cfg, world_size=16, local_world_size=8)
-    with pytest.raises(ConfigError, match=r"GPUs per node \(4\)"):
-        validate(cfg, world_size=16, local_world_size=4)
-    with pytest.raises(ConfigError, match="the hf engine runs one full copy"):
-        validate(load_config(None, ["rollout.tensor_parallel_size=2"]), world_size=2)
 
 
 def test_two_nodes_through_c10d_rendezvous_train_text_math_and_checkpoint(tmp_path):

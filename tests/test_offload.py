@@ -65,6 +65,7 @@ def test_offload_round_trip_leaves_the_run_unchanged(name, own_process_group):
         assert torch.equal(runs[0][n], runs[1][n]), n
 
 
+@pytest.mark.slow
 def test_train_with_offload_is_the_same_run_and_times_the_moves(tmp_path):
     runs = {}
     for flags in ((), ("trainer.offload_params=true", "trainer.offload_optimizer=true")):

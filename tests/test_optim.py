@@ -68,6 +68,7 @@ def train(out: Path, *extra: str) -> list[dict]:
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [["optim.name=adamw_8bit"], ["optim.name=adamw_bf16", "model.dtype=bf16"]],
                          ids=["adamw_8bit", "adamw_bf16"])
 def test_low_precision_optimizer_runs_resume_bit_identically(tmp_path, extra):

@@ -404,6 +404,7 @@ print(json.dumps({"vision_changed_when_frozen": sum(frozen[n] for n in vis), "n_
 """
 
 
+@pytest.mark.slow
 def test_freeze_vision_and_cpu_offload_options():
     """FSDP2 options (one process): a frozen vision tower does not move, the rest does; CPU offload gives the
     same update as no offload on a GPU machine and a clear refusal on a CPU-only one."""
@@ -465,6 +466,7 @@ print(json.dumps(res))
 """
 
 
+@pytest.mark.slow
 def test_selective_activation_checkpointing_recomputes_every_kth_layer():
     """checkpoint_every=k recomputes layers 0, k, 2k, ... of the vision blocks and decoder layers counted together
     (their MLP runs twice) and keeps the others' activations; the gradients equal those without checkpointing in

@@ -229,6 +229,7 @@ def test_a_second_trainer_on_a_busy_run_folder_stops_naming_the_holder(tmp_path)
 # ---------------------------------------------------------------- resume with changed settings
 
 
+@pytest.mark.slow
 def test_resume_refuses_changed_maths_unless_allowed_and_then_applies_the_new_lr(tmp_path):
     import json
     import subprocess
@@ -386,6 +387,7 @@ def test_every_bad_row_is_a_data_error_naming_file_and_field_and_skippable(tmp_p
 # ---------------------------------------------------------------- a lost launcher, a full disk mid-run
 
 
+@pytest.mark.slow
 def test_a_worker_whose_launcher_died_stops(tmp_path):
     """A launcher (A) starts a worker (B) in its own session, as torchrun does, and dies; B's LauncherWatch sees
     it at its next check and stops."""

@@ -15,6 +15,8 @@ import torch
 from mm_gmpo.lora import add_lora
 from mm_gmpo.models import RandomSource, build_model, empty_model, model_config, tiny_qwen2_5_vl_config
 
+pytestmark = pytest.mark.slow  # every test here starts torchrun ranks
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 

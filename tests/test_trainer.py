@@ -35,6 +35,7 @@ def run3(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_three_steps_write_metrics_checkpoint_export_and_plot(run3):
     rows = [json.loads(x) for x in (run3 / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
@@ -96,6 +97,7 @@ def test_three_steps_write_metrics_checkpoint_export_and_plot(run3):
     assert rows[1]["timing/update_s"] == pytest.approx(prof["wall_s"])
 
 
+@pytest.mark.slow
 def test_every_trainable_parameter_changed(run3):
     from transformers import AutoModelForImageTextToText
 
@@ -108,6 +110,7 @@ def test_every_trainable_parameter_changed(run3):
     assert unchanged == []
 
 
+@pytest.mark.slow
 def test_resume_continues_the_run(run3, tmp_path):
     """Killed after logging step 3 but before its checkpoint: resume from step 2, redo 3, go on to 4, and log
     every step once (metrics.jsonl, samples.jsonl, TensorBoard)."""
@@ -137,6 +140,7 @@ def test_resume_continues_the_run(run3, tmp_path):
     assert state["data_position"]["index"] == 16
 
 
+@pytest.mark.slow
 def test_config_errors_before_any_model_is_loaded():
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_mm.py"), "optim.lrr=1"], capture_output=True,
                        text=True, timeout=120, env=ENV, cwd=ROOT)
@@ -236,6 +240,7 @@ def own_data(folder: Path) -> list[str]:
             "rollout.allowed_tokens=[red,green,blue,yellow]"]
 
 
+@pytest.mark.slow
 def test_own_jsonl_with_0_1_2_images_and_own_reward_function_learns(tmp_path):
     """The issue's acceptance run: a user-format jsonl (0, 1 and 2 images per row, image paths relative to the
     file, <image> placeholders) and an EasyR1-style reward file, trained under torchrun on 2 ranks; reward rises
@@ -307,6 +312,7 @@ def test_user_mistakes_stop_before_the_first_rollout_with_one_line(tmp_path, mon
     assert "not found" in err
 
 
+@pytest.mark.slow
 def test_user_errors_name_what_was_looked_for_once_also_under_torchrun(tmp_path, monkeypatch, capsys):
     """A missing model folder, a data folder that is not there, a level filter that empties a dataset, the bundled
     Geometry3K's missing train split: one line naming the key, path or filter; exit 2. Under torchrun (2 ranks) the
