@@ -44,13 +44,14 @@ def test_one_step_of_train_logs_the_mean_over_its_two_optimizer_steps(tmp_path, 
     cfg = load_config(str(ROOT / "configs" / "tiny.yaml"),
                       [f"trainer.output_dir={out}", "trainer.total_steps=1", "trainer.rollout_batch_size=4",
                        "trainer.mini_batch_size=2", "rollout.n=4", "trainer.eval_every=0", "trainer.save_every=-1",
+                       "trainer.export_hf=false",
                        "logging.tensorboard=false", "optim.lr=1e-2"])
     returned = trainer.train(cfg)
     logged = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in logged] == [1] and len(seen) == 2
     norms = [m["actor/grad_norm"] for m in seen]
     assert norms[0] > 0 and norms[1] > 0 and norms[0] != pytest.approx(norms[1])
-    for key in ("actor/grad_norm", "loss/total", "loss/pg", "actor/micro_batches"):
+    for key in ("actor/grad_norm", "loss/total", "loss/policy", "actor/micro_batches"):
         assert logged[0][key] == pytest.approx((seen[0][key] + seen[1][key]) / 2, rel=1e-9, abs=1e-12), key
     assert logged[0]["actor/grad_norm_last"] == pytest.approx(norms[1])
     assert logged[0]["actor/lr"] == pytest.approx(seen[1]["actor/lr"])
@@ -62,13 +63,14 @@ def test_one_step_of_train_logs_the_mean_over_its_two_optimizer_steps(tmp_path, 
 
 
 def test_step_update_metrics_means_extremes_sums_and_the_last_rate():
-    a = {"actor/grad_norm": 1.0, "loss/total": 0.5, "ratio/max": 2.0, "ratio/min": 0.5, "actor/lr": 1e-3,
-         "actor/skipped_step": 0.0, "perf/update_vision_patches": 10.0}
-    b = {"actor/grad_norm": 3.0, "loss/total": -0.25, "ratio/max": 1.5, "ratio/min": 0.25, "actor/lr": 5e-4,
-         "actor/skipped_step": 1.0, "perf/update_vision_patches": 6.0, "loss/kl": 0.1}
+    hi, lo = "ratio/token_log_ratio_max", "ratio/token_log_ratio_min"
+    a = {"actor/grad_norm": 1.0, "loss/total": 0.5, hi: 2.0, lo: 0.5, "actor/lr": 1e-3, "actor/skipped_step": 0.0,
+         "perf/update_vision_patches": 10.0}
+    b = {"actor/grad_norm": 3.0, "loss/total": -0.25, hi: 1.5, lo: 0.25, "actor/lr": 5e-4, "actor/skipped_step": 1.0,
+         "perf/update_vision_patches": 6.0, "loss/kl": 0.1}
     m = step_update_metrics([a, b])
     assert m["actor/grad_norm"] == 2.0 and m["loss/total"] == 0.125 and m["actor/grad_norm_last"] == 3.0
-    assert (m["ratio/max"], m["ratio/min"], m["actor/lr"]) == (2.0, 0.25, 5e-4)
+    assert (m[hi], m[lo], m["actor/lr"]) == (2.0, 0.25, 5e-4)
     assert (m["actor/skipped_step"], m["perf/update_vision_patches"], m["loss/kl"]) == (1.0, 16.0, 0.1)
     assert step_update_metrics([a]) == {**a, "actor/grad_norm_last": 1.0}
 
