@@ -126,6 +126,7 @@ def test_activation_memory_adds_up(tmp_path):
     assert every2 == pytest.approx((text + 2 * h) * 1000 + (vis + 2 * 32) * 300)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", [[], ["model.lora.rank=4"], ["model.freeze_vision=true"],
                                        ["model.lora.rank=4", "model.lora.vision=true"], ["optim.name=adamw_8bit"],
                                        ["optim.name=adamw_bf16"], ["optim.name=adamw_bf16", "model.lora.rank=4"]],

@@ -187,6 +187,7 @@ def test_a_folder_of_other_settings_is_refused_and_the_report_covers_what_was_as
                  sampling=SamplingParams(), **SMALL)
 
 
+@pytest.mark.slow
 def test_cli_default_folder_follows_the_settings_and_refuses_mixing(tmp_path, monkeypatch, capsys):
     """eval_geometry3k.py: the oracle and oracle-wrong backends get folders of their own by default; an explicit
     --out that holds the other backend's results stops with exit code 2 and one line."""

@@ -42,6 +42,7 @@ def relative_distance(a: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
     return float((num / sum((r.double() ** 2).sum() for r in ref)).sqrt())
 
 
+@pytest.mark.slow
 def test_8bit_moments_and_compensated_bf16_keep_updates_at_rl_learning_rates_and_bf16_weights_lose_them():
     """Measured (relative distance from fp32 AdamW's total update after 200 steps at lr 1e-6): adamw_8bit 0.11;
     adamw_bf16 (bf16 weights, moments and forward, Kahan-compensated) 0.20; plain bf16 weights with torch AdamW

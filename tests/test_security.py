@@ -306,7 +306,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, da
 def test_a_failed_save_names_the_cause_and_leaves_no_partial_folder(tmp_path, monkeypatch):
     import errno
 
-    from mm_gmpo import distributed
+    from mm_gmpo import checkpoint
     from mm_gmpo.checkpoint import CheckpointError, TrainerState, save_checkpoint
 
     policy = _three_checkpoints(tmp_path)
@@ -314,7 +314,7 @@ def test_a_failed_save_names_the_cause_and_leaves_no_partial_folder(tmp_path, mo
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(distributed, "save_sharded", full_disk)
+    monkeypatch.setattr(checkpoint, "save_sharded", full_disk)
     with pytest.raises(CheckpointError, match=r"step_00000004 failed: No space left on device \(.* GiB free"):
         save_checkpoint(tmp_path, policy, None, None, TrainerState(step=4), keep_last=3)
     assert not list(tmp_path.glob(".tmp_*"))
@@ -423,11 +423,12 @@ def LauncherWatch_never_fires_outside_torchrun() -> bool:
     return w.parent is None or "LOCAL_RANK" in os.environ
 
 
+@pytest.mark.slow
 def test_a_full_disk_mid_run_stops_with_the_cause_or_warns_and_trains_on(tmp_path, monkeypatch, own_process_group):
     import errno
     import json
 
-    from mm_gmpo import distributed
+    from mm_gmpo import checkpoint
     from mm_gmpo.checkpoint import CheckpointError
     from mm_gmpo.config import load_config
     from mm_gmpo.trainer import train
@@ -435,7 +436,7 @@ def test_a_full_disk_mid_run_stops_with_the_cause_or_warns_and_trains_on(tmp_pat
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(distributed, "save_sharded", full_disk)
+    monkeypatch.setattr(checkpoint, "save_sharded", full_disk)
     args = ["trainer.rollout_batch_size=4", "trainer.mini_batch_size=4", "rollout.n=4", "trainer.eval_every=0",
             "trainer.export_hf=false", "trainer.save_every=1", "trainer.total_steps=2", "reward_workers=0"]
     args = [a.replace("reward_workers", "trainer.reward_workers") for a in args]
