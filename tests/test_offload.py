@@ -124,7 +124,7 @@ def test_with_offload_the_checkpoint_and_export_are_written_from_the_cpu_shards(
                              "trainer.rollout_batch_size=2", "trainer.mini_batch_size=2", "rollout.n=2",
                              "trainer.eval_every=0", "trainer.save_every=1", "trainer.export_hf=true",
                              "logging.tensorboard=false", "trainer.offload_params=true",
-                             "trainer.offload_optimizer=true"])
+                             "trainer.offload_optimizer=true", "rollout.max_tokens=8"])
     trainer.train(cfg)
     assert seen == [("save", "host"), ("export", "host")]
     assert (tmp_path / "run" / "hf_export" / "model.safetensors").exists()

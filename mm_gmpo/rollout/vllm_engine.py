@@ -35,7 +35,7 @@
   groups of ``tensor_parallel_size`` consecutive ranks (on one node). No vLLM data-parallel group: with one,
   every generate step would all-reduce over all ranks, so a rank with nothing to generate (an empty validation
   share) or one that failed would hang the others; the trainer shares prompts out itself (the ranks of a TP
-  group submit the same prompts with the same seed, ``mm_gmpo.distributed.RolloutLayout``). vLLM's custom
+  group submit the same prompts with the same seed, ``mm_gmpo.rollout.layout.RolloutLayout``). vLLM's custom
   all-reduce is off for TP > 1 beside sleep mode (its buffers are not released by sleep; verl does the same).
 
 vLLM is an optional dependency (``pip install -e '.[vllm]'``); importing this module does not import it.
