@@ -131,7 +131,8 @@ def prepare_inputs(cfg: Config, layout: RolloutLayout) -> Inputs:
         val_encoded, _ = encode_prompts(val, processor, max_prompt_length=cfg.data.max_prompt_length,
                                         min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
     allowed = None
-    words = list(cfg.rollout.allowed_tokens) or {"synthetic": list(COLORS), "arithmetic": list(DIGITS)}.get(cfg.data.dataset, [])
+    builtin = {"synthetic": list(COLORS), "arithmetic": list(DIGITS)}.get(cfg.data.dataset, [])
+    words = list(cfg.rollout.allowed_tokens) or builtin
     if words:
         try:
             allowed = tuple(single_token_ids(tokenizer, words))

@@ -39,6 +39,7 @@ def data(seed: int) -> UpdateBatch:
     return UpdateBatch(b, -torch.rand(b.response_mask.shape, generator=g), torch.randn(4, generator=g))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["adamw", "adamw_8bit"])
 def test_offload_round_trip_leaves_the_run_unchanged(name, own_process_group):
     runs = []
