@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from mm_gmpo import distributed
+
 if TYPE_CHECKING:
-    from mm_gmpo.distributed import DistInfo
     from mm_gmpo.rollout.batch import Generated
 
 
@@ -189,8 +190,6 @@ def _exchange(gen: Generated, n: int, owner: list[int], new_owner: list[int], mi
               me: int) -> tuple[Generated, list[list[int]]]:
     """Send the groups this rank gives away, receive those it takes; its groups in mini-batch order and the
     first pass over them. ``start``: the global index of this rank's first group."""
-    from mm_gmpo import distributed
-
     def group(q: int) -> tuple:
         enc = gen.prompts[q]  # the pictures' pixels go along; the PIL images are the engine's, not needed now
         light = replace(enc, images=[], prompt=replace(enc.prompt, images=[]))
@@ -209,7 +208,7 @@ def _exchange(gen: Generated, n: int, owner: list[int], new_owner: list[int], mi
 
 
 def balance_step(gen: Generated, group_size: int, n_mini: int, ppo_epochs: int, step: int,
-                 info: DistInfo, *, enabled: bool = True, uneven: bool = False) -> Balanced:
+                 info: distributed.DistInfo, *, enabled: bool = True, uneven: bool = False) -> Balanced:
     """Owner of rank balancing and of the step's update schedule. Evens out the ranks' tokens (prompt + response)
     in every mini-batch of the first pass by moving prompt groups between ranks within their mini-batch
     (:func:`assign_groups`): each global mini-batch keeps its groups and each rank its number of groups, so the
@@ -218,8 +217,6 @@ def balance_step(gen: Generated, group_size: int, n_mini: int, ppo_epochs: int, 
 
     ``perf/rank_token_imbalance`` is the pace the ranks run at, the sum over mini-batches of the busiest rank's
     tokens over the sum of the mean rank's (1 = balanced); ``..._unbalanced`` the same without moving anything."""
-    from mm_gmpo import distributed
-
     n = group_size
     if uneven:
         n_mini = min(n_mini, -int(distributed.all_reduce_max(-float(len(gen.prompts)), info.device)))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from mm_gmpo.models import build_model, random_model_config, write_model_folder
+from mm_gmpo.models import build_model, random_model_config, torch_dtype, write_model_folder
 
 BACKENDS = ("vllm", "hf", "oracle", "oracle-wrong")
 
@@ -39,8 +39,6 @@ def make_engine(backend: str, model: str, *, processor, dtype: torch.dtype | str
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if isinstance(dtype, str):
-        from mm_gmpo.models import torch_dtype
-
         dtype = torch_dtype(dtype, device)
     net = build_model(model, random_init=rand is not None, config=rand, dtype=dtype,
                       attn_implementation=attn_implementation, seed=seed, device=device).to(device)
