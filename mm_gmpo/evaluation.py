@@ -237,7 +237,7 @@ def make_engine(backend: str, model: str, *, device: str | None = None, batch_si
     """(engine, processor) for the evaluation commands: ``rollout.factory.make_engine`` with a model's own weights
     (vLLM loads them; a random-weight model is for --backend hf, plumbing and speed only)."""
     from mm_gmpo.data.processing import load_processor
-    from mm_gmpo.models import is_random_model, torch_dtype
+    from mm_gmpo.models import is_random_model, processor_source, torch_dtype
     from mm_gmpo.rollout.factory import BACKENDS
 
     if backend not in BACKENDS:
@@ -245,7 +245,7 @@ def make_engine(backend: str, model: str, *, device: str | None = None, batch_si
     is_random = is_random_model(model) if model else True
     if backend == "vllm" and is_random:
         raise SystemExit(f"--backend vllm needs a model folder or hub name; {model} is for --backend hf")
-    processor = load_processor() if is_random else load_processor(model)
+    processor = load_processor(processor_source(model or "tiny-random"))
     if backend == "vllm":
         engine = factory_make_engine("vllm", model, processor=processor, dtype=dtype if dtype == "auto" else
                                      torch_dtype(dtype), load_format="auto", enable_sleep_mode=False,

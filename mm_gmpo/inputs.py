@@ -12,7 +12,7 @@ from mm_gmpo.config import Config, ConfigError, validate
 from mm_gmpo.data.processing import EncodedPrompt, encode_prompts, load_processor
 from mm_gmpo.data.prompts import DataError, Prompt, limit_images
 from mm_gmpo.data.synthetic import COLORS, DIGITS, single_token_ids
-from mm_gmpo.models import ASSETS, check_model_source, is_random_model
+from mm_gmpo.models import check_model_source, processor_source
 from mm_gmpo.rewards.custom import RewardFunction, probe, resolve_spec
 from mm_gmpo.rollout.layout import RolloutLayout, rollout_layout
 
@@ -117,7 +117,7 @@ def prepare_inputs(cfg: Config, layout: RolloutLayout) -> Inputs:
     key, source = ("model.processor", cfg.model.processor) if cfg.model.processor else ("model.path", cfg.model.path)
     check_model_source(source, key)
     try:
-        processor = load_processor(ASSETS if is_random_model(source) else source)
+        processor = load_processor(processor_source(source))
     except DataError as e:
         why = ("the folder has no processor or tokenizer that loads" if Path(source).expanduser().exists() else
                "the folder does not exist and the hub could not give it")

@@ -13,16 +13,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mm_gmpo.data.processing import DEFAULT_PROCESSOR_DIR as ASSETS  # the bundled processor and model configs
+from mm_gmpo.families import TINY_MODELS, bundled_configs, family_of, is_moe, processor_dir
+from mm_gmpo.families import tiny_qwen2_5_vl_config as tiny_qwen2_5_vl_config  # re-exported
 
-MODEL_CONFIGS = {"qwen2_5_vl_3b": ASSETS / "configs" / "qwen2_5_vl_3b_instruct.json",
-                 "qwen2_5_vl_7b": ASSETS / "configs" / "qwen2_5_vl_7b_instruct.json"}
+MODEL_CONFIGS = bundled_configs()  # qwen2_5_vl_7b, qwen3_vl_8b, qwen3_vl_30b_a3b, qwen2_vl_2b, ...
+
 
 def model_config(source: str | Path | dict, **overrides):
-    """A transformers config from a bundled name ('qwen2_5_vl_3b'/'qwen2_5_vl_7b'), a config.json, or a dict.
+    """A transformers config from a bundled name (``MODEL_CONFIGS``: qwen2_5_vl_7b, qwen3_vl_8b, ...), a
+    config.json, or a dict.
 
-    ``overrides`` set top-level text fields (hidden_size, num_hidden_layers, ...) and, through ``vision=dict``,
-    vision fields.
+    ``overrides`` set text fields (hidden_size, num_hidden_layers, ...: in ``text_config`` where the file has one,
+    else at the top level, as Qwen2/2.5-VL files do) and, through ``vision=dict``, vision fields.
     """
     from transformers import AutoConfig
 
@@ -36,26 +38,15 @@ def model_config(source: str | Path | dict, **overrides):
             return AutoConfig.from_pretrained(str(source))  # a hub name
         raw = json.loads(path.read_text())
     vision = overrides.pop("vision", None)
-    raw.update(overrides)
+    if "text_config" in raw:
+        raw["text_config"] = {**raw["text_config"], **overrides}
+    else:
+        raw.update(overrides)
     if vision:
         raw["vision_config"] = {**raw.get("vision_config", {}), **vision}
     model_type = raw.get("model_type")
     cls = AutoConfig.for_model(model_type).__class__
     return cls.from_dict(raw)
-
-
-def tiny_qwen2_5_vl_config(hidden_size: int = 64, layers: int = 2, vision_depth: int = 2):
-    """A Qwen2.5-VL config shaped like the real 3B (real vocab and special tokens) but tiny, for CPU tests.
-
-    head_dim = 32 so mrope_section = [4, 6, 6] (must sum to head_dim / 2); vision out_hidden_size = text hidden.
-    """
-    return model_config(
-        "qwen2_5_vl_3b", hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=layers,
-        num_attention_heads=hidden_size // 32, num_key_value_heads=1,
-        rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]},
-        vision=dict(depth=vision_depth, hidden_size=32, intermediate_size=64, num_heads=2,
-                    out_hidden_size=hidden_size, fullatt_block_indexes=[vision_depth - 1]),
-    )
 
 
 def tiny_qwen2_config(hidden_size: int = 128, layers: int = 2):
@@ -69,12 +60,13 @@ def tiny_qwen2_config(hidden_size: int = 128, layers: int = 2):
                        eos_token_id=151645, rope_theta=1_000_000.0)
 
 
-TINY = {"tiny-random": tiny_qwen2_5_vl_config, "tiny-random-text": tiny_qwen2_config}
+TINY = {**TINY_MODELS, "tiny-random-text": tiny_qwen2_config}
 
 
 def is_random_model(path: str) -> bool:
-    """Whether a model path names random weights: 'tiny-random' (Qwen2.5-VL), 'tiny-random-text' (Qwen2) or
-    'random:NAME' (see random_model_config)."""
+    """Whether a model path names random weights: 'tiny-random' (Qwen2.5-VL), 'tiny-random-qwen2-vl',
+    'tiny-random-qwen3-vl', 'tiny-random-qwen3-vl-moe', 'tiny-random-text' (Qwen2) or 'random:NAME' (see
+    random_model_config)."""
     return path in TINY or path.startswith("random:")
 
 
@@ -84,6 +76,13 @@ def random_model_config(path: str):
     if not is_random_model(path):
         return None
     return TINY[path]() if path in TINY else model_config(path.removeprefix("random:"))
+
+
+def processor_source(path: str) -> str | Path:
+    """Where a model's processor/tokenizer comes from: its family's bundled files for a random model (tiny-random,
+    tiny-random-qwen3-vl, random:qwen3_vl_8b, ...), else the model folder or hub id itself."""
+    cfg = random_model_config(path)
+    return path if cfg is None else processor_dir(cfg)
 
 
 def check_model_source(path: str, key: str = "model.path") -> None:
@@ -102,6 +101,8 @@ def check_model_source(path: str, key: str = "model.path") -> None:
             raise ConfigError(f"{key}: {path!r} is a file; give the model folder (the one holding config.json)")
         if not (p / "config.json").exists() and not (p / "tokenizer_config.json").exists():
             raise ConfigError(f"{key}: the folder {p.resolve()} has no config.json: not a transformers model folder")
+        if (p / "config.json").exists():
+            _check_family(p / "config.json", key)
         return
     if path.startswith((".", "/", "~")) or path.count("/") != 1:
         raise ConfigError(f"{key}: no model folder or hub id {path!r}: the folder {p.resolve()} does not exist (and "
@@ -115,8 +116,29 @@ def check_model_source(path: str, key: str = "model.path") -> None:
                               "first (huggingface-cli download), or give a model folder")
 
 
+def _check_family(config_json: Path, key: str) -> None:
+    """Raise ConfigError naming ``key`` when a model folder's config.json is of a family mm_gmpo does not train."""
+    from types import SimpleNamespace
+
+    from mm_gmpo.config import ConfigError
+
+    try:
+        raw = json.loads(config_json.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{key}: {config_json} is not readable JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{key}: {config_json} holds no JSON object")
+    config = SimpleNamespace(model_type=raw.get("model_type", ""))
+    if "vision_config" in raw:
+        config.vision_config = raw["vision_config"]
+    try:
+        family_of(config)
+    except ConfigError as e:
+        raise ConfigError(f"{key}: {e}") from None
+
+
 def write_model_folder(dest: str | Path, config) -> Path:
-    """A model folder without weights: ``config.json`` plus the bundled tokenizer/processor files.
+    """A model folder without weights: ``config.json`` plus the bundled tokenizer/processor files of its family.
 
     What vLLM needs with ``load_format="dummy"`` (benchmarks, GPU tests) and what ``from_pretrained`` needs to
     build the tokenizer and processor. ``config``: a transformers config or a name accepted by model_config.
@@ -127,7 +149,7 @@ def write_model_folder(dest: str | Path, config) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     cfg = config if hasattr(config, "to_json_file") else model_config(config)
     cfg.to_json_file(dest / "config.json")
-    for f in ASSETS.iterdir():
+    for f in processor_dir(cfg).iterdir():
         if f.is_file() and f.name != "README.md":
             shutil.copy2(f, dest / f.name)
     return dest
@@ -184,16 +206,24 @@ def build_model(
     attn_implementation = resolve_attention(attn_implementation)
 
     cfg = config if config is not None else model_config(source)
+    family_of(cfg)  # UnsupportedModel (one line) for a family mm_gmpo does not train
     is_vlm = hasattr(cfg, "vision_config")
     auto = AutoModelForImageTextToText if is_vlm else AutoModelForCausalLM
+    kw = experts_kwargs(cfg, dtype)
     if random_init:
         torch.manual_seed(seed)
         cfg._attn_implementation = attn_implementation
         with torch.device(device or "cpu"):
-            model = auto.from_config(cfg, dtype=dtype, attn_implementation=attn_implementation)
+            model = auto.from_config(cfg, dtype=dtype, attn_implementation=attn_implementation, **kw)
     else:
-        model = auto.from_pretrained(str(source), dtype=dtype, attn_implementation=attn_implementation)
+        model = auto.from_pretrained(str(source), dtype=dtype, attn_implementation=attn_implementation, **kw)
     return model
+
+
+def experts_kwargs(config, dtype: torch.dtype) -> dict:
+    """A mixture of experts in float64 (the exactness tests) runs its experts one by one: transformers' default
+    grouped matmul takes fp32/bf16/fp16 only."""
+    return {"experts_implementation": "eager"} if is_moe(config) and dtype == torch.float64 else {}
 
 
 # ---------------------------------------------------------------- building on the meta device, filling by rows
@@ -213,10 +243,12 @@ def empty_model(config, *, dtype: torch.dtype = torch.float32, attn_implementati
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     attn_implementation = resolve_attention(attn_implementation)
+    family_of(config)
     auto = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
     config._attn_implementation = attn_implementation
     with init_empty_weights(include_buffers=False):
-        model = auto.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+        model = auto.from_config(config, dtype=dtype, attn_implementation=attn_implementation,
+                                 **experts_kwargs(config, dtype))
     model.tie_weights()  # from_config ties on a real device only: a tied head must stay one parameter
     return model
 

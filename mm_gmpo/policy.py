@@ -1,5 +1,7 @@
-"""The policy: a Qwen2.5-VL (or text-only causal LM) wrapped so one forward gives per-token response log-probs.
+"""The policy: a Qwen-VL model (Qwen2-VL, Qwen2.5-VL, Qwen3-VL dense or MoE; or a text-only causal LM) wrapped so
+one forward gives per-token response log-probs.
 
+What differs between the families (vision tower outputs, DeepStack, RoPE) is asked of ``mm_gmpo.families``.
 No distributed code here: ``mm_gmpo.distributed.parallelize`` shards a :class:`Policy` with FSDP2; building and
 loading the model it wraps is ``mm_gmpo.models``.
 
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from mm_gmpo.families import VisionFeatures, family_of
 from mm_gmpo.rollout.base import IMAGE_PAD_ID
 
 # ---------------------------------------------------------------- batches
@@ -316,7 +319,7 @@ def pack_rows(attention_mask: torch.Tensor, response_mask: torch.Tensor) -> tupl
 class Policy(nn.Module):
     """``forward(batch) -> (logprobs (B, R) fp32, entropy (B, R) or None)`` for a transformers causal (V)LM.
 
-    Position ids are computed here, not left to the model: Qwen2.5-VL's multimodal RoPE (temporal, height, width
+    Position ids are computed here, not left to the model: Qwen-VL's multimodal RoPE (temporal, height, width
     positions for image tokens; text positions that continue after an image from its largest side, not its token
     count) needs to know which tokens are image tokens, which the transformers forward only learns from
     ``mm_token_type_ids``. Without them it silently falls back to 1-D positions, unlike vLLM and the released model.
@@ -332,6 +335,7 @@ class Policy(nn.Module):
         self.model = model
         self.chunk_size = chunk_size
         self.packed = packed
+        self.family = family_of(model.config)  # None for a text-only model
         self.always_run_vision = False  # FSDP: run the vision tower even without images (set by parallelize)
         self.reset_counters()
         if packed:
@@ -365,28 +369,26 @@ class Policy(nn.Module):
                                                  image_grid_thw=grid, attention_mask=attn.cpu())
         return pos.to(batch.input_ids.device)
 
-    def image_features(self, batch: PolicyBatch) -> torch.Tensor:
-        """(image tokens, hidden) vision features of every image in batch order: the vision tower runs once over
+    def image_features(self, batch: PolicyBatch) -> VisionFeatures:
+        """Vision features (image tokens, hidden) of every image in batch order: the vision tower runs once over
         the batch's distinct pictures (``pixel_values``), and the images that show the same picture (the n
-        samples of a prompt) share its features, forward and backward."""
+        samples of a prompt) share its features (and DeepStack features), forward and backward."""
         distinct = batch.distinct_images()
         keys = batch.keys()
         grid = batch.image_grid_thw
         visual = self.model.model.visual
         pv = batch.pixel_values
-        out = visual(pv.type(visual.dtype), grid_thw=grid if len(distinct) == len(keys) else grid[distinct])
+        feats = self.family.encode(visual, pv, grid if len(distinct) == len(keys) else grid[distinct])
         self.vision_patches += int(pv.shape[0])
         row = pv.shape[-1] * pv.element_size()
         self.pixel_bytes_in += pv.shape[0] * row
         self.pixel_bytes_saved += (int(grid.prod(-1).sum()) - pv.shape[0]) * row  # vs a copy per image
-        feats = getattr(out, "pooler_output", out)  # transformers 5 returns a model output, 4.x a tensor
         if keys == list(range(len(keys))):
             return feats
         merge = visual.spatial_merge_size ** 2
-        per_distinct = torch.split(feats, [int(grid[j].prod()) // merge for j in distinct])
-        return torch.cat([per_distinct[k] for k in keys])
+        return feats.regroup([int(grid[j].prod()) // merge for j in distinct], keys)
 
-    def blank_vision_features(self) -> torch.Tensor:
+    def blank_vision_features(self) -> VisionFeatures:
         """The vision tower on one blank merged patch: text-only micro-batches under FSDP use it (weighted 0), so
         that every rank takes part in the vision shards' all-gather and gradient reduce-scatter."""
         visual = self.model.model.visual
@@ -394,22 +396,28 @@ class Policy(nn.Module):
         dim = pe.in_channels * pe.temporal_patch_size * pe.patch_size ** 2
         device = self.model.model.get_input_embeddings().weight.device
         grid = torch.tensor([[1, merge, merge]], device=device)
-        out = visual(torch.zeros(merge * merge, dim, device=device, dtype=visual.dtype), grid_thw=grid)
-        return getattr(out, "pooler_output", out)
+        return self.family.encode(visual, torch.zeros(merge * merge, dim, device=device), grid)
 
-    def input_embeds(self, ids: torch.Tensor, batch: PolicyBatch) -> torch.Tensor:
-        """Token embeddings of ``ids`` with each image's placeholder tokens replaced by its vision features."""
+    def input_embeds(self, ids: torch.Tensor, batch: PolicyBatch) -> tuple[torch.Tensor, dict]:
+        """Token embeddings of ``ids`` with each image's placeholder tokens replaced by its vision features, and
+        what else the family's decoder takes (Qwen3-VL: DeepStack features and where the image tokens are)."""
         embeds = self.model.model.get_input_embeddings()(ids)
         if batch.pixel_values is None:
             if self.always_run_vision and self.is_vlm:
-                embeds = embeds + 0.0 * self.blank_vision_features().sum().to(embeds.dtype)
-            return embeds
-        feats = self.image_features(batch).to(embeds.device, embeds.dtype)
-        mask = (ids == self.image_token_id)[..., None].expand_as(embeds)
-        if int(mask[..., 0].sum()) != feats.shape[0]:
-            raise ValueError(f"{int(mask[..., 0].sum())} image tokens in the batch but {feats.shape[0]} image "
+                embeds = embeds + 0.0 * self.blank_vision_features().total().to(embeds.dtype)
+            return embeds, {}
+        feats = self.image_features(batch)
+        is_image = ids == self.image_token_id
+        if int(is_image.sum()) != feats.embeds.shape[0]:
+            raise ValueError(f"{int(is_image.sum())} image tokens in the batch but {feats.embeds.shape[0]} image "
                              "features: the prompts and image_grid_thw disagree (encode them with one processor)")
-        return embeds.masked_scatter(mask, feats)
+        mask = is_image[..., None].expand_as(embeds)
+        embeds = embeds.masked_scatter(mask, feats.embeds.to(embeds.device, embeds.dtype))
+        return embeds, self.family.decoder_kwargs(is_image, feats)
+
+    def decoder(self) -> nn.Module:
+        """The language model (decoder layers and final norm, no head)."""
+        return getattr(self.model.model, "language_model", self.model.model)
 
     def forward(self, batch: PolicyBatch, *, temperature: float = 1.0, with_entropy: bool = False,
                 allowed_token_ids: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -422,12 +430,13 @@ class Policy(nn.Module):
             seq_pos, at = pack_rows(batch.attention_mask, batch.response_mask)
             # a VLM takes [text positions; t; h; w] (4, 1, T): the text row tells it where sequences start
             pos = torch.cat([seq_pos[None], pos[:, keep]])[:, None] if self.is_vlm else seq_pos[None]
-            out = self.model.model(inputs_embeds=self.input_embeds(ids, batch), attention_mask=None, position_ids=pos,
-                                   use_cache=False)
+            embeds, extra = self.input_embeds(ids, batch)
+            out = self.decoder()(inputs_embeds=embeds, attention_mask=None, position_ids=pos, use_cache=False, **extra)
             hidden, targets = out.last_hidden_state[0, at], ids[0, at + 1]
         else:
-            out = self.model.model(inputs_embeds=self.input_embeds(batch.input_ids, batch),
-                                   attention_mask=batch.attention_mask, position_ids=pos, use_cache=False)
+            embeds, extra = self.input_embeds(batch.input_ids, batch)
+            out = self.decoder()(inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=pos,
+                                 use_cache=False, **extra)
             R = batch.response_width
             P = batch.input_ids.shape[1] - R
             hidden = out.last_hidden_state[:, P - 1:P - 1 + R][sel]  # position t predicts token t + 1

@@ -1,6 +1,7 @@
-"""Several images per prompt, end to end on the tiny model: the policy's log-probs equal the model's own forward on
-the processor's output, packed equals padded for mixed 0/1/3-image batches, a picture shared by two prompts is
-encoded once, and after a weight sync the HF engine agrees with the trainer."""
+"""Several images per prompt, end to end on the tiny model of every family (Qwen2.5-VL, Qwen2-VL, Qwen3-VL dense and
+MoE, each with its own bundled processor): the policy's log-probs equal the model's own forward on the processor's
+output, packed equals padded equals each sample alone for mixed 0/1/3-image batches, a picture shared by two
+prompts is encoded once, and after a weight sync the HF engine agrees with the trainer."""
 
 import random
 
@@ -10,17 +11,28 @@ import torch
 from mm_gmpo.data.processing import encode_prompt, load_processor
 from mm_gmpo.data.prompts import Prompt
 from mm_gmpo.data.synthetic import COLORS, SHAPES, draw
-from mm_gmpo.models import build_model, tiny_qwen2_5_vl_config
+from mm_gmpo.models import build_model, processor_source, random_model_config
 from mm_gmpo.policy import Policy, collate
+
+FAMILIES = ["tiny-random", "tiny-random-qwen2-vl", "tiny-random-qwen3-vl", "tiny-random-qwen3-vl-moe"]
 
 PAD = 151643
 IMAGE_PAD = 151655
 PIX = {"min_pixels": 3136, "max_pixels": 20_000}
 
 
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def processor():
-    return load_processor()
+def processor(family):
+    return load_processor(processor_source(family))
+
+
+def tiny(family: str, dtype: torch.dtype, seed: int = 0):
+    return build_model("t", random_init=True, config=random_model_config(family), dtype=dtype, seed=seed)
 
 
 def pictures(n: int, seed: int) -> list:
@@ -60,10 +72,10 @@ def batch_of(encs, resp, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("n_images", [2, 3])
-def test_logprobs_equal_the_models_own_forward_on_the_processor_output(processor, n_images):
+def test_logprobs_equal_the_models_own_forward_on_the_processor_output(family, processor, n_images):
     """Reference: the processor's own input_ids / pixel_values / image_grid_thw / mm_token_type_ids, response
-    appended, through the transformers model's forward (its own M-RoPE from mm_token_type_ids), float64 softmax."""
-    model = build_model("t", random_init=True, config=tiny_qwen2_5_vl_config(), dtype=torch.float32, seed=0)
+    appended, through the transformers model's forward (its own M-RoPE from mm_token_type_ids), all in float64."""
+    model = tiny(family, torch.float64, 0)
     (enc,) = encoded(processor, [n_images], seed=n_images)
     (resp,) = responses(1, seed=n_images)
     out = processor(text=[enc.text], images=enc.images, return_tensors="pt")
@@ -71,23 +83,23 @@ def test_logprobs_equal_the_models_own_forward_on_the_processor_output(processor
     ids = torch.cat([out["input_ids"], torch.tensor([resp])], 1)
     mm = torch.cat([out["mm_token_type_ids"], torch.zeros(1, len(resp), dtype=out["mm_token_type_ids"].dtype)], 1)
     with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=out["pixel_values"],
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=out["pixel_values"].double(),
                        image_grid_thw=out["image_grid_thw"], mm_token_type_ids=mm).logits
         P = out["input_ids"].shape[1]
         ref = torch.log_softmax(logits[0, P - 1:-1].double(), -1).gather(-1, torch.tensor(resp)[:, None])[:, 0]
-        lp, _ = Policy(model)(batch_of([enc], [resp]))
-    torch.testing.assert_close(lp[0].double(), ref, rtol=0, atol=5e-6)
-    # a 1-D-position forward (no mm_token_type_ids) is measurably different: the check above sees M-RoPE
+        lp, _ = Policy(model)(batch_of([enc], [resp], torch.float64))
+    torch.testing.assert_close(lp[0].double(), ref, rtol=1e-6, atol=1e-6)  # the policy's logits are fp32 by design
+    # a 1-D-position forward (every token typed as text) is measurably different: the check above sees M-RoPE
     with torch.no_grad():
-        flat = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=out["pixel_values"],
-                     image_grid_thw=out["image_grid_thw"]).logits
+        flat = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=out["pixel_values"].double(),
+                     image_grid_thw=out["image_grid_thw"], mm_token_type_ids=torch.zeros_like(mm)).logits
     ref1d = torch.log_softmax(flat[0, P - 1:-1].double(), -1).gather(-1, torch.tensor(resp)[:, None])[:, 0]
     assert (ref1d - ref).abs().max() > 1e-4
 
 
 @pytest.mark.parametrize("with_grad", [False, True])
-def test_mixed_0_1_3_image_batch_packed_equals_padded_and_each_alone(processor, with_grad):
-    m64 = build_model("t", random_init=True, config=tiny_qwen2_5_vl_config(), dtype=torch.float64, seed=0)
+def test_mixed_0_1_3_image_batch_packed_equals_padded_and_each_alone(family, processor, with_grad):
+    m64 = tiny(family, torch.float64, 0)
     encs = encoded(processor, [0, 1, 3, 0, 3, 1], seed=7)
     resp = responses(len(encs), seed=1)
     b = batch_of(encs, resp, torch.float64)
@@ -127,7 +139,7 @@ def test_select_keeps_each_samples_images(processor):
 
 
 @pytest.mark.parametrize("packed", [False, True])
-def test_a_picture_shared_by_two_prompts_is_encoded_once(processor, packed):
+def test_a_picture_shared_by_two_prompts_is_encoded_once(family, processor, packed):
     """Prompt A shows pictures (x, y), prompt B shows (y, y): the content keys make y one vision pass per forward;
     log-probs and gradients equal those without sharing."""
     x, y = pictures(2, seed=11)
@@ -141,7 +153,7 @@ def test_a_picture_shared_by_two_prompts_is_encoded_once(processor, packed):
                     pixel_values=[e.pixel_values.double().clone() for e in encs],
                     image_grid_thw=[e.image_grid_thw for e in encs])
     assert plain.image_keys == [0, 1, 2, 3, 4, 5]
-    m64 = build_model("t", random_init=True, config=tiny_qwen2_5_vl_config(), dtype=torch.float64, seed=0)
+    m64 = tiny(family, torch.float64, 0)
     outs = []
     for batch in (plain, shared):
         m64.zero_grad()
@@ -157,10 +169,10 @@ def test_a_picture_shared_by_two_prompts_is_encoded_once(processor, packed):
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-7)  # logits are fp32 (as on GPU)
 
 
-def test_text_only_batch_runs_a_blank_vision_pass_weighted_zero(processor):
+def test_text_only_batch_runs_a_blank_vision_pass_weighted_zero(family, processor):
     """Under FSDP every rank must use the vision shards in every micro-batch; a text-only micro-batch runs the
     tower on one blank patch whose features are weighted 0: log-probs unchanged, vision gradients exactly 0."""
-    model = build_model("t", random_init=True, config=tiny_qwen2_5_vl_config(), dtype=torch.float64, seed=0)
+    model = tiny(family, torch.float64, 0)
     encs = encoded(processor, [0, 0], seed=5)
     b = batch_of(encs, responses(2), torch.float64)
     assert b.pixel_values is None
@@ -178,13 +190,13 @@ def test_text_only_batch_runs_a_blank_vision_pass_weighted_zero(processor):
     assert all(g is not None and torch.count_nonzero(g) == 0 for g in v1.values())
 
 
-def test_hf_engine_after_sync_agrees_with_the_trainer_on_multi_image_prompts(processor):
+def test_hf_engine_after_sync_agrees_with_the_trainer_on_multi_image_prompts(family, processor):
     from mm_gmpo.rollout.base import SamplingParams
     from mm_gmpo.rollout.hf import HFEngine
     from mm_gmpo.weight_sync import sync_weights
 
-    trainer = build_model("t", random_init=True, config=tiny_qwen2_5_vl_config(), dtype=torch.float32, seed=0)
-    engine_model = build_model("t", random_init=True, config=tiny_qwen2_5_vl_config(), dtype=torch.float32, seed=1)
+    trainer = tiny(family, torch.float32, 0)
+    engine_model = tiny(family, torch.float32, 1)
     engine = HFEngine(engine_model, processor.tokenizer)
     encs = encoded(processor, [2, 3, 0, 1], seed=9)
     sampling = SamplingParams(n=2, temperature=1.0, max_tokens=6, seed=0)

@@ -1,7 +1,7 @@
-"""Prompt -> model inputs with the real Qwen2.5-VL processor (or a plain tokenizer for text-only models).
+"""Prompt -> model inputs with the model family's real processor (or a plain tokenizer for text-only models).
 
 Images are resized once, here, with qwen-vl-utils' ``fetch_image`` (same rule as Qwen's own pipeline and vLLM's
-Qwen2.5-VL processor): the resized images are kept on :class:`EncodedPrompt` and are what both the trainer and the
+Qwen-VL processors: sides a multiple of patch size x merge size, 28 for Qwen2/2.5-VL, 32 for Qwen3-VL): the resized images are kept on :class:`EncodedPrompt` and are what both the trainer and the
 rollout engine must use, so train- and inference-time vision tokens cannot disagree.
 
 The count of ``<|image_pad|>`` tokens is checked against ``image_grid_thw`` for every prompt, so the transformers
@@ -79,16 +79,19 @@ def load_processor(path: str | Path = DEFAULT_PROCESSOR_DIR):
         raise DataError(f"cannot load a processor/tokenizer from {p!r}: {e}") from None
 
 
-def resize_image(image: Image.Image, min_pixels: int, max_pixels: int) -> Image.Image:
-    """Resize to the Qwen2.5-VL grid (sides multiple of 28, pixel count within [min_pixels, max_pixels])."""
+def resize_image(image: Image.Image, min_pixels: int, max_pixels: int, patch_size: int = 14) -> Image.Image:
+    """Resize to the vision grid (sides a multiple of 2 x ``patch_size``: 28 for Qwen2/2.5-VL, 32 for Qwen3-VL;
+    pixel count within [min_pixels, max_pixels])."""
     try:
         from qwen_vl_utils import fetch_image
     except ImportError:  # GPU machines without qwen-vl-utils: the same rule from transformers
         from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
-        h, w = smart_resize(image.height, image.width, factor=28, min_pixels=min_pixels, max_pixels=max_pixels)
+        h, w = smart_resize(image.height, image.width, factor=2 * patch_size, min_pixels=min_pixels,
+                            max_pixels=max_pixels)
         return image.convert("RGB").resize((w, h), Image.BICUBIC)
-    return fetch_image({"image": image.convert("RGB"), "min_pixels": min_pixels, "max_pixels": max_pixels})
+    return fetch_image({"image": image.convert("RGB"), "min_pixels": min_pixels, "max_pixels": max_pixels},
+                       image_patch_size=patch_size)
 
 
 def _tokenizer(processor) -> Any:
@@ -126,7 +129,8 @@ def encode_prompt(
         ids = tok(text, add_special_tokens=False)["input_ids"]
         return EncodedPrompt(prompt, text, [], list(ids), None, None)
 
-    images = [resize_image(im, min_pixels, max_pixels) for im in prompt.images]
+    patch = getattr(processor.image_processor, "patch_size", 14)
+    images = [resize_image(im, min_pixels, max_pixels, patch) for im in prompt.images]
     out = processor(text=[text], images=images, return_tensors="pt")
     ids = out["input_ids"][0]
     grid = out["image_grid_thw"]
