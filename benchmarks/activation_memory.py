@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import config_for, report
 
+from mm_gmpo.families import family_of
 from mm_gmpo.models import build_model
 
 
@@ -47,7 +48,9 @@ def per_unit_bytes(cfg, sample: int = 512) -> tuple[float, float]:
     cfg = copy.deepcopy(cfg)  # one layer and one block of it
     cfg.text_config.num_hidden_layers = 1
     cfg.vision_config.depth = 1
-    cfg.vision_config.fullatt_block_indexes = [0]
+    cfg.vision_config.fullatt_block_indexes = [0]  # Qwen2.5-VL: the one block attends in full (others ignore it)
+    if hasattr(cfg.vision_config, "deepstack_visual_indexes"):
+        cfg.vision_config.deepstack_visual_indexes = [0]  # Qwen3-VL: one DeepStack merger, after the one block
     m = build_model("measure", random_init=True, config=cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
     lm, visual = m.model.language_model, m.model.visual
     h = cfg.text_config.hidden_size
@@ -58,8 +61,9 @@ def per_unit_bytes(cfg, sample: int = 512) -> tuple[float, float]:
     text = _saved_bytes(lambda: layer(x, position_embeddings=rot, attention_mask=None, position_ids=pos),
                         [x, *rot, *layer.parameters()])
     vc = cfg.vision_config
-    v = torch.randn(sample, vc.hidden_size, dtype=torch.bfloat16, requires_grad=True)
-    head = vc.hidden_size // vc.num_heads
+    width = family_of(cfg).vision_block_width(vc)
+    v = torch.randn(sample, width, dtype=torch.bfloat16, requires_grad=True)
+    head = width // vc.num_heads
     vrot = (torch.randn(sample, head), torch.randn(sample, head))
     blk = visual.blocks[0]
     vis = _saved_bytes(lambda: blk(v, cu_seqlens=torch.tensor([0, sample], dtype=torch.int32),
@@ -79,7 +83,7 @@ def main() -> None:
 
     cfg = config_for(args.model)
     n_layers, depth = cfg.text_config.num_hidden_layers, cfg.vision_config.depth
-    h, vh = cfg.text_config.hidden_size, cfg.vision_config.hidden_size
+    h, vh = cfg.text_config.hidden_size, family_of(cfg).vision_block_width(cfg.vision_config)
     text, vis = per_unit_bytes(cfg, args.sample)
     figures = {"model": args.model, "decoder layers": n_layers, "vision blocks": depth,
                "saved KB per token per decoder layer (bf16)": text / 1e3,

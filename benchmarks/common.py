@@ -22,7 +22,7 @@ from mm_gmpo.models import model_config, tiny_qwen2_5_vl_config
 
 
 def config_for(name: str):
-    """'tiny', 'qwen2_5_vl_3b' or 'qwen2_5_vl_7b' (or a config.json path)."""
+    """'tiny', a bundled config name (qwen2_5_vl_7b, qwen3_vl_8b, qwen3_vl_30b_a3b, qwen2_vl_2b, ...) or a config.json path."""
     return tiny_qwen2_5_vl_config() if name == "tiny" else model_config(name)
 
 

@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from activation_memory import per_unit_bytes
 
 from mm_gmpo.config import Config, load_config
-from mm_gmpo.models import loads_sharded, model_config, random_model_config
+from mm_gmpo.families import bundled_name, family_of
+from mm_gmpo.models import is_random_model, loads_sharded, model_config, random_model_config
 
 GIB = 2**30
 CUDA_CONTEXT = 1.0 * GIB  # CUDA context, NCCL buffers, a sleeping vLLM's residue
@@ -39,12 +40,10 @@ VLLM_OVERHEAD = 2.0 * GIB  # vLLM's profiled activations and CUDA graphs inside 
 LOGIT_COPIES = 3  # fp32 logits of a chunk, their softmax, their gradient
 
 
-BUNDLED = {"Qwen/Qwen2.5-VL-7B-Instruct": "qwen2_5_vl_7b", "Qwen/Qwen2.5-VL-3B-Instruct": "qwen2_5_vl_3b"}
-
-
 def hf_config(cfg: Config):
-    """The model's transformers config: random:/tiny-random, a bundled copy of a known hub name, or a folder/hub."""
-    return random_model_config(cfg.model.path) or model_config(BUNDLED.get(cfg.model.path, cfg.model.path))
+    """The model's transformers config: random:/tiny-random*, a bundled copy of a published hub name
+    (Qwen/Qwen3-VL-8B-Instruct, ...: ``mm_gmpo.families``), or a folder/hub."""
+    return random_model_config(cfg.model.path) or model_config(bundled_name(cfg.model.path) or cfg.model.path)
 
 
 @dataclass
@@ -111,10 +110,10 @@ def optimizer_bytes(numels: list[int], name: str) -> float:
     return float(total)
 
 
-def default_patches_per_token(cfg: Config) -> float:
+def default_patches_per_token(cfg: Config, patch_size: int = 14) -> float:
     """Vision patches per trained token, for images at data.min_pixels (Geometry3K diagrams are upscaled to it):
     one image's patches shared by the n samples of its prompt, over a sample of prompt + half the response."""
-    patches = cfg.data.min_pixels / (14 * 14)
+    patches = cfg.data.min_pixels / (patch_size * patch_size)
     sample_tokens = patches / 4 + 128 + cfg.rollout.max_tokens / 2
     return patches / cfg.rollout.n / sample_tokens
 
@@ -126,8 +125,9 @@ def plan(cfg: Config, gpus: int, gpu_gib: float, *, patches_per_token: float | N
     hf_cfg = hf_config(cfg)
     text_b, vis_b = unit_bytes or per_unit_bytes(hf_cfg, sample=128)
     offload = cfg.trainer.cpu_offload
-    ppt = default_patches_per_token(cfg) if patches_per_token is None else patches_per_token
-    vh = hf_cfg.vision_config.hidden_size
+    ppt = default_patches_per_token(cfg, hf_cfg.vision_config.patch_size) if patches_per_token is None else \
+        patches_per_token
+    vh = family_of(hf_cfg).vision_block_width(hf_cfg.vision_config)
 
     wbytes, wname = (2, "bf16") if cfg.optim.name == "adamw_bf16" else (4, "fp32")  # optim.master_dtype
     state = {
@@ -178,7 +178,7 @@ def plan(cfg: Config, gpus: int, gpu_gib: float, *, patches_per_token: float | N
     # loading: model.load=full builds the whole fp32 model on every rank's host first; sharded reads each rank's
     # rows of one tensor at a time (bf16 on disk; the largest is the embedding), random models one fp32 module
     sharded = loads_sharded(cfg.model.load, cfg.model.path)
-    random = cfg.model.path.startswith("random:") or cfg.model.path == "tiny-random"
+    random = is_random_model(cfg.model.path)
     largest = (4 * c.vocab * c.hidden) if random else 2 * c.vocab * c.hidden / gpus
     load_host = gpus * (largest if sharded else 4 * c.total)
     return {

@@ -30,9 +30,10 @@ def f(default: Any, doc: str) -> Any:
 class LoraConfig:
     rank: int = f(0, "LoRA rank (peft); 0 = full fine-tuning. Only the adapters train and hold optimizer state")
     alpha: float = f(0.0, "LoRA alpha (scaling = alpha / rank); 0 = 2 x rank")
-    target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                          "up_proj", "down_proj"],
-                                 metadata={"doc": "Linear layers of the language model's decoder layers to adapt"})
+    target_modules: list = field(default_factory=list, metadata={
+        "doc": "Linear layers of the language model's decoder layers to adapt (e.g. [q_proj, v_proj]); empty = the "
+               "model family's default: q/k/v/o and the MLP's gate/up/down, or q/k/v/o for a mixture of experts "
+               "(its experts are fused 3-D tensors, not linear layers: frozen under LoRA)"})
     vision: bool = f(False, "Also adapt the vision blocks (qkv, proj, MLP); false = vision tower frozen (EasyR1)")
     modules_to_save: list = field(default_factory=list, metadata={
         "doc": "Modules trained in full beside the adapters (peft's modules_to_save; full-match module names, e.g. "
@@ -527,8 +528,6 @@ def _check_model_and_engine(cfg: Config, world_size: int, local: int) -> None:
     if lo.rank < 0 or lo.alpha < 0:
         raise ConfigError(f"model.lora.rank = {lo.rank}, alpha = {lo.alpha}: use rank > 0 (e.g. 64) for LoRA or 0 for "
                           "full fine-tuning, alpha >= 0 (0 = 2 x rank)")
-    if lo.rank and not lo.target_modules:
-        raise ConfigError("model.lora.target_modules is empty; e.g. [q_proj, k_proj, v_proj, o_proj]")
     if a.reward_timeout_s <= 0:
         raise ConfigError(f"algorithm.reward_timeout_s = {a.reward_timeout_s}: must be > 0")
     if t.cpu_offload and (t.offload_params or t.offload_optimizer):

@@ -17,7 +17,8 @@ Weight names need no mapping: every family's transformers names (``model.languag
 ``lm_head.*``) are what vLLM's loader for that family accepts (checked in the vLLM tier of the tests).
 Qwen3-VL-MoE: the router's auxiliary (load-balancing) loss is off, as in verl and EasyR1 (the policy calls the
 decoder, not the conditional-generation head that would add it); experts are fused 3-D parameters, sharded by FSDP2
-with the rest of their decoder layer, and trained in full (LoRA adapts the attention projections only).
+with the rest of their decoder layer; full fine-tuning trains them, LoRA adapts the attention projections only
+(the experts are not linear layers peft can adapt) and leaves them frozen.
 """
 
 from __future__ import annotations

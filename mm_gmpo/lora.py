@@ -16,32 +16,38 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-LM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-VISION_TARGETS = ("qkv", "proj", "gate_proj", "up_proj", "down_proj")
+from mm_gmpo.families import LM_LINEARS, family_of
+
 _PART = re.compile(r"^(?P<prefix>.+)\.(?:base_layer\.(?P<base>weight|bias)|lora_(?P<ab>[AB])\.[^.]+\.weight)$")
 
 
-def target_pattern(target_modules: Iterable[str], vision: bool) -> str:
-    """A full-match regex over module names: the named linear layers of the decoder layers (Qwen2.5-VL's
-    ``model.language_model.layers.N``, a text LM's ``model.layers.N``), and of the vision blocks if ``vision``."""
+def target_pattern(target_modules: Iterable[str], vision_targets: Iterable[str] = ()) -> str:
+    """A full-match regex over module names: the named linear layers of the decoder layers (a VLM's
+    ``model.language_model.layers.N``, a text LM's ``model.layers.N``), and ``vision_targets`` of the vision blocks."""
     names = "|".join(re.escape(n) for n in target_modules)
     lm = rf"model\.(?:language_model\.)?layers\.\d+\.(?:self_attn|mlp)\.(?:{names})"
-    if not vision:
+    vision_targets = list(vision_targets)
+    if not vision_targets:
         return lm
-    vis = rf"model\.visual\.blocks\.\d+\.(?:attn|mlp)\.(?:{'|'.join(re.escape(n) for n in VISION_TARGETS)})"
+    vis = rf"model\.visual\.blocks\.\d+\.(?:attn|mlp)\.(?:{'|'.join(re.escape(n) for n in vision_targets)})"
     return f"(?:{lm}|{vis})"
 
 
-def add_lora(model: nn.Module, *, rank: int, alpha: float, target_modules: Iterable[str] = LM_TARGETS,
+def add_lora(model: nn.Module, *, rank: int, alpha: float, target_modules: Iterable[str] = (),
              vision: bool = False, modules_to_save: Iterable[str] = ()) -> int:
     """Inject LoRA adapters (dropout 0, B = 0 at start: the model is unchanged) and freeze everything else, except
     the parameters of ``modules_to_save`` (module names, full-match regexes, e.g. ``model.language_model.norm``),
     which train in full as peft's option of that name does (in place here: their names do not change).
+    ``target_modules`` empty: the model family's default (``mm_gmpo.families``: every linear layer of a decoder
+    layer; a mixture of experts' attention projections). ``vision``: also the family's vision block linears.
     Returns the number of adapted linear layers."""
     from peft import LoraConfig, inject_adapter_in_model
 
+    family = family_of(model.config)
+    target_modules = list(target_modules) or list(family.lm_linears(model.config) if family else LM_LINEARS)
+    vision_targets = family.vision_linears if vision and family is not None else ()
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none",
-                        target_modules=target_pattern(target_modules, vision))
+                        target_modules=target_pattern(target_modules, vision_targets))
     inject_adapter_in_model(config, model)
     full = [re.compile(m) for m in modules_to_save]
     for name, p in model.named_parameters():

@@ -21,14 +21,14 @@ IMAGE_PAD = 151655
 PIX = {"min_pixels": 3136, "max_pixels": 20_000}
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(params=FAMILIES)
 def family(request) -> str:
     return request.param
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def processor(family):
-    return load_processor(processor_source(family))
+    return load_processor(processor_source(family))  # cached per folder
 
 
 def tiny(family: str, dtype: torch.dtype, seed: int = 0):
@@ -71,7 +71,7 @@ def batch_of(encs, resp, dtype=torch.float32):
                    image_grid_thw=[e.image_grid_thw for e in encs], image_ids=[e.image_keys for e in encs])
 
 
-@pytest.mark.parametrize("n_images", [2, 3])
+@pytest.mark.parametrize(("family", "n_images"), [("tiny-random", 2), *((f, 3) for f in FAMILIES)])
 def test_logprobs_equal_the_models_own_forward_on_the_processor_output(family, processor, n_images):
     """Reference: the processor's own input_ids / pixel_values / image_grid_thw / mm_token_type_ids, response
     appended, through the transformers model's forward (its own M-RoPE from mm_token_type_ids), all in float64."""
@@ -128,6 +128,7 @@ def test_mixed_0_1_3_image_batch_packed_equals_padded_and_each_alone(family, pro
                 torch.testing.assert_close(lp0[i, :len(r)], alone[0], rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("family", ["tiny-random"])
 def test_select_keeps_each_samples_images(processor):
     encs = encoded(processor, [3, 0, 1, 2], seed=3)
     b = batch_of(encs, responses(4))
@@ -138,7 +139,7 @@ def test_select_keeps_each_samples_images(processor):
     assert b.select([1]).pixel_values is None
 
 
-@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize(("family", "packed"), [("tiny-random", False), *((f, True) for f in FAMILIES)])
 def test_a_picture_shared_by_two_prompts_is_encoded_once(family, processor, packed):
     """Prompt A shows pictures (x, y), prompt B shows (y, y): the content keys make y one vision pass per forward;
     log-probs and gradients equal those without sharing."""
