@@ -13,8 +13,9 @@ code for every family; each asks its model's :class:`Family` for what differs:
 - multimodal RoPE: each family's own ``get_rope_index`` (Qwen3-VL interleaves the t/h/w sections), called with the
   same arguments for all three.
 
-Weight names need no mapping: every family's transformers names (``model.language_model.*``, ``model.visual.*``,
-``lm_head.*``) are what vLLM's loader for that family accepts (checked in the vLLM tier of the tests).
+Weight names: every family's transformers names (``model.language_model.*``, ``model.visual.*``, ``lm_head.*``) are
+what vLLM's loader for that family accepts, except a mixture of experts' fused expert tensors (``vllm_weights``);
+checked for every family in the vLLM tier of the tests.
 Qwen3-VL-MoE: the router's auxiliary (load-balancing) loss is off, as in verl and EasyR1 (the policy calls the
 decoder, not the conditional-generation head that would add it); experts are fused 3-D parameters, sharded by FSDP2
 with the rest of their decoder layer; full fine-tuning trains them, LoRA adapts the attention projections only
@@ -23,7 +24,7 @@ with the rest of their decoder layer; full fine-tuning trains them, LoRA adapts 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -211,6 +212,26 @@ def family_of(config) -> Family | None:
         raise UnsupportedModel(f"model_type {model_type!r} is not a supported vision-language family; supported: "
                                + ", ".join(f"{f.title} ({'/'.join(f.model_types)})" for f in FAMILIES))
     return None
+
+
+def vllm_weights(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """transformers' names and layouts as vLLM's loaders take them: unchanged for every family, except a mixture of
+    experts' fused expert tensors (transformers: ``mlp.experts.gate_up_proj`` (E, 2I, H) and ``mlp.experts.down_proj``
+    (E, H, I)), which are sent one expert at a time as the linear weights vLLM's Qwen3-MoE loader names
+    ``mlp.experts.{e}.gate_proj.weight`` (I, H), ``up_proj.weight`` (I, H) and ``down_proj.weight`` (H, I): views of
+    the gathered tensor, no copy."""
+    for name, t in named_tensors:
+        if name.endswith(".mlp.experts.gate_up_proj") and t.dim() == 3:
+            prefix, inter = name.removesuffix("gate_up_proj"), t.shape[1] // 2
+            for e in range(t.shape[0]):
+                yield f"{prefix}{e}.gate_proj.weight", t[e, :inter]
+                yield f"{prefix}{e}.up_proj.weight", t[e, inter:]
+        elif name.endswith(".mlp.experts.down_proj") and t.dim() == 3:
+            prefix = name.removesuffix("down_proj")
+            for e in range(t.shape[0]):
+                yield f"{prefix}{e}.down_proj.weight", t[e]
+        else:
+            yield name, t
 
 
 def is_moe(config) -> bool:

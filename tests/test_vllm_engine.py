@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -116,9 +117,9 @@ MIN_PX, MAX_PX = 3136, 12544
 PARITY_FP32 = 1e-4  # bound on max |logp_vllm - logp_trainer| in fp32 (measured on the CPU build: 1e-5 and below)
 
 
-def image_prompts(n: int, k: int, seed: int) -> list:
+def image_prompts(n: int, k: int, seed: int, processor=None) -> list:
     """n prompts showing k 56x56 drawings each between text (data.dataset=files' <image> placement); k=0: the
-    colour is in the text."""
+    colour is in the text. ``processor``: the family's (default: the bundled Qwen2.5-VL one)."""
     from mm_gmpo.data.files import interleave
     from mm_gmpo.data.prompts import Prompt
 
@@ -130,7 +131,8 @@ def image_prompts(n: int, k: int, seed: int) -> list:
             "The shape is red. What colour is the shape?"
         prompts.append(Prompt(id=f"k{k}/{seed}/{i}", task="exact", images=images,
                               messages=[{"role": "user", "content": interleave(text, k, "t")}], ground_truth="red"))
-    enc, _ = encode_prompts(prompts, load_processor(), max_prompt_length=512, min_pixels=MIN_PX, max_pixels=MAX_PX)
+    enc, _ = encode_prompts(prompts, processor or load_processor(), max_prompt_length=512, min_pixels=MIN_PX,
+                            max_pixels=MAX_PX)
     return enc
 
 
@@ -316,6 +318,55 @@ def test_text_only_model_on_the_real_engine(tmp_path):
     sync_weights(policy, engine)
     after = max_gap(engine, policy, enc, sampling)
     print(f"\ntext-only fp32: max gap before sync {before:.3g}, after {after:.3g}")
+    assert before > 0.1 and 0 < after < PARITY_FP32
+
+
+def family_parity(family: str, folder: str) -> tuple[float, float]:
+    """(max log-prob gap before, after a sync) of a tiny model of ``family`` on a fresh real engine, over prompts
+    with 1, 3 and 0 pictures; the prompt ids vLLM expands must equal the trainer's (checked inside generate)."""
+    from mm_gmpo.models import build_model, random_model_config, write_model_folder
+    from mm_gmpo.policy import Policy
+    from mm_gmpo.rollout.vllm_engine import VLLMEngine
+    from mm_gmpo.weight_sync import sync_weights
+
+    cfg = random_model_config(family)
+    write_model_folder(folder, cfg)
+    proc = load_processor(folder)
+    engine = VLLMEngine(folder, dtype="float32", max_model_len=1024, min_pixels=MIN_PX, max_pixels=MAX_PX,
+                        max_images_per_prompt=3)
+    policy = Policy(build_model(folder, random_init=True, config=cfg, dtype=torch.float32, seed=0,
+                                attn_implementation="sdpa"))
+    prompts = (image_prompts(2, 1, seed=31, processor=proc) + image_prompts(1, 3, seed=32, processor=proc)
+               + image_prompts(1, 0, seed=33, processor=proc))
+    pads = [sum(t == IMAGE_PAD_ID for t in e.input_ids) for e in prompts]
+    assert pads == [int(e.image_grid_thw.prod(-1).sum()) // 4 if e.n_images else 0 for e in prompts]  # merge 2x2
+    assert pads[0] > 0 and pads[-1] == 0
+    sampling = SamplingParams(n=2, temperature=1.0, max_tokens=8, seed=3)
+    before = max_gap(engine, policy, prompts, sampling)
+    sync_weights(policy, engine)
+    return before, max_gap(engine, policy, prompts, sampling)
+
+
+@pytest.mark.vllm
+@no_vllm
+@pytest.mark.parametrize("family", ["tiny-random-qwen2-vl", "tiny-random-qwen3-vl", "tiny-random-qwen3-vl-moe"])
+def test_each_model_family_generates_and_scores_like_the_trainer_after_a_sync(tmp_path, family):
+    """Qwen2-VL, Qwen3-VL and Qwen3-VL-MoE (tiny random, from their real configs, with their own bundled tokenizer,
+    template and processor) on the real engine, each in a process of its own (as a trainer rank holds one engine;
+    vLLM sets up expert parallelism only for a process's first engine): after a sync the sampled tokens'
+    log-probs agree with the trainer's."""
+    import json
+    import subprocess
+    import sys
+
+    code = (f"import json, test_vllm_engine as t; print('RESULT', json.dumps(t.family_parity({family!r}, "
+            f"{str(tmp_path / 'model')!r})))")
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "PYTHONPATH": str(Path(__file__).parent)}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env,
+                       cwd=Path(__file__).parents[1])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    before, after = json.loads(r.stdout.split("RESULT ", 1)[1])
+    print(f"\n{family} fp32 max |logp_vllm - logp_trainer|: before sync {before:.3g}, after {after:.3g}")
     assert before > 0.1 and 0 < after < PARITY_FP32
 
 

@@ -131,7 +131,9 @@ def encode_prompt(
 
     patch = getattr(processor.image_processor, "patch_size", 14)
     images = [resize_image(im, min_pixels, max_pixels, patch) for im in prompt.images]
-    out = processor(text=[text], images=images, return_tensors="pt")
+    # resized above, once: the processor must not resize again (Qwen3-VL's would upscale to its own 65536-pixel
+    # minimum, where vLLM, given min/max pixels, does not)
+    out = processor(text=[text], images=images, return_tensors="pt", do_resize=False)
     ids = out["input_ids"][0]
     grid = out["image_grid_thw"]
     merge = getattr(processor.image_processor, "merge_size", 2)

@@ -53,6 +53,7 @@ from pathlib import Path
 import torch
 
 from mm_gmpo.data.processing import EncodedPrompt
+from mm_gmpo.families import vllm_weights
 from mm_gmpo.rollout.base import IMAGE_PAD_ID, Rollout, SamplingParams
 
 EOS_IDS = (151645, 151643)  # <|im_end|>, <|endoftext|>
@@ -305,10 +306,13 @@ class VLLMEngine:
 
         model.load_weights = recorded
         try:
-            runner.reload_weights(weights_iterator=iter(named_tensors), is_checkpoint_format=True)
+            runner.reload_weights(weights_iterator=vllm_weights(named_tensors), is_checkpoint_format=True)
         finally:
             del model.load_weights  # the class's method again
-        return sorted({name for name, _ in model.named_parameters()} - loaded)
+        # vLLM reports a mixture of experts' weights as mlp.experts.w13_weight; its parameter is named
+        # mlp.experts.routed_experts.w13_weight (0.25.1)
+        return sorted(name for name, _ in model.named_parameters()
+                      if name not in loaded and name.replace(".routed_experts.", ".") not in loaded)
 
     def reset_caches(self) -> None:
         """Forget every result computed with the old weights: KV prefix cache, MM processor and encoder caches."""
