@@ -276,12 +276,14 @@ class CheckpointSource:
         meta = dict.fromkeys(plain)  # rename_source_key only asks whether a name exists
         self._handles = [safe_open(str(f), framework="pt") for f in self.files]
         self.where: dict[str, tuple[int, str]] = {}  # parameter name -> (file index, checkpoint key)
+        self.swap: dict[str, tuple[int, int]] = {}  # parameter name -> dims transposed between checkpoint and model
+        self._shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
         for i, handle in enumerate(self._handles):
             for key in handle.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
                 name, converter = rename_source_key(key, renamings, converters, model.base_model_prefix, meta)
-                if converter is not None:
-                    raise ValueError(f"{self.files[i]}: {key} needs transformers' weight conversion "
-                                     f"({converter}); load this model with model.load=full")
+                if converter is not None and name in plain:  # rename_source_key gives the matched source pattern
+                    conv = next((c for c in converters if converter in c.source_patterns), converter)
+                    self.swap[plain[name]] = _row_preserving_transpose(conv, key, self.files[i])
                 if name in plain:
                     self.where[plain[name]] = (i, key)
         lora = (".lora_A.", ".lora_B.")
@@ -296,10 +298,26 @@ class CheckpointSource:
         if name not in self.where:
             return self.adapters.read(name, rows)
         i, key = self.where[name]
-        part = self._handles[i].get_slice(key)[rows]
+        sl = self._handles[i].get_slice(key)
+        part = sl[rows]
+        if name in self.swap and tuple(sl.get_shape()) != self._shapes[name]:  # e.g. fused experts (E, H, 2I)
+            part = part.transpose(*self.swap[name]).contiguous()
         self.bytes_read += part.numel() * part.element_size()
         self.largest_held = max(self.largest_held, part.numel() * part.element_size())
         return part
+
+
+def _row_preserving_transpose(converter, key: str, file: Path) -> tuple[int, int]:
+    """The dims of a converter that only transposes dims other than 0 (a mixture of experts' fused expert tensors,
+    stored (experts, in, out) and used (experts, out, in)): rows (experts) read from the checkpoint are the model's
+    rows, transposed. Any other conversion needs the whole tensor: model.load=full."""
+    from transformers.core_model_loading import Transpose
+
+    ops = list(getattr(converter, "operations", []))
+    if len(ops) == 1 and isinstance(ops[0], Transpose) and 0 not in (ops[0].dim0, ops[0].dim1):
+        return ops[0].dim0, ops[0].dim1
+    raise ValueError(f"{file}: {key} needs transformers' weight conversion ({converter}); load this model with "
+                     "model.load=full")
 
 
 class RandomSource:
