@@ -1,7 +1,8 @@
 """Worker for tests/test_distributed.py: run under `torchrun --nproc_per_node N` (gloo) or plain python.
 
 Modes
-    step    one GMPO update of a tiny Qwen2.5-VL on a fixed 4-sample batch; --fsdp 0 runs it without FSDP.
+    step    one GMPO update of a tiny Qwen2.5-VL (--model: another tiny family) on a fixed 4-sample batch; --fsdp 0
+            runs it without FSDP.
     train   --steps N updates, checkpoint after --save-at, HF export at the end.
     resume  load the latest checkpoint in --ckpt and continue to --steps.
 Rank 0 writes a torch file to --out: per-step losses, RNG draws, final full state dict, final log-probs.
@@ -18,7 +19,7 @@ import torch
 from mm_gmpo import distributed
 from mm_gmpo.checkpoint import TrainerState, export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from mm_gmpo.loss import gmpo_loss
-from mm_gmpo.models import build_model, tiny_qwen2_5_vl_config
+from mm_gmpo.models import build_model, processor_source, random_model_config
 from mm_gmpo.optim import build_optimizer, build_scheduler
 from mm_gmpo.policy import Policy, collate
 from mm_gmpo.update import UpdateBatch, policy_update
@@ -27,15 +28,16 @@ VISION_START, IMAGE_PAD, VISION_END, PAD = 151652, 151655, 151653, 151643
 GLOBAL_B = 4
 
 
-def make_global_batch(step: int):
-    """A deterministic global batch for a step: 4 image prompts of different lengths, responses, old log-probs."""
+def make_global_batch(step: int, patch: int = 14):
+    """A deterministic global batch for a step: 4 image prompts of different lengths, responses, old log-probs;
+    ``patch``: the vision tower's patch size (14, Qwen3-VL 16)."""
     g = torch.Generator().manual_seed(1000 + step)
     prompts, responses, pvs, grids = [], [], [], []
     for i in range(GLOBAL_B):
         text = torch.randint(0, 150000, (3 + i,), generator=g).tolist()
         prompts.append([151644, 872, 198, VISION_START] + [IMAGE_PAD] * 4 + [VISION_END] + text)
         responses.append(torch.randint(0, 150000, (4 + 3 * i,), generator=g).tolist())
-        pvs.append(torch.randn(16, 3 * 2 * 14 * 14, generator=g))
+        pvs.append(torch.randn(16, 3 * 2 * patch * patch, generator=g))
         grids.append(torch.tensor([[1, 4, 4]]))
     batch = collate(prompts, responses, pad_id=PAD, pixel_values=pvs, image_grid_thw=grids)
     # near a random model's log-probs (log 1/151936 = -11.93) so ratios are O(1) and some tokens clip
@@ -60,12 +62,15 @@ def main() -> None:
     ap.add_argument("--export", default="")
     ap.add_argument("--max-grad-norm", type=float, default=1.0, help="<= 0: no clipping")
     ap.add_argument("--packed", type=int, default=0, help="1: padding-free packed micro-batches")
+    ap.add_argument("--model", default="tiny-random", help="a tiny random model of any family")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     torch.set_num_threads(1)
     info = distributed.init_distributed(backend="gloo")
 
-    model = build_model("tiny", random_init=True, config=tiny_qwen2_5_vl_config(), dtype=torch.float32, seed=0)
+    config = random_model_config(args.model)
+    patch = config.vision_config.patch_size
+    model = build_model("tiny", random_init=True, config=config, dtype=torch.float32, seed=0)
     policy = Policy(model, chunk_size=8, packed=bool(args.packed))
     if args.fsdp:
         distributed.parallelize(policy, param_dtype=None, reduce_dtype=None, activation_checkpointing=True)
@@ -79,7 +84,7 @@ def main() -> None:
     torch.manual_seed(1234 + info.rank) if args.mode != "resume" else None
     losses, draws, grad_norms = {}, {}, {}
     for step in range(state.step + 1, args.steps + 1):
-        data = local_share(make_global_batch(step))
+        data = local_share(make_global_batch(step, patch))
         # a tiny token budget forces several micro-batches, and a different number on each rank
         m = policy_update(policy, optimizer, data, gmpo_loss, max_tokens_per_micro_batch=40,
                            max_grad_norm=args.max_grad_norm, keep_grads=True)
@@ -102,17 +107,17 @@ def main() -> None:
                                                                         model.state_dict().items()}
     policy.eval()
     with torch.no_grad():
-        lp, _ = policy(make_global_batch(99).batch)
+        lp, _ = policy(make_global_batch(99, patch).batch)
     if args.mode == "sync":  # every rank: a fresh HF engine with other weights, then sync from the FSDP policy
         from transformers import AutoTokenizer
 
-        from mm_gmpo.models import ASSETS
         from mm_gmpo.rollout.hf import HFEngine
         from mm_gmpo.weight_sync import sync_weights
 
-        other = build_model("tiny", random_init=True, config=tiny_qwen2_5_vl_config(), dtype=torch.float32, seed=7)
-        engine = HFEngine(other, AutoTokenizer.from_pretrained(ASSETS))
-        probe = make_global_batch(99).batch
+        other = build_model("tiny", random_init=True, config=random_model_config(args.model), dtype=torch.float32,
+                            seed=7)
+        engine = HFEngine(other, AutoTokenizer.from_pretrained(processor_source(args.model)))
+        probe = make_global_batch(99, patch).batch
         with torch.no_grad():
             before, _ = Policy(other)(probe)
         sync_metrics = sync_weights(policy, engine)
@@ -128,7 +133,7 @@ def main() -> None:
     if args.export:
         from mm_gmpo.data.processing import load_processor
 
-        export_hf(policy, args.export, processor=load_processor())
+        export_hf(policy, args.export, processor=load_processor(processor_source(args.model)))
     if info.rank == 0:
         torch.save({"losses": losses, "draws": draws, "grads": grads, "grad_norms": grad_norms, "state_dict": full, "logprobs": lp,
                     "lr": optimizer.param_groups[0]["lr"], "world_size": info.world_size}, args.out)

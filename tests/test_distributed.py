@@ -128,6 +128,37 @@ def test_hf_export_reloads_with_same_logprobs(trained):
     torch.testing.assert_close(lp, train["logprobs"], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["tiny-random-qwen2-vl", "tiny-random-qwen3-vl", "tiny-random-qwen3-vl-moe"])
+def test_each_family_trains_on_two_ranks_resumes_exactly_and_exports(family, tmp_path):
+    """Qwen2-VL, Qwen3-VL (DeepStack) and Qwen3-VL-MoE (experts sharded with their layer) under FSDP2 on 2 ranks:
+    3 updates; resumed from the step-2 checkpoint, step 3 is the same update; the HF export reloads with
+    AutoModelForImageTextToText.from_pretrained, holds the trained weights and gives the trainer's log-probs."""
+    from transformers import AutoModelForImageTextToText
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from dist_worker import make_global_batch
+
+    from mm_gmpo.families import family_of
+    from mm_gmpo.policy import Policy
+
+    ck, hf = tmp_path / "ck", tmp_path / "hf"
+    train = run_worker(2, tmp_path / "t.pt", "--mode", "train", "--steps", "3", "--save-at", "2", "--ckpt", str(ck),
+                       "--export", str(hf), "--packed", "1", "--model", family)
+    resumed = run_worker(2, tmp_path / "r.pt", "--mode", "resume", "--steps", "3", "--ckpt", str(ck), "--packed", "1",
+                         "--model", family)
+    assert list(resumed["losses"]) == [3] and resumed["losses"][3] == pytest.approx(train["losses"][3], rel=1e-6)
+    assert max_param_diff(resumed["state_dict"], train["state_dict"]) < 1e-6
+    assert train["grad_norms"][3] > 0
+    model = AutoModelForImageTextToText.from_pretrained(hf, dtype=torch.float32)
+    assert family_of(model.config).name == ("qwen2_vl" if "qwen2" in family else "qwen3_vl")
+    sd = model.state_dict()
+    for k, v in train["state_dict"].items():
+        torch.testing.assert_close(sd[k], v, rtol=0, atol=0)
+    with torch.no_grad():
+        lp, _ = Policy(model.eval())(make_global_batch(99, model.config.vision_config.patch_size).batch)
+    torch.testing.assert_close(lp, train["logprobs"], rtol=0, atol=1e-5)
+
+
 def test_interrupted_save_never_replaces_the_last_checkpoint(trained, tmp_path):
     """A kill mid-save leaves a .tmp_ folder: it is ignored, the last finished checkpoint is what resumes."""
     import shutil
