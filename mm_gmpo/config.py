@@ -43,9 +43,12 @@ class LoraConfig:
 
 @dataclass
 class ModelConfig:
-    path: str = f("tiny-random", "Policy: an HF folder or hub name (e.g. Qwen/Qwen2.5-VL-7B-Instruct), or "
-                                 "'tiny-random' (random tiny Qwen2.5-VL: plumbing only), or 'random:NAME' (random weights from a "
-                                 "bundled config, qwen2_5_vl_3b / qwen2_5_vl_7b, or a config.json: speed only)")
+    path: str = f("tiny-random", "Policy: an HF folder or hub name of a Qwen2-VL, Qwen2.5-VL or Qwen3-VL (dense or "
+                                 "MoE) model (e.g. Qwen/Qwen3-VL-8B-Instruct), or 'tiny-random' (random tiny Qwen2.5-VL: "
+                                 "plumbing only; tiny-random-qwen2-vl, tiny-random-qwen3-vl, tiny-random-qwen3-vl-moe: "
+                                 "the other families), or 'random:NAME' (random weights from a bundled config, "
+                                 "qwen2_5_vl_7b / qwen3_vl_8b / qwen3_vl_30b_a3b / qwen2_vl_2b ..., or a config.json: "
+                                 "speed only)")
     processor: str = f("", "Processor/tokenizer folder or hub name; empty = same as path (bundled for tiny-random and random:NAME)")
     dtype: str = f("bf16", "Parameter dtype for compute: bf16 or fp32 (use fp32 on CPU)")
     load: str = f("auto", "sharded: build on the meta device, shard, then each rank reads only its rows of every "

@@ -102,12 +102,18 @@ def peak_bf16_flops(device: torch.device) -> float | None:
 def training_flops(policy: nn.Module, tokens: float, vision_patches: float) -> float:
     """Model FLOPs of a forward + backward, 6 x parameters x inputs (activation recompute not counted, as MFU
     conventionally does): the language model's parameters over ``tokens`` (its input embedding is a lookup, so it
-    counts only when tied to the LM head), the vision tower's over the ``vision_patches`` it encoded."""
+    counts only when tied to the LM head), the vision tower's over the ``vision_patches`` it encoded. A mixture of
+    experts counts the experts each token uses (top-k of E), not all of them."""
     vision = text = 0
     untied_head = False
+    config = getattr(getattr(policy, "model", policy), "config", None)
+    text_cfg = getattr(config, "text_config", config)
+    experts, used = getattr(text_cfg, "num_experts", 0), getattr(text_cfg, "num_experts_per_tok", 0)
     for name, p in policy.named_parameters():  # a tied weight is listed once; FSDP2 DTensors report global numel
         if ".visual." in name:
             vision += p.numel()
+        elif experts and ".mlp.experts." in name:
+            text += p.numel() * used / experts
         else:
             text += p.numel()
         untied_head |= name.endswith("lm_head.weight")  # listed only when it is not the input embedding

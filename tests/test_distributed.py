@@ -132,7 +132,8 @@ def test_hf_export_reloads_with_same_logprobs(trained):
 def test_each_family_trains_on_two_ranks_resumes_exactly_and_exports(family, tmp_path):
     """Qwen2-VL, Qwen3-VL (DeepStack) and Qwen3-VL-MoE (experts sharded with their layer) under FSDP2 on 2 ranks:
     3 updates; resumed from the step-2 checkpoint, step 3 is the same update; the HF export reloads with
-    AutoModelForImageTextToText.from_pretrained, holds the trained weights and gives the trainer's log-probs."""
+    AutoModelForImageTextToText.from_pretrained, holds the trained weights and gives the trainer's log-probs.
+    (The real trainer's resume with each family: test_algorithm_options.py.)"""
     from transformers import AutoModelForImageTextToText
 
     sys.path.insert(0, str(ROOT / "tests"))

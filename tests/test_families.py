@@ -171,3 +171,18 @@ def test_bundled_files_are_the_published_ones():
     assert {k: (ASSETS / k).stat().st_size for k in sizes} == sizes
     for fam in ("qwen2_vl", "qwen3_vl"):
         assert (ASSETS / fam / "vocab.json").read_bytes() == (ASSETS / "qwen2_5_vl" / "vocab.json").read_bytes()
+
+
+def test_a_mixture_of_experts_counts_the_experts_a_token_uses_in_its_flops():
+    from mm_gmpo.metrics import training_flops
+    from mm_gmpo.policy import Policy
+
+    policy = Policy(build_model("t", random_init=True, config=random_model_config("tiny-random-qwen3-vl-moe"),
+                                dtype=torch.float32))
+    params = dict(policy.named_parameters())
+    vis = sum(p.numel() for n, p in params.items() if ".visual." in n)
+    experts = sum(p.numel() for n, p in params.items() if ".mlp.experts." in n)
+    embed = policy.model.get_input_embeddings().weight.numel()  # untied: a lookup, not a matmul
+    dense = sum(p.numel() for p in params.values()) - vis - experts - embed
+    assert experts > 0 and not policy.model.config.tie_word_embeddings
+    assert training_flops(policy, 10, 4) == pytest.approx(6 * (dense + experts * 2 / 4) * 10 + 6 * vis * 4)

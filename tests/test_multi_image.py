@@ -78,7 +78,8 @@ def test_logprobs_equal_the_models_own_forward_on_the_processor_output(family, p
     model = tiny(family, torch.float64, 0)
     (enc,) = encoded(processor, [n_images], seed=n_images)
     (resp,) = responses(1, seed=n_images)
-    out = processor(text=[enc.text], images=enc.images, return_tensors="pt")
+    # the images as resized once for the trainer and the engine (the processor must not resize them again)
+    out = processor(text=[enc.text], images=enc.images, return_tensors="pt", do_resize=False)
     assert out["input_ids"][0].tolist() == enc.input_ids and out["image_grid_thw"].shape[0] == n_images
     ids = torch.cat([out["input_ids"], torch.tensor([resp])], 1)
     mm = torch.cat([out["mm_token_type_ids"], torch.zeros(1, len(resp), dtype=out["mm_token_type_ids"].dtype)], 1)
