@@ -15,6 +15,11 @@ from mm_gmpo.models import build_model, processor_source, random_model_config
 from mm_gmpo.policy import Policy, collate
 
 FAMILIES = ["tiny-random", "tiny-random-qwen2-vl", "tiny-random-qwen3-vl", "tiny-random-qwen3-vl-moe"]
+# where a check has nothing family-specific beyond what Qwen3-VL (DeepStack) exercises, the other new families run
+# it in the slow tier (the fast tier stays within its time budget)
+SLOW = pytest.mark.slow
+SOME = ["tiny-random", pytest.param("tiny-random-qwen2-vl", marks=SLOW), "tiny-random-qwen3-vl",
+        pytest.param("tiny-random-qwen3-vl-moe", marks=SLOW)]
 
 PAD = 151643
 IMAGE_PAD = 151655
@@ -98,7 +103,8 @@ def test_logprobs_equal_the_models_own_forward_on_the_processor_output(family, p
     assert (ref1d - ref).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("with_grad", [False, True])
+@pytest.mark.parametrize(("family", "with_grad"), [*((f, True) for f in FAMILIES), *(
+    pytest.param(*f.values, False, marks=f.marks) if hasattr(f, "values") else (f, False) for f in SOME)])
 def test_mixed_0_1_3_image_batch_packed_equals_padded_and_each_alone(family, processor, with_grad):
     m64 = tiny(family, torch.float64, 0)
     encs = encoded(processor, [0, 1, 3, 0, 3, 1], seed=7)
@@ -140,7 +146,10 @@ def test_select_keeps_each_samples_images(processor):
     assert b.select([1]).pixel_values is None
 
 
-@pytest.mark.parametrize(("family", "packed"), [("tiny-random", False), *((f, True) for f in FAMILIES)])
+@pytest.mark.parametrize(("family", "packed"), [("tiny-random", False), ("tiny-random", True),
+                                               pytest.param("tiny-random-qwen2-vl", True, marks=SLOW),
+                                               ("tiny-random-qwen3-vl", True),
+                                               pytest.param("tiny-random-qwen3-vl-moe", True, marks=SLOW)])
 def test_a_picture_shared_by_two_prompts_is_encoded_once(family, processor, packed):
     """Prompt A shows pictures (x, y), prompt B shows (y, y): the content keys make y one vision pass per forward;
     log-probs and gradients equal those without sharing."""
@@ -171,6 +180,7 @@ def test_a_picture_shared_by_two_prompts_is_encoded_once(family, processor, pack
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-7)  # logits are fp32 (as on GPU)
 
 
+@pytest.mark.parametrize("family", SOME)
 def test_text_only_batch_runs_a_blank_vision_pass_weighted_zero(family, processor):
     """Under FSDP every rank must use the vision shards in every micro-batch; a text-only micro-batch runs the
     tower on one blank patch whose features are weighted 0: log-probs unchanged, vision gradients exactly 0."""
@@ -192,6 +202,7 @@ def test_text_only_batch_runs_a_blank_vision_pass_weighted_zero(family, processo
     assert all(g is not None and torch.count_nonzero(g) == 0 for g in v1.values())
 
 
+@pytest.mark.parametrize("family", SOME)
 def test_hf_engine_after_sync_agrees_with_the_trainer_on_multi_image_prompts(family, processor):
     from mm_gmpo.rollout.base import SamplingParams
     from mm_gmpo.rollout.hf import HFEngine
