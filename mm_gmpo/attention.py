@@ -171,7 +171,8 @@ def use_packed_text_attention(model: nn.Module) -> bool:
 
 
 def use_grouped_vision_attention(model: nn.Module) -> bool:
-    """Route a Qwen2.5-VL vision tower's attention through :func:`grouped_varlen_sdpa`.
+    """Route a vision tower's attention through :func:`grouped_varlen_sdpa` (Qwen2.5-VL's windows; Qwen2-VL's and
+    Qwen3-VL's whole images, where images of equal patch counts share a call).
 
     Leaves a model alone (returns False) when it has no vision tower or its vision tower already uses a flash
     kernel. Not saved with the model: an exported config.json keeps transformers' own setting.

@@ -6,7 +6,7 @@ tensor (the 152k x hidden embedding). Each shard is cast to the engine's dtype b
 a bf16 gather moves half the bytes of an fp32 one (15 GB instead of 30 GB per rank per step for the 7B) and
 gives the same tensor, since casting is elementwise. LoRA layers' base weights and adapters are gathered in
 their own dtype: their merge is computed in float32 first. Names are the transformers names
-(``model.language_model.*``, ``model.visual.*``, ``lm_head.*``), which vLLM's Qwen2.5-VL ``load_weights``
+(``model.language_model.*``, ``model.visual.*``, ``lm_head.*``), which vLLM's Qwen-VL ``load_weights``
 accepts as they are. Every engine's ``update_weights`` must leave no state computed with the old weights behind
 (vLLM: prefix cache and the multimodal encoder/processor caches), which is why sync goes through this one
 function.

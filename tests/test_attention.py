@@ -72,6 +72,45 @@ def test_vision_tower_same_output_and_gradients_in_fewer_calls(monkeypatch):
     assert (ref_calls, n_calls) == (2 * 18 + 4, 3 + 3 + 2)
 
 
+@pytest.mark.parametrize("family", ["tiny-random-qwen2-vl", "tiny-random-qwen3-vl"])
+def test_full_attention_vision_towers_group_equal_images(monkeypatch, family):
+    """Qwen2-VL's and Qwen3-VL's vision blocks attend over each whole image (no windows): grouped, images of equal
+    patch counts share one call per block; output (DeepStack features included) and gradients unchanged."""
+    from mm_gmpo.models import random_model_config
+
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+    model = build_model("t", random_init=True, config=random_model_config(family), dtype=torch.float64,
+                        attn_implementation="sdpa", seed=0)
+    vis = model.model.visual
+    patch = vis.config.patch_size
+    grid = torch.tensor([[1, 8, 8]] * 3 + [[1, 4, 12]])  # 64, 64, 64, 48 patches
+    pv = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * patch * patch, generator=torch.Generator().manual_seed(1),
+                     dtype=torch.float64)
+
+    def run():
+        vis.zero_grad()
+        calls.clear()
+        res = vis(pv, grid_thw=grid)
+        out = torch.cat([res.pooler_output, *(getattr(res, "deepstack_features", None) or [])])
+        (out ** 2).sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in vis.named_parameters()}, len(calls)
+
+    ref_out, ref_grads, ref_calls = run()
+    assert use_grouped_vision_attention(model)
+    out, grads, n_calls = run()
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-10)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-9, atol=1e-12)
+    assert (ref_calls, n_calls) == (2 * 4, 2 * 2)  # 2 blocks: one call per image, or per distinct length
+
+
 def test_text_only_model_is_left_alone():
     cfg = model_config({"model_type": "qwen2", "vocab_size": 100, "hidden_size": 32, "intermediate_size": 64,
                         "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1})

@@ -1,4 +1,4 @@
-"""Datasets, prompt templates and Qwen2.5-VL processing. Every loader yields the same typed :class:`Prompt`."""
+"""Datasets, prompt templates and Qwen-VL processing. Every loader yields the same typed :class:`Prompt`."""
 
 from mm_gmpo.data.geometry3k import REPO_GEOMETRY3K, geometry3k_prompts, load_geometry3k
 from mm_gmpo.data.prompts import DataError, Prompt, render_question

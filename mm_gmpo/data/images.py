@@ -22,7 +22,7 @@ def decode_image(data: bytes, where: str) -> Image.Image:
                 raise DataError(f"{where}: a {w} x {h} image ({w * h / 1e6:.0f} M pixels) is over the "
                                 f"{MAX_PIXELS / 1e6:.0f} M pixel cap; shrink it or drop the row")
             if min(w, h) < 1 or max(w, h) / min(w, h) > MAX_ASPECT_RATIO:
-                raise DataError(f"{where}: a {w} x {h} image; Qwen2.5-VL's processor takes aspect ratios up to "
+                raise DataError(f"{where}: a {w} x {h} image; the Qwen-VL processors take aspect ratios up to "
                                 f"{MAX_ASPECT_RATIO}: pad or crop it")
             im.load()  # decode everything now: a truncated file with a valid header fails here
             return im.convert("RGB")

@@ -1,8 +1,9 @@
 """Prompt -> model inputs with the model family's real processor (or a plain tokenizer for text-only models).
 
 Images are resized once, here, with qwen-vl-utils' ``fetch_image`` (same rule as Qwen's own pipeline and vLLM's
-Qwen-VL processors: sides a multiple of patch size x merge size, 28 for Qwen2/2.5-VL, 32 for Qwen3-VL): the resized images are kept on :class:`EncodedPrompt` and are what both the trainer and the
-rollout engine must use, so train- and inference-time vision tokens cannot disagree.
+Qwen-VL processors: sides a multiple of patch size x merge size, 28 for Qwen2/2.5-VL, 32 for Qwen3-VL), and the
+processor is told not to resize them again: the resized images are kept on :class:`EncodedPrompt` and are what both
+the trainer and the rollout engine use, so train- and inference-time vision tokens cannot disagree.
 
 The count of ``<|image_pad|>`` tokens is checked against ``image_grid_thw`` for every prompt, so the transformers
 error "Image features and image tokens do not match" cannot happen later in a training step; a mismatch raises a
@@ -25,7 +26,7 @@ from PIL import Image
 from mm_gmpo.data.prompts import DataError, Prompt
 
 log = logging.getLogger(__name__)
-DEFAULT_PROCESSOR_DIR = Path(__file__).resolve().parents[1] / "assets" / "qwen2_5_vl"  # also the model configs
+DEFAULT_PROCESSOR_DIR = Path(__file__).resolve().parents[1] / "assets" / "qwen2_5_vl"  # the default run's family
 # EasyR1's Geometry3K defaults; diagrams (~260x275) are upscaled to >= 512x512 pixels
 DEFAULT_MIN_PIXELS = 262_144
 DEFAULT_MAX_PIXELS = 4_194_304
