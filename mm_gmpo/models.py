@@ -335,7 +335,10 @@ class RandomSource:
         for mname, module in model.named_modules():
             direct = list(module.named_parameters(recurse=False))
             if direct and (not only or any(s in f"{mname}." for s in only)):
-                meta_copy = copy.deepcopy(module) if not list(module.children()) else None
+                # a leaf, or a module whose children hold no parameters (a mixture of experts' fused experts and
+                # their activation function)
+                leaf = not any(True for c in module.children() for _ in c.parameters())
+                meta_copy = copy.deepcopy(module) if leaf else None
                 for pname, _ in direct:
                     self.leaf[f"{mname}.{pname}" if mname else pname] = (mname, meta_copy)
         self._cached: tuple[str, dict[str, torch.Tensor]] | None = None
@@ -345,7 +348,8 @@ class RandomSource:
         import zlib
 
         if meta_copy is None:
-            raise ValueError(f"{mname} holds parameters of its own and has children: no per-module init for it")
+            raise ValueError(f"{mname} holds parameters of its own and children with parameters: no per-module "
+                             "init for it")
         module = meta_copy.to_empty(device="cpu")
         gen_state = torch.random.get_rng_state()
         torch.manual_seed(self.seed * 1_000_003 + zlib.crc32(mname.encode()))

@@ -130,8 +130,8 @@ def test_hf_export_reloads_with_same_logprobs(trained):
 
 @pytest.mark.parametrize("family", ["tiny-random-qwen2-vl", "tiny-random-qwen3-vl", "tiny-random-qwen3-vl-moe"])
 def test_each_family_trains_on_two_ranks_resumes_exactly_and_exports(family, tmp_path):
-    """Qwen2-VL, Qwen3-VL (DeepStack) and Qwen3-VL-MoE (experts sharded with their layer) under FSDP2 on 2 ranks:
-    3 updates; resumed from the step-2 checkpoint, step 3 is the same update; the HF export reloads with
+    """Qwen2-VL, Qwen3-VL (DeepStack) and Qwen3-VL-MoE (experts sharded with their layer) under FSDP2 on 2 ranks,
+    packed micro-batches (the MoE padded: its packed run is the learning run in test_algorithm_options.py): 3 updates; resumed from the step-2 checkpoint, step 3 is the same update; the HF export reloads with
     AutoModelForImageTextToText.from_pretrained, holds the trained weights and gives the trainer's log-probs.
     (The real trainer's resume with each family: test_algorithm_options.py.)"""
     from transformers import AutoModelForImageTextToText
@@ -143,9 +143,10 @@ def test_each_family_trains_on_two_ranks_resumes_exactly_and_exports(family, tmp
     from mm_gmpo.policy import Policy
 
     ck, hf = tmp_path / "ck", tmp_path / "hf"
+    packed = "0" if family.endswith("-moe") else "1"
     train = run_worker(2, tmp_path / "t.pt", "--mode", "train", "--steps", "3", "--save-at", "2", "--ckpt", str(ck),
-                       "--export", str(hf), "--packed", "1", "--model", family)
-    resumed = run_worker(2, tmp_path / "r.pt", "--mode", "resume", "--steps", "3", "--ckpt", str(ck), "--packed", "1",
+                       "--export", str(hf), "--packed", packed, "--model", family)
+    resumed = run_worker(2, tmp_path / "r.pt", "--mode", "resume", "--steps", "3", "--ckpt", str(ck), "--packed", packed,
                          "--model", family)
     assert list(resumed["losses"]) == [3] and resumed["losses"][3] == pytest.approx(train["losses"][3], rel=1e-6)
     assert max_param_diff(resumed["state_dict"], train["state_dict"]) < 1e-6

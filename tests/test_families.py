@@ -186,3 +186,20 @@ def test_a_mixture_of_experts_counts_the_experts_a_token_uses_in_its_flops():
     dense = sum(p.numel() for p in params.values()) - vis - experts - embed
     assert experts > 0 and not policy.model.config.tie_word_embeddings
     assert training_flops(policy, 10, 4) == pytest.approx(6 * (dense + experts * 2 / 4) * 10 + 6 * vis * 4)
+
+
+@pytest.mark.parametrize("path", TINY[1:])
+def test_random_sharded_init_covers_every_family(path):
+    """model.load=sharded with random weights (random:qwen3_vl_30b_a3b, ...): every parameter, the fused experts
+    included, gets values of its shape, the same whatever rows are read first."""
+    from mm_gmpo.models import RandomSource
+
+    model = empty_model(random_model_config(path), attn_implementation="sdpa")
+    src, again = RandomSource(model, seed=0), RandomSource(model, seed=0)
+    for name, p in model.named_parameters():
+        whole = src.read(name, slice(None))
+        assert whole.shape == p.shape and torch.isfinite(whole).all(), name
+        assert torch.equal(again.read(name, slice(p.shape[0] // 2, None)), whole[p.shape[0] // 2:]), name
+    experts = [n for n, _ in model.named_parameters() if ".experts." in n]
+    assert bool(experts) == path.endswith("-moe")
+    assert all(src.read(n, slice(None)).std() > 0 for n in experts)  # initialised, not left at zero
