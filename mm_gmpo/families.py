@@ -8,8 +8,9 @@ code for every family; each asks its model's :class:`Family` for what differs:
 - the vision tower's call and outputs: Qwen3-VL also returns DeepStack features, which the decoder adds to the
   image tokens' hidden states after its first layers (``decoder_kwargs``), not only to the input embeddings;
 - patch size and merge size (14 / 2 for Qwen2-VL and Qwen2.5-VL, 16 / 2 for Qwen3-VL: the resize rule follows the
-  processor's ``patch_size``), which vision attention is windowed (Qwen2.5-VL's; the others attend over each whole
-  image), LoRA's default target layers, and the memory plan's vision block width;
+  processor's ``patch_size``), LoRA's default target layers, and the memory plan's vision block width (which vision
+  attention is windowed, Qwen2.5-VL's, is the vision config's own business: ``mm_gmpo.attention`` groups windows
+  and whole images alike);
 - multimodal RoPE: each family's own ``get_rope_index`` (Qwen3-VL interleaves the t/h/w sections), called with the
   same arguments for all three.
 
@@ -24,7 +25,7 @@ with the rest of their decoder layer; full fine-tuning trains them, LoRA adapts 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,9 +71,7 @@ class Family:
     configs: dict[str, str]  # bundled config name -> file under assets/<name>/configs
     hub_ids: dict[str, str]  # published hub id -> bundled config name (the memory plan reads these offline)
     vision_linears: tuple[str, ...]  # LoRA targets of a vision block (attn.* and mlp.*)
-    windowed_vision: bool = False  # Qwen2.5-VL: most vision blocks attend within windows
     deepstack: bool = False  # Qwen3-VL: DeepStack features enter the first decoder layers
-    tiny: Callable | None = None  # () -> the tiny random config of this family
 
     @property
     def assets(self) -> Path:
@@ -158,13 +157,12 @@ QWEN2_VL = Family(
     "qwen2_vl", "Qwen2-VL", ("qwen2_vl",),
     configs={"qwen2_vl_2b": "qwen2_vl_2b_instruct.json", "qwen2_vl_7b": "qwen2_vl_7b_instruct.json"},
     hub_ids={"Qwen/Qwen2-VL-2B-Instruct": "qwen2_vl_2b", "Qwen/Qwen2-VL-7B-Instruct": "qwen2_vl_7b"},
-    vision_linears=("qkv", "proj", "fc1", "fc2"), tiny=tiny_qwen2_vl_config)
+    vision_linears=("qkv", "proj", "fc1", "fc2"))
 QWEN2_5_VL = Family(
     "qwen2_5_vl", "Qwen2.5-VL", ("qwen2_5_vl",),
     configs={"qwen2_5_vl_3b": "qwen2_5_vl_3b_instruct.json", "qwen2_5_vl_7b": "qwen2_5_vl_7b_instruct.json"},
     hub_ids={"Qwen/Qwen2.5-VL-3B-Instruct": "qwen2_5_vl_3b", "Qwen/Qwen2.5-VL-7B-Instruct": "qwen2_5_vl_7b"},
-    vision_linears=("qkv", "proj", "gate_proj", "up_proj", "down_proj"), windowed_vision=True,
-    tiny=tiny_qwen2_5_vl_config)
+    vision_linears=("qkv", "proj", "gate_proj", "up_proj", "down_proj"))
 QWEN3_VL = Family(
     "qwen3_vl", "Qwen3-VL", ("qwen3_vl", "qwen3_vl_moe"),
     configs={"qwen3_vl_2b": "qwen3_vl_2b_instruct.json", "qwen3_vl_4b": "qwen3_vl_4b_instruct.json",
@@ -172,7 +170,7 @@ QWEN3_VL = Family(
              "qwen3_vl_30b_a3b": "qwen3_vl_30b_a3b_instruct.json"},
     hub_ids={f"Qwen/Qwen3-VL-{size}-Instruct": f"qwen3_vl_{size.lower().replace('-', '_')}"
              for size in ("2B", "4B", "8B", "32B", "30B-A3B")},
-    vision_linears=("qkv", "proj", "linear_fc1", "linear_fc2"), deepstack=True, tiny=tiny_qwen3_vl_config)
+    vision_linears=("qkv", "proj", "linear_fc1", "linear_fc2"), deepstack=True)
 FAMILIES = (QWEN2_VL, QWEN2_5_VL, QWEN3_VL)
 
 # model_type values of families not supported yet -> what to say
