@@ -177,12 +177,14 @@ def test_builtin_task_still_learns(tmp_path, option):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["tiny-random-qwen2-vl", "tiny-random-qwen3-vl", "tiny-random-qwen3-vl-moe"])
+@pytest.mark.parametrize("family", ["tiny-random-qwen3-vl"])
 def test_builtin_task_learns_with_each_model_family_and_resumes_exactly(tmp_path, family):
-    """The built-in task on 2 gloo ranks (FSDP2, packed, constant lr 1e-3) with the tiny Qwen2-VL, Qwen3-VL and
-    Qwen3-VL-MoE: the reward rises over 12 steps; killed after step 12's metrics but before its checkpoint, the
-    run resumes from step 10 and logs steps 11 and 12 exactly as before (timings aside). Measured first-3 -> last-3
-    (2026-12-07, transformers 5.25): Qwen2-VL 0.253 -> 0.443, Qwen3-VL 0.289 -> 0.625, MoE 0.297 -> 0.474."""
+    """The built-in task on 2 gloo ranks (FSDP2, packed, constant lr 1e-3) with the tiny Qwen3-VL: the reward rises
+    over 12 steps; killed after step 12's metrics but before its checkpoint, the run resumes from step 10 and logs
+    steps 11 and 12 exactly as before (timings aside). Measured first-3 -> last-3 (2026-12-07, transformers 5.25):
+    Qwen2-VL 0.253 -> 0.443, Qwen3-VL 0.289 -> 0.625, Qwen3-VL-MoE 0.297 -> 0.474; one learning run per feature
+    stays in CI (the slow tier's time budget), the others are in benchmarks/RESULTS.md with their command (put the
+    family in the list to run them). Every family's FSDP2 training, exact resume and export: test_distributed.py."""
     args = [f"model.path={family}", "trainer.total_steps=12", "trainer.eval_every=0", "trainer.save_every=10",
             "trainer.export_hf=false", "optim.lr_schedule=constant"]
     rows, _ = train(tmp_path / "run", *args, nproc=2)
