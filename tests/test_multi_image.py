@@ -76,7 +76,8 @@ def batch_of(encs, resp, dtype=torch.float32):
                    image_grid_thw=[e.image_grid_thw for e in encs], image_ids=[e.image_keys for e in encs])
 
 
-@pytest.mark.parametrize(("family", "n_images"), [("tiny-random", 2), *((f, 3) for f in FAMILIES)])
+@pytest.mark.parametrize(("family", "n_images"), [("tiny-random", 2), *(
+    pytest.param(*f.values, 3, marks=f.marks) if hasattr(f, "values") else (f, 3) for f in SOME)])
 def test_logprobs_equal_the_models_own_forward_on_the_processor_output(family, processor, n_images):
     """Reference: the processor's own input_ids / pixel_values / image_grid_thw / mm_token_type_ids, response
     appended, through the transformers model's forward (its own M-RoPE from mm_token_type_ids), all in float64."""
@@ -103,8 +104,9 @@ def test_logprobs_equal_the_models_own_forward_on_the_processor_output(family, p
     assert (ref1d - ref).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize(("family", "with_grad"), [*((f, True) for f in FAMILIES), *(
-    pytest.param(*f.values, False, marks=f.marks) if hasattr(f, "values") else (f, False) for f in SOME)])
+@pytest.mark.parametrize(("family", "with_grad"), [
+    pytest.param(*f.values, grad, marks=f.marks) if hasattr(f, "values") else (f, grad) for f in SOME
+    for grad in (True, False)])
 def test_mixed_0_1_3_image_batch_packed_equals_padded_and_each_alone(family, processor, with_grad):
     m64 = tiny(family, torch.float64, 0)
     encs = encoded(processor, [0, 1, 3, 0, 3, 1], seed=7)
