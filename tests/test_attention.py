@@ -35,7 +35,9 @@ def test_grouped_varlen_sdpa_equals_per_segment_attention(lengths):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
-def test_vision_tower_same_output_and_gradients_in_fewer_calls(monkeypatch):
+@pytest.fixture
+def sdpa_calls(monkeypatch) -> list:
+    """A list that grows by one at every call of torch's scaled_dot_product_attention."""
     calls = []
     sdpa = F.scaled_dot_product_attention
 
@@ -44,6 +46,20 @@ def test_vision_tower_same_output_and_gradients_in_fewer_calls(monkeypatch):
         return sdpa(*args, **kwargs)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+    return calls
+
+
+def vision_pass(vis, pv: torch.Tensor, grid: torch.Tensor, calls: list):
+    """(output, DeepStack features included; gradients of its squared sum; SDPA calls) of one vision tower pass."""
+    vis.zero_grad()
+    calls.clear()
+    res = vis(pv, grid_thw=grid)
+    out = torch.cat([res.pooler_output, *(getattr(res, "deepstack_features", None) or [])])
+    (out ** 2).sum().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in vis.named_parameters()}, len(calls)
+
+
+def test_vision_tower_same_output_and_gradients_in_fewer_calls(sdpa_calls):
     model = build_model("t", random_init=True, config=tiny_qwen2_5_vl_config(vision_depth=3), dtype=torch.float64,
                         attn_implementation="sdpa", seed=0)
     vis = model.model.visual
@@ -53,17 +69,10 @@ def test_vision_tower_same_output_and_gradients_in_fewer_calls(monkeypatch):
     g = torch.Generator().manual_seed(1)
     pv = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 14 * 14, generator=g, dtype=torch.float64)
 
-    def run():
-        vis.zero_grad()
-        calls.clear()
-        out = torch.cat(list(vis(pv, grid_thw=grid).pooler_output))
-        (out ** 2).sum().backward()
-        return out.detach(), {n: p.grad.clone() for n, p in vis.named_parameters()}, len(calls)
-
-    ref_out, ref_grads, ref_calls = run()
+    ref_out, ref_grads, ref_calls = vision_pass(vis, pv, grid, sdpa_calls)
     assert use_grouped_vision_attention(model) and vis.config._attn_implementation == NAME
     assert model.config.text_config._attn_implementation == "sdpa"  # the language model is untouched
-    out, grads, n_calls = run()
+    out, grads, n_calls = vision_pass(vis, pv, grid, sdpa_calls)
     torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-10)
     assert set(grads) == set(ref_grads) and len(grads) > 20
     for name in grads:
@@ -73,19 +82,11 @@ def test_vision_tower_same_output_and_gradients_in_fewer_calls(monkeypatch):
 
 
 @pytest.mark.parametrize("family", ["tiny-random-qwen2-vl", "tiny-random-qwen3-vl"])
-def test_full_attention_vision_towers_group_equal_images(monkeypatch, family):
+def test_full_attention_vision_towers_group_equal_images(sdpa_calls, family):
     """Qwen2-VL's and Qwen3-VL's vision blocks attend over each whole image (no windows): grouped, images of equal
     patch counts share one call per block; output (DeepStack features included) and gradients unchanged."""
     from mm_gmpo.models import random_model_config
 
-    calls = []
-    sdpa = F.scaled_dot_product_attention
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return sdpa(*args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
     model = build_model("t", random_init=True, config=random_model_config(family), dtype=torch.float64,
                         attn_implementation="sdpa", seed=0)
     vis = model.model.visual
@@ -94,17 +95,9 @@ def test_full_attention_vision_towers_group_equal_images(monkeypatch, family):
     pv = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * patch * patch, generator=torch.Generator().manual_seed(1),
                      dtype=torch.float64)
 
-    def run():
-        vis.zero_grad()
-        calls.clear()
-        res = vis(pv, grid_thw=grid)
-        out = torch.cat([res.pooler_output, *(getattr(res, "deepstack_features", None) or [])])
-        (out ** 2).sum().backward()
-        return out.detach(), {n: p.grad.clone() for n, p in vis.named_parameters()}, len(calls)
-
-    ref_out, ref_grads, ref_calls = run()
+    ref_out, ref_grads, ref_calls = vision_pass(vis, pv, grid, sdpa_calls)
     assert use_grouped_vision_attention(model)
-    out, grads, n_calls = run()
+    out, grads, n_calls = vision_pass(vis, pv, grid, sdpa_calls)
     torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-10)
     for name in ref_grads:
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-9, atol=1e-12)

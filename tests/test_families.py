@@ -17,6 +17,7 @@ from mm_gmpo.families import (
     QWEN2_5_VL,
     QWEN2_VL,
     QWEN3_VL,
+    TINY_MODELS,
     UnsupportedModel,
     bundled_name,
     family_of,
@@ -33,7 +34,7 @@ from mm_gmpo.models import (
     random_model_config,
 )
 
-TINY = ["tiny-random", "tiny-random-qwen2-vl", "tiny-random-qwen3-vl", "tiny-random-qwen3-vl-moe"]
+TINY = list(TINY_MODELS)  # tiny-random (Qwen2.5-VL), then Qwen2-VL, Qwen3-VL, Qwen3-VL-MoE
 
 # parameter counts of the published checkpoints (SOURCE.md of each bundled folder: safetensors totals / reports)
 PUBLISHED_PARAMS = {"qwen3_vl_2b": 2_127_532_032, "qwen3_vl_4b": 4_437_815_808, "qwen3_vl_8b": 8_767_123_696,

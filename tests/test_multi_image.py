@@ -11,10 +11,11 @@ import torch
 from mm_gmpo.data.processing import encode_prompt, load_processor
 from mm_gmpo.data.prompts import Prompt
 from mm_gmpo.data.synthetic import COLORS, SHAPES, draw
+from mm_gmpo.families import TINY_MODELS
 from mm_gmpo.models import build_model, processor_source, random_model_config
 from mm_gmpo.policy import Policy, collate
 
-FAMILIES = ["tiny-random", "tiny-random-qwen2-vl", "tiny-random-qwen3-vl", "tiny-random-qwen3-vl-moe"]
+FAMILIES = list(TINY_MODELS)  # tiny-random (Qwen2.5-VL), tiny-random-qwen2-vl, -qwen3-vl, -qwen3-vl-moe
 # where a check has nothing family-specific beyond what Qwen3-VL (DeepStack) exercises, the other new families run
 # it in the slow tier (the fast tier stays within its time budget)
 SLOW = pytest.mark.slow

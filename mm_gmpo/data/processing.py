@@ -24,9 +24,10 @@ import torch
 from PIL import Image
 
 from mm_gmpo.data.prompts import DataError, Prompt
+from mm_gmpo.families import QWEN2_5_VL
 
 log = logging.getLogger(__name__)
-DEFAULT_PROCESSOR_DIR = Path(__file__).resolve().parents[1] / "assets" / "qwen2_5_vl"  # the default run's family
+DEFAULT_PROCESSOR_DIR = QWEN2_5_VL.assets  # the default run's family
 # EasyR1's Geometry3K defaults; diagrams (~260x275) are upscaled to >= 512x512 pixels
 DEFAULT_MIN_PIXELS = 262_144
 DEFAULT_MAX_PIXELS = 4_194_304
