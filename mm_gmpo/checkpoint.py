@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import random
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -337,11 +338,97 @@ def save_sharded(path: Path, policy: nn.Module, optimizer: torch.optim.Optimizer
 
 
 def load_sharded(path: Path, policy: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
-    """Load a :func:`save_sharded` checkpoint into this (possibly differently sharded) policy and optimizer."""
+    """Load a :func:`save_sharded` checkpoint into this (possibly differently sharded) policy and optimizer. Nothing
+    in the folder can run code: the metadata goes through :func:`safe_unpickle`, values through a weights-only
+    ``torch.load`` (torch's own reader would use plain ``pickle.load`` on both)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     state = _dcp_state(policy, optimizer)
-    dcp.load(state, checkpoint_id=str(path))
+    reader, planner = _safe_dcp(str(path))
+    dcp.load(state, storage_reader=reader, planner=planner)
     set_state_dict(policy, optimizer if optimizer is not None else [], model_state_dict=state["model"],
                    optim_state_dict=state.get("optim", {}), options=_dcp_options(policy))
+
+
+class UnsafeCheckpoint(CheckpointError):
+    """A checkpoint file that asks to build something a checkpoint never holds (a pickle that would run code)."""
+
+
+_DCP_MODULES = ("torch.distributed.checkpoint.metadata",)
+_SAFE_GLOBALS = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+                 ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"), ("pathlib", "PosixPath"),
+                 ("pathlib", "PurePosixPath"), ("pathlib", "Path")}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Builds only what DCP metadata holds: its own dataclasses and enums, ``torch.Size``, dtypes, layouts, paths
+    and containers. Any other global (``os.system``, ``builtins.eval``, a class with a hostile ``__reduce__``) is
+    refused before it is looked up, so nothing runs."""
+
+    def find_class(self, module: str, name: str):
+        if module in _DCP_MODULES and not name.startswith("__"):
+            import importlib
+
+            obj = getattr(importlib.import_module(module), name, None)
+            if isinstance(obj, type) and obj.__module__ == module:
+                return obj
+        elif module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        elif (module, name) in _SAFE_GLOBALS:
+            return super().find_class(module, name)
+        raise UnsafeCheckpoint(f"{module}.{name}")
+
+
+def safe_unpickle(f, where: str) -> Any:
+    """A pickle from a checkpoint folder, read with :class:`_RestrictedUnpickler`; a refused global or a damaged
+    file is a CheckpointError naming the file."""
+    try:
+        return _RestrictedUnpickler(f).load()
+    except UnsafeCheckpoint as e:
+        raise UnsafeCheckpoint(f"{where}: refused to load: the file asks for {e}, which no checkpoint this trainer "
+                               "writes holds (a crafted or foreign file); nothing in it was run. Delete that "
+                               "checkpoint folder or resume from another") from None
+    except Exception as e:
+        raise CheckpointError(f"{where}: not DCP metadata this trainer wrote ({type(e).__name__}: {e}); delete that "
+                              "checkpoint folder or resume from another") from None
+
+
+def _safe_dcp(path: str):
+    """A DCP storage reader and load planner for ``path`` that load nothing but data (torch.distributed.checkpoint
+    is imported here, not at module import: it is slow to import)."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+    meta_file = Path(path) / ".metadata"
+    if not meta_file.is_file():
+        raise CheckpointError(f"{meta_file}: missing; delete that checkpoint folder or resume from another")
+    with open(meta_file, "rb") as f:  # read here, not in the reader: DCP swallows a reader's errors and retries
+        metadata = safe_unpickle(f, str(meta_file))
+    if not isinstance(metadata, Metadata):
+        raise CheckpointError(f"{meta_file}: holds a {type(metadata).__name__}, not DCP metadata; delete that "
+                              "checkpoint folder or resume from another")
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self):  # the global metadata only (no rank-local fallback: saves here never write one)
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    class SafePlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value) -> None:  # non-tensor values (lr, betas, ...): weights-only
+            try:
+                obj = torch.load(value, weights_only=True)
+            except pickle.UnpicklingError as e:
+                raise UnsafeCheckpoint(f"a value in the checkpoint ({read_item.dest_index.fqn}) is not plain data: "
+                                       f"{str(e).splitlines()[0][:200]}; nothing in it was run. Delete that "
+                                       "checkpoint folder or resume from another") from None
+            if self.flatten_state_dict:  # as torch's DefaultLoadPlanner.load_bytes
+                from torch.distributed.checkpoint._traverse import set_element
+
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = obj
+
+    return SafeReader(path), SafePlanner()

@@ -77,7 +77,8 @@ def main() -> int:
     except (ConfigError, DataError, CheckpointError) as e:  # config, data, reward function, checkpoint: one line
         if not existed:
             remove_unstarted(out)
-        return user_error({DataError: "data", CheckpointError: "checkpoint"}.get(type(e), "config"), e)
+        kind = "data" if isinstance(e, DataError) else "checkpoint" if isinstance(e, CheckpointError) else "config"
+        return user_error(kind, e)
     return 0
 
 
