@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mm_gmpo.config import Config, ConfigError, validate
+from mm_gmpo.data.images import ImageFit, ImageStore
 from mm_gmpo.data.processing import EncodedPrompt, encode_prompts, load_processor
 from mm_gmpo.data.prompts import DataError, Prompt, limit_images
 from mm_gmpo.data.synthetic import COLORS, DIGITS, single_token_ids
@@ -51,10 +52,11 @@ class PromptSampler:
         self._order = self._shuffle()
 
 
-def load_prompts(cfg: Config, split: str) -> list[Prompt]:
+def load_prompts(cfg: Config, split: str, images: ImageStore | None = None) -> list[Prompt]:
     """Train or validation prompts for the configured dataset; prompts with more than data.max_images images are
-    dropped with a counted warning."""
+    dropped with a counted warning. File images go through ``images`` (one per distinct file, fitted)."""
     d = cfg.data
+    images = images if images is not None else ImageStore(ImageFit(d.min_pixels, d.max_pixels))
     source = d.train_source if split == "train" else d.val_source
     which = d.train_split if split == "train" else d.val_split
     if d.dataset == "files":
@@ -64,7 +66,7 @@ def load_prompts(cfg: Config, split: str) -> list[Prompt]:
         prompts = load_file_prompts(source, columns=Columns(d.prompt_key, d.answer_key, d.image_key),
                                     image_dir=d.image_dir or None, template=d.template,
                                     system_prompt=d.system_prompt or None, task=d.task, on_bad_sample=d.on_bad_sample,
-                                    default_split="train" if split == "train" else "test")
+                                    default_split="train" if split == "train" else "test", images=images)
     elif d.dataset == "synthetic":
         from mm_gmpo.data.synthetic import synthetic_prompts
 
@@ -78,7 +80,7 @@ def load_prompts(cfg: Config, split: str) -> list[Prompt]:
         from mm_gmpo.data.geometry3k import geometry3k_prompts, load_geometry3k
 
         ds = load_geometry3k(source, which, on_bad_sample=d.on_bad_sample) if source else load_geometry3k(split=which)
-        prompts = list(geometry3k_prompts(ds, template=d.template, show_choices=d.show_choices))
+        prompts = list(geometry3k_prompts(ds, template=d.template, show_choices=d.show_choices, images=images))
     else:
         from mm_gmpo.data.text_math import load_text_math, text_math_prompts
 
@@ -123,13 +125,18 @@ def prepare_inputs(cfg: Config, layout: RolloutLayout) -> Inputs:
                "the folder does not exist and the hub could not give it")
         raise ConfigError(f"{key}: no model folder or hub id {source!r} that loads: {why} ({e})") from None
     tokenizer = getattr(processor, "tokenizer", processor)
-    train_prompts = load_prompts(cfg, "train")
+    # images are kept at the size the processor will use, one per distinct file: memory bounded by the pictures
+    patch = getattr(getattr(processor, "image_processor", None), "patch_size", 14)
+    images = ImageStore(ImageFit(cfg.data.min_pixels, cfg.data.max_pixels, patch))
+    train_prompts = load_prompts(cfg, "train", images)
     rf = reward_function(cfg, train_prompts[0].ground_truth)  # a user reward: loaded and probed before any model
     val_encoded: list[EncodedPrompt] = []
     if cfg.trainer.eval_every or cfg.trainer.val_before_train:
-        val = load_prompts(cfg, "val")[layout.dp_rank::layout.dp_size]  # each engine group answers its share
+        val = load_prompts(cfg, "val", images)[layout.dp_rank::layout.dp_size]  # each engine group answers its share
         val_encoded, _ = encode_prompts(val, processor, max_prompt_length=cfg.data.max_prompt_length,
                                         min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
+    if images.count and os.environ.get("RANK", "0") == "0":
+        print(f"data: {len(train_prompts)} train prompts; images held: {images.summary()} (at the processor's size)")
     allowed = None
     builtin = {"synthetic": list(COLORS), "arithmetic": list(DIGITS)}.get(cfg.data.dataset, [])
     words = list(cfg.rollout.allowed_tokens) or builtin

@@ -78,3 +78,189 @@ def test_the_restricted_unpickler_takes_dcp_metadata_and_nothing_else(tmp_path):
     plain = {"a": (1, 2.5, "x", None, [True]), "s": torch.Size([2, 3]), "d": torch.bfloat16}
     assert safe_unpickle(io.BytesIO(pickle.dumps(plain)), "f") == plain
     assert not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------- 2. image decoders: an allow-list
+
+
+EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n%%EndComments\n"
+       b"newpath 0 0 moveto 8 8 lineto stroke showpage\n%%EOF\n")
+
+
+def _png(size=(32, 32), color=(200, 30, 30)) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _fake_ghostscript(tmp_path, monkeypatch) -> Path:
+    """A ``gs`` on PATH that leaves a marker when anything starts it."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    marker = tmp_path / "ghostscript_ran"
+    (bin_dir / "gs").write_text(f"#!/bin/sh\ntouch {marker}\nexit 1\n")
+    (bin_dir / "gs").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    return marker
+
+
+@pytest.mark.parametrize("name", ["diagram.eps", "diagram.png"])  # by content, whatever the name says
+def test_an_eps_image_is_a_data_error_naming_the_format_and_starts_no_program(tmp_path, monkeypatch, name):
+    from mm_gmpo.data.files import load_file_prompts
+    from mm_gmpo.data.prompts import DataError
+
+    marker = _fake_ghostscript(tmp_path, monkeypatch)
+    (tmp_path / name).write_bytes(EPS)
+    (tmp_path / "ok.png").write_bytes(_png())
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps({"problem": "p", "answer": "1", "images": ["ok.png"]}) + "\n" +
+                 json.dumps({"problem": "q", "answer": "2", "images": {"bytes": None, "path": name}}) + "\n")
+    with pytest.raises(DataError, match=rf"d\.jsonl line 2: field 'images': .*{name} is not a readable image "
+                                        r"\(format EPS\); images must be PNG"):
+        load_file_prompts(str(f))
+    with pytest.warns(UserWarning, match="skipped 1 bad sample"):
+        assert len(load_file_prompts(str(f), on_bad_sample="skip")) == 1
+    assert not marker.exists()
+
+
+def test_geometry3k_images_from_folders_and_parquet_use_the_allow_list(tmp_path, monkeypatch):
+    import shutil
+
+    from mm_gmpo.data.geometry3k import REPO_GEOMETRY3K, geometry3k_prompts, load_geometry3k
+    from mm_gmpo.data.prompts import DataError
+
+    marker = _fake_ghostscript(tmp_path, monkeypatch)
+    shutil.copytree(REPO_GEOMETRY3K / "test" / "2401", tmp_path / "g" / "test" / "2401")
+    good = load_geometry3k(tmp_path / "g", "test")
+    good.to_parquet(str(tmp_path / "unified.parquet"))
+    (tmp_path / "g" / "test" / "2401" / "img_diagram.png").write_bytes(EPS)
+    with pytest.raises(DataError, match=r"2401/img_diagram\.png: the image .* \(format EPS\)"):
+        load_geometry3k(tmp_path / "g", "test")
+    # a unified parquet whose image bytes were swapped: decoded with the allow-list when prompts are made
+    ds = load_geometry3k(tmp_path / "unified.parquet", "test")
+    from datasets import Image as ImageFeature
+
+    ds = ds.cast_column("image", ImageFeature(decode=False)).map(lambda r: {"image": {"bytes": EPS, "path": None}})
+    with pytest.raises(DataError, match=r"geometry3k \[test\] id 2401: field 'image'.*\(format EPS\)"):
+        list(geometry3k_prompts(ds))
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------- 7. images: bounded memory
+
+
+def test_images_are_kept_fitted_once_per_distinct_file_and_counted(tmp_path):
+    from mm_gmpo.data.files import load_file_prompts
+    from mm_gmpo.data.images import ImageFit, ImageStore
+    from mm_gmpo.data.processing import resize_image
+
+    (tmp_path / "big.png").write_bytes(_png((1600, 1200)))
+    (tmp_path / "small.png").write_bytes(_png((56, 84), (0, 90, 0)))
+    rows = [{"problem": f"p{i}", "answer": "1", "images": ["big.png"]} for i in range(6)]
+    rows.append({"problem": "q", "answer": "2", "images": ["small.png", str(tmp_path / "big.png")]})
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    store = ImageStore(ImageFit(3136, 12544, 14))
+    prompts = load_file_prompts(str(tmp_path / "d.jsonl"), images=store)
+    big = prompts[0].images[0]
+    assert all(p.images[0] is big for p in prompts[:6]) and prompts[6].images[1] is big  # one object per file
+    assert big.width * big.height <= 12544 and big.width % 28 == 0 and big.height % 28 == 0
+    assert store.count == 2 and store.nbytes == 3 * (big.width * big.height + 56 * 84)
+    # fitted once: the trainer's resize at encoding time leaves it as it is (same pixels as resizing the original)
+    from PIL import Image
+
+    original = Image.open(tmp_path / "big.png").convert("RGB")
+    assert resize_image(big, 3136, 12544, 14).tobytes() == big.tobytes()
+    assert resize_image(original, 3136, 12544, 14).tobytes() == big.tobytes()
+
+
+def test_an_image_file_over_the_size_cap_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    from mm_gmpo.data import images
+    from mm_gmpo.data.images import MAX_FILE_BYTES, read_image_file
+    from mm_gmpo.data.prompts import DataError
+
+    sparse = tmp_path / "huge.png"
+    with open(sparse, "wb") as f:  # 1.5 GiB on paper, nothing on disk; a PNG signature in front
+        f.write(_png()[:64])
+        f.truncate(3 * 2**29)
+    assert MAX_FILE_BYTES < 3 * 2**29
+    opened = []
+    monkeypatch.setattr(images.os, "open", lambda *a, **k: opened.append(a) or os.open(*a, **k))
+    with pytest.raises(DataError, match=r"huge\.png has 1536 MiB, over the 128 MiB cap"):
+        read_image_file(sparse, "row 1: field 'images'")
+    assert opened == []  # refused on its size, never opened
+    with pytest.raises(DataError, match="image bytes, over the 128 MiB cap"):
+        images.decode_image(b"\0" * (MAX_FILE_BYTES + 1), "row 1")
+
+
+# ---------------------------------------------------------------- 9. bad rows: one DataError each, no hang
+
+
+def _bad_rows(tmp_path: Path) -> dict[str, tuple[str, str]]:
+    """name -> (jsonl line, words the DataError must hold)."""
+    (tmp_path / "ok.png").write_bytes(_png())
+    (tmp_path / "locked.png").write_bytes(_png())
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    row = lambda images, answer="1": json.dumps({"problem": "p", "answer": answer, "images": images})  # noqa: E731
+    return {
+        "base64_text": (row({"bytes": "iVBORw0KGgo=", "path": None}), "'bytes' holds a str, expected raw image "
+                                                                      "bytes (base64 text?"),
+        "path_number": (row({"path": 5}), "'path' holds a int, expected a file path"),
+        "deep_json": ("[" * 100_000 + "]" * 100_000, "JSON nested too deeply"),
+        "proc_mem": (row(["/proc/self/mem"]), "/proc/self/mem is empty"),
+        "proc_kmsg": (row(["/proc/kmsg"]), "/proc/kmsg"),
+        "fifo": (row([str(fifo)]), "fifo.png is not a regular file"),
+        "unreadable": (row(["locked.png"]), "locked.png cannot be read (Permission denied)"),
+        "nan_answer": ('{"problem": "p", "answer": NaN}', "field 'answer' is nan, not a ground truth"),
+        "inf_answer": ('{"problem": "p", "answer": Infinity}', "field 'answer' is inf, not a ground truth"),
+        "nul_in_path": (row(["a\u0000b.png"]), "is not a file path"),
+    }
+
+
+BAD = ["base64_text", "path_number", "deep_json", "proc_mem", "proc_kmsg", "fifo", "unreadable", "nan_answer",
+       "inf_answer", "nul_in_path"]
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_every_bad_row_is_one_data_error_naming_file_row_and_field_and_skippable(tmp_path, monkeypatch, case):
+    import errno
+
+    from mm_gmpo.data import images
+    from mm_gmpo.data.files import load_file_prompts
+    from mm_gmpo.data.prompts import DataError
+
+    line, words = _bad_rows(tmp_path)[case]
+    real_open = os.open
+
+    def deny(path, *a, **k):  # a file this user may not read (the suite may run as root, who reads anything)
+        if str(path).endswith("locked.png"):
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(images.os, "open", deny)
+    f = tmp_path / "d.jsonl"
+    good = json.dumps({"problem": "fine", "answer": "1", "images": ["ok.png"]})
+    f.write_text(good + "\n" + line + "\n")
+    with pytest.raises(DataError) as e:
+        load_file_prompts(str(f))
+    assert f"{f} line 2" in str(e.value) and words in str(e.value), str(e.value)
+    if case not in ("deep_json", "nan_answer", "inf_answer"):
+        assert "field 'images'" in str(e.value)
+    with pytest.warns(UserWarning, match="skipped 1 bad sample"):
+        assert len(load_file_prompts(str(f), on_bad_sample="skip")) == 1
+
+
+def test_base64_text_in_a_parquet_image_column_is_a_data_error(tmp_path):
+    import datasets
+
+    from mm_gmpo.data.files import load_file_prompts
+    from mm_gmpo.data.prompts import DataError
+
+    rows = [{"problem": "p", "answer": "1", "images": [{"bytes": "iVBORw0KGgo=", "path": None}]}]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
+    with pytest.raises(DataError, match=r"d\.parquet row 0: field 'images': 'bytes' holds a str"):
+        load_file_prompts(str(tmp_path / "d.parquet"))

@@ -17,6 +17,7 @@ dropped, counted and reported once.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from typing import Any
 
 from PIL import Image
 
-from mm_gmpo.data.images import decode_image
+from mm_gmpo.data.images import ImageStore
 from mm_gmpo.data.processing import VISION_TOKENS
 from mm_gmpo.data.prompts import DataError, OnBadSample, Prompt, SkipReport, render_question
 from mm_gmpo.data.prompts import system_prompt as template_system_prompt
@@ -82,11 +83,15 @@ def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
                 yield f"{path} line {n}", json.loads(line)
             except json.JSONDecodeError as e:
                 yield f"{path} line {n}", DataError(f"{path} line {n}: not valid JSON ({e.msg} at column {e.colno})")
+            except RecursionError:
+                yield f"{path} line {n}", DataError(f"{path} line {n}: JSON nested too deeply to be a data row")
         return
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply to be a list of data rows") from None
     if isinstance(data, dict):  # {"data": [...]} / {"train": [...]}: the one list inside
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:
@@ -158,42 +163,39 @@ def _chain(files: list[Path]) -> Iterator[tuple[str, Any]]:
 # ---------------------------------------------------------------- images
 
 
-def open_image(entry: Any, where: str, field: str, base_dir: Path | None) -> Image.Image:
-    """One image entry (path, bytes, {"bytes"|"path"} dict or PIL image) decoded in full, as RGB."""
+def open_image(entry: Any, where: str, field: str, base_dir: Path | None, store: ImageStore | None = None) -> Image.Image:
+    """One image entry (path, bytes, {"bytes"|"path"} dict or PIL image) decoded in full, as RGB (through ``store``:
+    one image per distinct file or bytes, fitted to the processor's budget)."""
+    store = store if store is not None else ImageStore()
+    here = f"{where}: field '{field}'"
     if isinstance(entry, Image.Image):
-        try:
-            entry.load()
-            return entry.convert("RGB")
-        except (OSError, ValueError) as e:
-            raise DataError(f"{where}: field '{field}' holds an image that cannot be decoded ({e})") from None
-    data: bytes | None = None
-    path: str | None = None
+        return store.pil(entry, here)
+    data: Any = None
+    path: Any = None
     if isinstance(entry, bytes | bytearray):
         data = bytes(entry)
     elif isinstance(entry, dict):
         data, path = entry.get("bytes"), entry.get("path")
         if data is None and not path:
-            raise DataError(f"{where}: field '{field}' is a dict without 'bytes' or 'path'")
+            raise DataError(f"{here} is a dict without 'bytes' or 'path'")
+        if data is not None and not isinstance(data, bytes | bytearray):
+            hint = " (base64 text? decode it to bytes, or give a path)" if isinstance(data, str) else ""
+            raise DataError(f"{here}: 'bytes' holds a {type(data).__name__}, expected raw image bytes{hint}")
+        if data is None and not isinstance(path, str):
+            raise DataError(f"{here}: 'path' holds a {type(path).__name__}, expected a file path as text")
     elif isinstance(entry, str):
         path = entry
     else:
-        raise DataError(f"{where}: field '{field}' holds a {type(entry).__name__}; an image is a path, bytes, a "
+        raise DataError(f"{here} holds a {type(entry).__name__}; an image is a path, bytes, a "
                         "{'bytes': ..} / {'path': ..} dict or a PIL image")
-    if data is None:
-        assert path is not None
-        p = Path(path).expanduser()
-        if not p.is_absolute() and base_dir is not None:
-            p = base_dir / p
-        if not p.exists():
-            hint = " (relative paths start at data.image_dir, else at the data file's folder)"
-            raise DataError(f"{where}: field '{field}': image file {p} not found{hint}")
-        if not p.is_file():
-            raise DataError(f"{where}: field '{field}': {p} is not a regular file")
-        data = p.read_bytes()
-        name = str(p)
-    else:
-        name = "the image bytes"
-    return decode_image(data, f"{where}: field '{field}': {name}")
+    if data is not None:
+        return store.bytes(bytes(data), f"{here}: the image bytes")
+    if "\0" in path or not path.strip():
+        raise DataError(f"{here}: {path!r} is not a file path")
+    p = Path(path).expanduser()
+    if not p.is_absolute() and base_dir is not None:
+        p = base_dir / p
+    return store.file(p, here)
 
 
 def _image_entries(value: Any) -> list[Any]:
@@ -225,7 +227,7 @@ def interleave(text: str, n_images: int, where: str) -> list[dict[str, Any]]:
 
 
 def _row_prompt(where: str, row: Any, index: int, *, cols: Columns, base_dir: Path | None, template: str,
-                system_prompt: str | None, task: str, name: str) -> Prompt:
+                system_prompt: str | None, task: str, name: str, store: ImageStore) -> Prompt:
     if isinstance(row, DataError):
         raise row
     if not isinstance(row, dict):
@@ -243,11 +245,13 @@ def _row_prompt(where: str, row: Any, index: int, *, cols: Columns, base_dir: Pa
         raise DataError(f"{where}: field '{cols.answer_key}' missing; set data.answer_key to the ground-truth field")
     if isinstance(answer, bool) or not isinstance(answer, str | int | float) or not str(answer).strip():
         raise DataError(f"{where}: field '{cols.answer_key}' must be non-empty text or a number, got {answer!r:.60}")
+    if isinstance(answer, float) and not math.isfinite(answer):
+        raise DataError(f"{where}: field '{cols.answer_key}' is {answer}, not a ground truth; fix or drop the row")
     for tok in VISION_TOKENS:
         if tok in problem:
             raise DataError(f"{where}: field '{cols.prompt_key}' contains the special token {tok}; mark images with "
                             f"{IMAGE_PLACEHOLDER}")
-    images = [open_image(e, where, cols.image_key, base_dir) for e in _image_entries(row.get(cols.image_key))]
+    images = [open_image(e, where, cols.image_key, base_dir, store) for e in _image_entries(row.get(cols.image_key))]
     rendered = render_question(template, problem)
     content = interleave(rendered, len(images), where)
     system = template_system_prompt(template) if system_prompt is None else system_prompt
@@ -270,6 +274,7 @@ def load_file_prompts(
     task: str = "math",
     on_bad_sample: OnBadSample = "error",
     default_split: str = "train",
+    images: ImageStore | None = None,
 ) -> list[Prompt]:
     """Prompts from a data file, folder or hub dataset (see the module docstring).
 
@@ -280,7 +285,9 @@ def load_file_prompts(
         system_prompt: None = the template's own (if any); '' = none; otherwise this text.
         task: the built-in reward task of these rows (math, geometry3k or exact).
         on_bad_sample: 'error' raises a DataError naming the file, row and field; 'skip' drops, counts, warns.
+        images: where decoded images are kept (one per distinct file, fitted to the processor's budget).
     """
+    store = images if images is not None else ImageStore()
     rows, data_dir = read_rows(spec, default_split)
     base = Path(image_dir).expanduser() if image_dir else data_dir
     source, _ = parse_source(spec, default_split)
@@ -290,7 +297,7 @@ def load_file_prompts(
     for i, (where, row) in enumerate(rows):
         try:
             p = _row_prompt(where, row, i, cols=columns, base_dir=base, template=template,
-                            system_prompt=system_prompt, task=task, name=name)
+                            system_prompt=system_prompt, task=task, name=name, store=store)
         except DataError as e:
             if on_bad_sample == "error":
                 raise

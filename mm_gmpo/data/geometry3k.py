@@ -14,7 +14,6 @@ Unified schema (one row per problem)
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 
 from PIL import Image
 
-from mm_gmpo.data.images import decode_image
+from mm_gmpo.data.images import ImageStore, decode_image, image_file_bytes
 from mm_gmpo.data.prompts import DataError, OnBadSample, Prompt, SkipReport, build_messages, render_question
 
 REPO_GEOMETRY3K = Path(__file__).resolve().parents[2] / "data" / "geometry3k"
@@ -43,11 +42,7 @@ def _features():
 def _check_image(path: Path) -> bytes:
     if not path.exists():
         raise DataError(f"{path}: image file missing (field 'img_diagram.png'); restore it or use on_bad_sample=skip")
-    if not path.is_file():
-        raise DataError(f"{path}: not a regular file (field 'img_diagram.png')")
-    data = path.read_bytes()
-    decode_image(data, f"{path}: the image (field 'img_diagram.png')")
-    return data
+    return image_file_bytes(path, f"{path}: the image (field 'img_diagram.png')")
 
 
 def _intergps_row(problem_dir: Path, split: str) -> dict[str, Any]:
@@ -131,10 +126,13 @@ def _hf_rows(ds, split: str, source: str, on_bad_sample: OnBadSample, report: Sk
             img = row[image_col][0] if image_col == "images" and row[image_col] else row[image_col]
             if not img:
                 raise DataError(f"{where}: field '{image_col}' is empty")
-            data = img.get("bytes") or (Path(img["path"]).read_bytes() if img.get("path") else None)
-            if data is None:
-                raise DataError(f"{where}: field '{image_col}' has neither bytes nor a readable path")
-            decode_image(data, f"{where}: field '{image_col}'")
+            if img.get("bytes"):
+                data = img["bytes"]
+                decode_image(data, f"{where}: field '{image_col}'")
+            elif isinstance(img.get("path"), str) and img["path"]:
+                data = image_file_bytes(Path(img["path"]), f"{where}: field '{image_col}'")
+            else:
+                raise DataError(f"{where}: field '{image_col}' has neither bytes nor a path")
             for key in ("problem", "answer"):
                 if not isinstance(row[key], str) or not row[key].strip():
                     raise DataError(f"{where}: field '{key}' is {row[key]!r}, expected non-empty text")
@@ -229,20 +227,32 @@ def geometry3k_prompts(
     *,
     template: str = "think_boxed",
     show_choices: bool = False,
+    images: ImageStore | None = None,
 ) -> Iterator[Prompt]:
     """Typed prompts from a unified Geometry3K dataset.
 
     show_choices=False (default) matches the HF/EasyR1 setting of the GMPO paper: the prompt has no choices and
     the reward grades the answer text. With show_choices=True the choices are listed (A. .. D.) and the reward
-    also accepts the letter, the choice text, or a value within 1% of the right choice.
+    also accepts the letter, the choice text, or a value within 1% of the right choice. ``images`` keeps one
+    decoded image per distinct picture (fitted to the processor's budget when it has an ImageFit).
     """
+    store = images if images is not None else ImageStore()
+    if hasattr(ds, "cast_column"):  # bytes, decoded here with the allowed formats, not by datasets with any of PIL's
+        from datasets import Image as ImageFeature
+
+        ds = ds.cast_column("image", ImageFeature(decode=False))
     for row in ds:
         choices = list(row["choices"]) or None
         shown = choices if show_choices else None
         text = render_question(template, row["problem"], shown)
         image = row["image"]
-        if not isinstance(image, Image.Image):
-            image = Image.open(io.BytesIO(image["bytes"]))
+        where = f"geometry3k [{row['split']}] id {row['id']}: field 'image'"
+        if isinstance(image, Image.Image):
+            image = store.pil(image, where)
+        elif image.get("bytes"):
+            image = store.bytes(image["bytes"], where)
+        else:
+            image = store.file(Path(image.get("path") or ""), where)
         values: list[float | str] = []
         for v in row["choice_values"]:
             try:
@@ -253,7 +263,7 @@ def geometry3k_prompts(
             id=f"geometry3k/{row['split']}/{row['id']}",
             task="geometry3k",
             messages=build_messages(text, 1, template),
-            images=[image.convert("RGB")],
+            images=[image],
             ground_truth=row["answer_letter"] if shown else row["answer"],
             choices=shown,
             choice_values=(values or None) if shown else None,
