@@ -104,7 +104,17 @@ def test_parquet_with_hf_image_features_in_a_folder_with_splits(tmp_path):
     content = user_content(train[0])
     assert content[0] == {"type": "image"} and content[1]["text"].startswith("Find x. (train 0)")
     assert "\\boxed{}" in content[1]["text"]  # the template went around the text, the image kept its place
-    assert len(load_file_prompts(str(tmp_path))) == 5  # no split: every file
+    # no split: the train files, as for a hub id (evaluation's default: the test files here); never both
+    assert len(load_file_prompts(str(tmp_path))) == 3
+    assert len(load_file_prompts(str(tmp_path), default_split="test")) == 2
+
+
+def test_a_local_folder_without_a_split_reads_its_train_files_and_says_which(capsys):
+    colors = Path(__file__).resolve().parents[1] / "examples" / "colors"
+    assert len(load_file_prompts(str(colors))) == 120  # train.jsonl only (not val.jsonl's 24 as well)
+    assert f"data: {colors}: read 1 file(s): train.jsonl" in capsys.readouterr().out
+    assert len(load_file_prompts(str(colors), default_split="test")) == 24  # evaluation: val.jsonl
+    assert len(load_file_prompts(f"{colors}@val")) == 24
 
 
 def test_column_mapping_and_system_prompt(tmp_path):

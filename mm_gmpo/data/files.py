@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -60,10 +61,31 @@ def _looks_local(spec: str) -> bool:
     return spec.startswith((".", "/", "~")) or spec.endswith(DATA_SUFFIXES) or spec.count("/") != 1
 
 
-def _files_of(folder: Path, split: str | None) -> list[Path]:
+SPLIT_NAMES = {"train": ("train",), "test": ("test", "validation", "val", "dev"),
+               "validation": ("validation", "val", "dev", "test"), "val": ("val", "validation", "dev", "test")}
+
+
+def _split_files(folder: Path, files: list[Path], split: str) -> list[Path]:
+    """HF layouts: data/train-00000-of-00001.parquet, train.jsonl, or <split>/*.parquet."""
+    return [p for p in files if p.name.startswith(split) or split in p.relative_to(folder).parts[:-1]]
+
+
+def _files_of(folder: Path, split: str | None, default_split: str = "train") -> list[Path]:
+    """The data files of ``folder`` for ``split``. Without one, the folder's files for ``default_split`` (train for
+    training; for evaluation the first of validation/val/dev/test found) as for a hub id, so a folder with
+    train.jsonl and val.jsonl never trains on both; a folder whose files name no split is read whole."""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in DATA_SUFFIXES)
-    if split is not None:  # HF layouts: data/train-00000-of-00001.parquet, or <split>/*.parquet
-        files = [p for p in files if p.name.startswith(split) or split in p.relative_to(folder).parts[:-1]]
+    if split is not None:
+        files = _split_files(folder, files, split)
+    else:
+        named = {s: _split_files(folder, files, s) for s in ("train", "validation", "val", "dev", "test")}
+        if any(named.values()):
+            chosen = next((s for s in SPLIT_NAMES.get(default_split, (default_split,)) if named.get(s)), None)
+            if chosen is None:
+                found = sorted(s for s, fs in named.items() if fs)
+                raise DataError(f"{folder}: no files for the {default_split} split (files found for {found}); name "
+                                f"the split as {folder}@<split>")
+            files = named[chosen]
     if not files:
         which = f" for split {split!r}" if split else ""
         raise DataError(f"{folder}: no {'/'.join(DATA_SUFFIXES)} files{which}")
@@ -130,7 +152,10 @@ def read_rows(spec: str, default_split: str = "train") -> tuple[Iterator[tuple[s
     source, split = parse_source(spec, default_split)
     path = Path(source).expanduser()
     if path.is_dir():
-        files = _files_of(path, split)
+        files = _files_of(path, split, default_split)
+        if os.environ.get("RANK", "0") == "0":
+            shown = ", ".join(str(f.relative_to(path)) for f in files[:4]) + (" ..." if len(files) > 4 else "")
+            print(f"data: {path}{'@' + split if split else ''}: read {len(files)} file(s): {shown}")
         return _chain(files), path
     if path.is_file():
         if path.suffix not in DATA_SUFFIXES:
