@@ -22,6 +22,7 @@ import json
 import os
 import pickle
 import random
+import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -174,13 +175,26 @@ def resume_point(ckpt_dir: str | Path) -> tuple[Path | None, list[str]]:
     return None, skipped
 
 
+STEP_NAME = re.compile(rf"{STEP_PREFIX}(\d+)")
+
+
 def finished_checkpoints(ckpt_dir: Path) -> list[Path]:
-    """Finished checkpoints, oldest first."""
+    """Finished checkpoints, oldest first: folders named as :func:`save_checkpoint` names them (``step_00000012``)
+    and holding its files; anything else there (``step_00000004_backup``) is not one (see :func:`foreign_entries`)."""
     if not ckpt_dir.is_dir():
         return []
-    done = [p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX)
+    done = [p for p in ckpt_dir.iterdir() if p.is_dir() and STEP_NAME.fullmatch(p.name)
             and ((p / "trainer_state.json").exists() or (p / MANIFEST).exists())]
     return sorted(done, key=lambda p: int(p.name[len(STEP_PREFIX):]))
+
+
+def foreign_entries(ckpt_dir: Path) -> list[str]:
+    """Names in ``ckpt_dir`` that no save wrote (copies, backups, stray files): ignored by resume and keep_last."""
+    if not ckpt_dir.is_dir():
+        return []
+    ours = {p.name for p in finished_checkpoints(ckpt_dir)} | {"latest"}
+    return sorted(p.name for p in ckpt_dir.iterdir() if p.name not in ours and not p.name.startswith((".tmp_", "."))
+                  and not (p.is_dir() and STEP_NAME.fullmatch(p.name)))
 
 
 def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:

@@ -12,6 +12,7 @@ from mm_gmpo import distributed
 from mm_gmpo.checkpoint import (
     CheckpointError,
     TrainerState,
+    foreign_entries,
     load_checkpoint,
     remove_partial_saves,
     resume_point,
@@ -38,6 +39,11 @@ class Checkpointer:
         t = self.cfg.trainer
         if t.resume == "auto":
             path, skipped = resume_point(self.dir)
+            if path is None and skipped:  # never a new run on top of damaged ones (the next auto would load them)
+                raise ConfigError(f"trainer.resume=auto: every checkpoint in {self.dir} is damaged ("
+                                  f"{'; '.join(skipped[:3])}). Restore them, resume from one by path "
+                                  "(trainer.resume=<folder>), choose another trainer.output_dir, or set "
+                                  "trainer.overwrite=true to move the earlier run aside and start anew")
             if skipped and self.info.is_main:
                 print("resume: skipped damaged checkpoint(s): " + "; ".join(skipped))
             return path
@@ -55,6 +61,10 @@ class Checkpointer:
         stops the run unless ``trainer.resume_allow_changes``; a new learning rate then applies from here on."""
         if self.info.is_main:
             remove_partial_saves(self.dir)
+            foreign = foreign_entries(self.dir)
+            if foreign:
+                print(f"checkpoints: ignoring {', '.join(foreign[:5])} in {self.dir} (not a checkpoint this trainer "
+                      "wrote under its own name; resume reads step_<8 digits> folders only)")
         distributed.barrier()
         path = self._resume_from()
         state = TrainerState()

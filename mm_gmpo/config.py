@@ -207,7 +207,10 @@ class TrainerConfig:
     keep_last: int = f(2, "Finished checkpoints to keep")
     eval_every: int = f(5, "Validate every N steps; 0 = never")
     val_before_train: bool = f(False, "Validate once before the first step (logged as step 0), as EasyR1 does")
-    resume: str = f("auto", "auto (latest checkpoint in output_dir if any), none, or a checkpoint path")
+    resume: str = f("auto", "auto (latest checkpoint in output_dir if any), none (a new run: refused where "
+                            "output_dir holds an earlier run, unless trainer.overwrite), or a checkpoint path")
+    overwrite: bool = f(False, "Start a new run in an output_dir that holds an earlier one: its files (checkpoints, "
+                               "metrics, exports) are first moved to output_dir/replaced_<time>/")
     save_errors: str = f("error", "A checkpoint that cannot be written (full disk, permissions): error stops the "
                                   "run with the cause; warn says so and trains on (the previous checkpoint stays)")
     resume_allow_changes: bool = f(False, "Resume although settings that change the maths or the data order differ "
@@ -572,7 +575,7 @@ def _check_finite(cfg: Config) -> None:
 # settings a resumed run may change freely: where it logs, how often it evaluates or saves, how the engine runs,
 # how the same maths is laid out (micro-batches, kernels, recomputation, offloading)
 HARMLESS = ("logging.", "trainer.eval_every", "trainer.save_every", "trainer.keep_last", "trainer.output_dir",
-            "trainer.resume", "trainer.resume_allow_changes", "trainer.save_errors", "trainer.profile_step", "trainer.reward_workers",
+            "trainer.resume", "trainer.resume_allow_changes", "trainer.overwrite", "trainer.save_errors", "trainer.profile_step", "trainer.reward_workers",
             "trainer.val_before_train", "trainer.export_hf", "rollout.val_", "rollout.gpu_memory_utilization",
             "rollout.enforce_eager", "rollout.enable_sleep_mode", "trainer.offload_", "model.compile",
             "model.attn_implementation", "model.vision_attention", "model.logprob_chunk_size", "model.layout",

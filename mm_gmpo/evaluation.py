@@ -160,9 +160,30 @@ def check_settings(out: Path, settings: dict[str, Any]) -> None:
         if diff:
             raise EvalSettingsError(f"{out} holds results of other settings ({'; '.join(diff[:4])}); pass another "
                                     "--out, or --overwrite to replace them")
-    elif (out / "generations.jsonl").exists() and (out / "generations.jsonl").stat().st_size:
-        raise EvalSettingsError(f"{out} holds generations without a {SETTINGS} (an older run): their settings are "
-                                "unknown; pass another --out, or --overwrite to replace them")
+    else:
+        gens = out / "generations.jsonl"
+        found = [n for n in ("results.json", "results.md") if (out / n).exists()]
+        if gens.exists() and gens.stat().st_size:
+            found.insert(0, "generations.jsonl")
+        if found:
+            raise EvalSettingsError(f"{out} holds {', '.join(found)} without a {SETTINGS} (another or an older run): "
+                                    "their settings are unknown; pass another --out, or --overwrite to replace them")
+
+
+def drop_unfinished(gen_path: Path, n: int) -> set[str]:
+    """The ids with all ``n`` samples in ``gen_path``; rows of ids with fewer (a run killed mid-problem) are
+    removed from the file (rewritten atomically), so those problems are generated again, whole."""
+    rows = read_generations(gen_path)
+    samples: dict[str, set[int]] = defaultdict(set)
+    for r in rows:
+        samples[r["id"]].add(int(r.get("sample", 0)))
+    done = {i for i, got in samples.items() if got >= set(range(n))}
+    if len(done) != len(samples):
+        tmp = gen_path.with_name(gen_path.name + ".tmp")
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows if r["id"] in done)
+        tmp.replace(gen_path)
+    return done
 
 
 def evaluate(
@@ -187,6 +208,8 @@ def evaluate(
     in ``out_dir`` (:class:`EvalSettingsError` otherwise). The report covers ``prompts`` only.
     """
     prompts = list(prompts)
+    if batch_size < 1 or sampling.n < 1:
+        raise ValueError(f"evaluate needs batch_size >= 1 and sampling.n >= 1, got {batch_size} and {sampling.n}")
     out = Path(out_dir)
     settings = full_settings(settings or {}, dataset=dataset, sampling=sampling, min_pixels=min_pixels,
                              max_pixels=max_pixels, format_weight=format_weight)
@@ -195,7 +218,7 @@ def evaluate(
     (out / SETTINGS).write_text(json.dumps(settings, indent=2))
     gen_path = out / "generations.jsonl"
     drop_torn_tail(gen_path)
-    done = {r["id"] for r in read_generations(gen_path)}
+    done = drop_unfinished(gen_path, sampling.n)
     todo = [p for p in prompts if p.id not in done]
     t0 = time.perf_counter()
     correct = total = 0
@@ -257,18 +280,33 @@ def make_engine(backend: str, model: str, *, device: str | None = None, batch_si
     return engine, processor
 
 
+def _at_least(low: int):
+    import argparse
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is below {low}")
+        return value
+
+    return parse
+
+
 def add_eval_args(ap) -> None:
     """Arguments shared by the evaluation scripts."""
     ap.add_argument("--model", required=True, help="HF-format folder (e.g. a trainer export), hub name, or tiny-random / random:NAME")
     ap.add_argument("--backend", default="hf", choices=["hf", "vllm", "oracle", "oracle-wrong"])
-    ap.add_argument("--n", type=int, default=1, help="samples per problem (k of mean@k / pass@k)")
+    ap.add_argument("--n", type=_at_least(1), default=1, help="samples per problem (k of mean@k / pass@k)")
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--max-tokens", type=int, default=2048)
+    ap.add_argument("--max-tokens", type=_at_least(1), default=2048)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--limit", type=int, default=0, help="evaluate only the first N problems (0 = all); the "
+    ap.add_argument("--limit", type=_at_least(0), default=0, help="evaluate only the first N problems (0 = all); the "
                     "report covers those N, and a later run without --limit in the same folder adds the rest")
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=_at_least(1), default=32)
     ap.add_argument("--template", default=None, help="prompt template in mm_gmpo/templates (default per dataset)")
     ap.add_argument("--format-weight", type=float, default=0.1)
     ap.add_argument("--device", default=None)

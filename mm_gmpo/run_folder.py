@@ -21,16 +21,20 @@ class RunFolder:
 
     def __init__(self, cfg: Config, info: distributed.DistInfo):
         self.cfg, self.info, self.out = cfg, info, Path(cfg.trainer.output_dir)
-        self.lock, in_use = None, None
+        self.lock, problem = None, None
         if info.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
             try:
+                check_output_dir(self.out)
+                self.out.mkdir(parents=True, exist_ok=True)
                 self.lock = lock_run_folder(self.out)
+                start_or_continue(self.out, cfg.trainer.resume, cfg.trainer.overwrite)
             except ConfigError as e:
-                in_use = str(e)
-        in_use = distributed.broadcast_object(in_use)  # every rank stops, none waits in a collective
-        if in_use:
-            raise ConfigError(in_use)
+                problem = str(e)
+        problem = distributed.broadcast_object(problem)  # every rank stops, none waits in a collective
+        if problem:
+            if self.lock is not None:
+                self.lock.close()
+            raise ConfigError(problem)
         if info.world_size > 1:
             check_shared_folder(self.out, info)
         if info.is_main:
@@ -59,6 +63,60 @@ class RunFolder:
         self.log.close()
         if self.lock is not None:
             self.lock.close()
+
+
+def check_output_dir(out: Path) -> None:
+    """``trainer.output_dir`` is a folder this process can write, or can create (ConfigError otherwise)."""
+    too_long = [part for part in out.parts if len(part.encode()) > 255]
+    if too_long:
+        raise ConfigError(f"trainer.output_dir: the name {too_long[0][:40]}... has {len(too_long[0].encode())} "
+                          "bytes; file systems allow 255 per name: choose a shorter trainer.output_dir")
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ConfigError(f"trainer.output_dir: {existing} is a file, not a folder; choose another "
+                          "trainer.output_dir")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"trainer.output_dir: {existing} is not writable by this user; choose another "
+                          "trainer.output_dir or fix its permissions")
+
+
+def earlier_run(out: Path) -> tuple[list[str], int]:
+    """What an earlier run left in ``out``: its checkpoint folders' names and its number of logged metric rows."""
+    from mm_gmpo.checkpoint import finished_checkpoints
+
+    ckpts = [p.name for p in finished_checkpoints(out / "checkpoints")]
+    metrics = out / "metrics.jsonl"
+    rows = sum(1 for line in metrics.read_text(errors="replace").splitlines() if line.strip()) \
+        if metrics.is_file() else 0
+    return ckpts, rows
+
+
+def start_or_continue(out: Path, resume: str, overwrite: bool) -> None:
+    """Never a second run on top of an earlier one (rank 0, under the lock). An earlier run is continued
+    (``resume=auto`` with a checkpoint), or refused with a ConfigError saying what is there and the choices, or,
+    with ``trainer.overwrite``, moved whole to ``out/replaced_<time>/`` before anything is written."""
+    import time
+
+    ckpts, rows = earlier_run(out)
+    if overwrite:
+        entries = [p for p in out.iterdir() if p.name != ".lock" and not p.name.startswith("replaced_")]
+        if entries:
+            aside = out / time.strftime("replaced_%Y%m%d-%H%M%S")
+            aside.mkdir()
+            for p in entries:
+                os.replace(p, aside / p.name)
+            print(f"trainer.overwrite: the earlier run in {out} ({len(ckpts)} checkpoint(s), {rows} logged step(s)) "
+                  f"was moved to {aside}")
+        return
+    what = (f"checkpoints {', '.join(ckpts[-3:])}" if ckpts else "no checkpoint") + f", {rows} logged step(s)"
+    choices = ("choose another trainer.output_dir, or set trainer.overwrite=true to move the earlier run to "
+               f"{out}/replaced_<time>/ first")
+    if resume == "none" and (ckpts or rows):
+        raise ConfigError(f"trainer.resume=none: {out} holds an earlier run ({what}); a new run would mix with it. "
+                          f"Continue it with trainer.resume=auto, {choices}")
+    if resume == "auto" and rows and not ckpts:
+        raise ConfigError(f"trainer.resume=auto: {out} holds an earlier run ({what}) with nothing to resume from "
+                          f"(it stopped before its first save, or saving was off); {choices}")
 
 
 def lock_run_folder(out: Path):

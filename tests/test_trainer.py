@@ -241,6 +241,31 @@ def own_data(folder: Path) -> list[str]:
 
 
 @pytest.mark.slow
+def test_a_new_run_into_an_earlier_runs_folder_is_refused_or_moves_it_aside(run3, tmp_path):
+    """resume=none over a finished run used to train on top of it (metrics 1,2,3,1,2; keep_last deleting the new
+    steps, the next auto resume loading the old ones). Now: refused with one line, nothing touched; with
+    trainer.overwrite=true the earlier run is moved to replaced_<time>/ whole and the new one starts clean."""
+    import shutil
+
+    out = tmp_path / "tiny"
+    shutil.copytree(run3, out)
+    before = (out / "metrics.jsonl").read_text()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "scripts" / "train_mm.py"), f"trainer.output_dir={out}", "trainer.total_steps=2", *SMALL,
+           "trainer.resume=none"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV, cwd=ROOT)
+    assert r.returncode != 0
+    assert "config error: trainer.resume=none: " in r.stderr and "step_00000003" in r.stderr, r.stderr[-2000:]
+    assert (out / "metrics.jsonl").read_text() == before
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000002", "step_00000003"]
+    train(out, 2, "trainer.resume=none", "trainer.overwrite=true")
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    aside = next(out.glob("replaced_*"))
+    assert (aside / "metrics.jsonl").read_text() == before and (aside / "checkpoints" / "step_00000003").is_dir()
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+
+
+@pytest.mark.slow
 def test_own_jsonl_with_0_1_2_images_and_own_reward_function_learns(tmp_path):
     """The issue's acceptance run: a user-format jsonl (0, 1 and 2 images per row, image paths relative to the
     file, <image> placeholders) and an EasyR1-style reward file, trained under torchrun on 2 ranks; reward rises

@@ -264,3 +264,122 @@ def test_base64_text_in_a_parquet_image_column_is_a_data_error(tmp_path):
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
     with pytest.raises(DataError, match=r"d\.parquet row 0: field 'images': 'bytes' holds a str"):
         load_file_prompts(str(tmp_path / "d.parquet"))
+
+
+# ---------------------------------------------------------------- 3, 4. runs that silently mix or lose work
+
+
+def _earlier_run(out: Path, steps=(1, 2), logged: int = 2) -> None:
+    for s in steps:
+        (out / "checkpoints" / f"step_{s:08d}").mkdir(parents=True)
+        (out / "checkpoints" / f"step_{s:08d}" / "trainer_state.json").write_text("{}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.jsonl").write_text("".join(json.dumps({"step": i + 1}) + "\n" for i in range(logged)))
+
+
+def test_a_new_run_over_an_earlier_one_is_refused_unless_overwrite_moves_it_aside(tmp_path, capsys):
+    from mm_gmpo.config import ConfigError
+    from mm_gmpo.run_folder import earlier_run, start_or_continue
+
+    out = tmp_path / "run"
+    _earlier_run(out)
+    with pytest.raises(ConfigError, match=r"trainer.resume=none: .* holds an earlier run \(checkpoints step_00000001, "
+                                          r"step_00000002, 2 logged step\(s\)\).*trainer.resume=auto.*"
+                                          r"trainer.overwrite=true"):
+        start_or_continue(out, "none", overwrite=False)
+    start_or_continue(out, "auto", overwrite=False)  # continuing it is fine
+    assert earlier_run(out) == (["step_00000001", "step_00000002"], 2)  # nothing touched
+    start_or_continue(out, "none", overwrite=True)
+    aside = next(out.glob("replaced_*"))
+    assert earlier_run(out) == ([], 0) and earlier_run(aside) == (["step_00000001", "step_00000002"], 2)
+    assert "was moved to" in capsys.readouterr().out
+    # logged steps but no checkpoint (a run stopped before its first save): auto would append to its log
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(ConfigError, match=r"resume=auto: .*no checkpoint, 1 logged step\(s\)\) with nothing to "
+                                          r"resume from"):
+        start_or_continue(out, "auto", overwrite=False)
+    start_or_continue(tmp_path / "fresh", "none", overwrite=False)
+
+
+def test_every_checkpoint_damaged_is_refused_not_a_fresh_run_on_top(tmp_path):
+    from types import SimpleNamespace
+
+    from mm_gmpo.checkpointer import Checkpointer
+    from mm_gmpo.config import Config, ConfigError
+
+    _earlier_run(tmp_path / "run")  # trainer_state.json without model_optim / manifest: damaged
+    for p in (tmp_path / "run" / "checkpoints").iterdir():
+        (p / "manifest.json").write_text(json.dumps({"trainer_state.json": [2, "0" * 64], "model_optim/x": [1, ""]}))
+    c = Checkpointer(Config(), tmp_path / "run", SimpleNamespace(is_main=True), None, None, None)
+    with pytest.raises(ConfigError, match=r"every checkpoint in .* is damaged \(step_00000002: missing"):
+        c._resume_from()
+
+
+def test_a_copy_of_a_checkpoint_under_another_name_is_ignored_and_reported(tmp_path):
+    import shutil
+
+    from mm_gmpo.checkpoint import TrainerState, foreign_entries, resume_point, save_checkpoint
+
+    policy = _tiny_policy()
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, policy, None, None, TrainerState(step=step), keep_last=2)
+    shutil.copytree(tmp_path / "step_00000003", tmp_path / "step_00000003_backup")
+    shutil.copytree(tmp_path / "step_00000002", tmp_path / "step_x")
+    (tmp_path / "notes.txt").write_text("mine")
+    assert resume_point(tmp_path) == (tmp_path / "step_00000003", [])
+    assert foreign_entries(tmp_path) == ["notes.txt", "step_00000003_backup", "step_x"]
+    save_checkpoint(tmp_path, policy, None, None, TrainerState(step=4), keep_last=1)  # keep_last spares them
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [
+        "latest", "notes.txt", "step_00000003_backup", "step_00000004", "step_x"]
+
+
+# ---------------------------------------------------------------- 5. evaluation folders and arguments
+
+
+def _eval_cli(monkeypatch, capsys, *args):
+    """scripts/eval_geometry3k.py in this process (the oracle backend: no model), -> (exit code, stdout, stderr)."""
+    import runpy
+
+    monkeypatch.setattr("sys.argv", ["eval_geometry3k.py", "--model", "tiny-random", "--backend", "oracle", *args])
+    code = 0
+    try:
+        runpy.run_path(str(ROOT / "scripts" / "eval_geometry3k.py"), run_name="__main__")
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("args, words", [(["--limit", "-1"], "--limit: -1 is below 0"),
+                                         (["--batch-size", "0"], "--batch-size: 0 is below 1"),
+                                         (["--n", "0"], "--n: 0 is below 1"),
+                                         (["--max-tokens", "0"], "--max-tokens: 0 is below 1")])
+def test_eval_arguments_out_of_range_stop_with_exit_2(tmp_path, monkeypatch, capsys, args, words):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _eval_cli(monkeypatch, capsys, *args)
+    assert code == 2 and words in err and "Traceback" not in err
+    assert not (tmp_path / "eval_out").exists()
+
+
+def test_eval_never_overwrites_another_runs_results_or_counts_a_half_done_problem(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "ev"
+    out.mkdir()
+    (out / "results.json").write_text('{"accuracy": 0.5}')  # another run's report, no settings.json
+    code, _, err = _eval_cli(monkeypatch, capsys, "--limit", "3", "--out", str(out))
+    assert code == 2 and "holds results.json without a settings.json" in err
+    assert (out / "results.json").read_text() == '{"accuracy": 0.5}'
+    code, _, _ = _eval_cli(monkeypatch, capsys, "--limit", "3", "--n", "2", "--out", str(out), "--overwrite")
+    assert code == 0
+    rows = [json.loads(x) for x in (out / "generations.jsonl").read_text().splitlines()]
+    assert len(rows) == 6
+    # killed mid-problem: the last problem has 1 of its 2 samples
+    (out / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:5]))
+    code, _, _ = _eval_cli(monkeypatch, capsys, "--limit", "3", "--n", "2", "--out", str(out))
+    assert code == 0
+    again = [json.loads(x) for x in (out / "generations.jsonl").read_text().splitlines()]
+    by_id = {}
+    for r in again:
+        by_id.setdefault(r["id"], []).append(r["sample"])
+    assert len(by_id) == 3 and all(sorted(s) == [0, 1] for s in by_id.values())  # redone whole, not counted done
+    report = json.loads((out / "results.json").read_text())
+    assert report["k"] == 2 and report["n_samples"] == 6 and report["n_problems"] == 3
