@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -352,6 +353,33 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML for configs: plain data, no aliases (``*name``: a 600-byte file of nested aliases expands to gigabytes,
+    a billion laughs), and dates stay text (a date in reward_kwargs would not survive the checkpoint's JSON)."""
+
+    yaml_implicit_resolvers: typing.ClassVar[dict] = {k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:timestamp"]
+                               for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise ConfigError(f"line {event.start_mark.line + 1}: the alias *{event.anchor} is not allowed in a "
+                              "config (aliases can expand without bound); write the value out")
+        return super().compose_node(parent, index)
+
+
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def parse_yaml(text: str) -> Any:
+    """A config file's (or an override's) YAML, read with :class:`_ConfigLoader`."""
+    loader = _ConfigLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Config from a YAML file (optional) plus ``key.sub=value`` overrides (values parsed as YAML scalars)."""
     tree: dict = {}
@@ -360,10 +388,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         p = Path(path)
         if not p.exists():
             raise ConfigError(f"config file {p} not found")
+        if not p.is_file():
+            raise ConfigError(f"config file {p} is a {'folder' if p.is_dir() else 'special file'}; name a .yaml file "
+                              "(the configs/ folder has examples)")
+        if p.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {p} has {p.stat().st_size >> 20} MiB; a config is a few KiB of YAML")
         try:
-            tree = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML ({e})") from None
+            tree = parse_yaml(p.read_bytes().decode("utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+        except ConfigError as e:
+            raise ConfigError(f"{p}: {e}") from None
+        except (yaml.YAMLError, RecursionError) as e:
+            raise ConfigError(f"{p}: not valid YAML ({str(e)[:300]})") from None
         origin = str(p)
     cfg = _build(Config, tree, "", origin)  # report file errors as file errors
     over: dict = {}
@@ -372,12 +409,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"override {item!r}: expected key.sub=value (e.g. optim.lr=1e-6)")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
+            value = parse_yaml(raw) if raw != "" else ""
+        except ConfigError as e:
+            raise ConfigError(f"override {item!r}: {e}") from None
+        except (yaml.YAMLError, RecursionError):
             value = raw
         _set_dotted(over, key.strip(), value)
     if over:
         cfg = _build(Config, _merge(to_dict(cfg), over), "", "the command line")
+    _check_path_names(cfg)
     return cfg
 
 
@@ -399,6 +439,39 @@ def validate(cfg: Config, world_size: int = 1, local_world_size: int | None = No
     _check_algorithm(cfg)
     _check_run_and_data(cfg)
     _check_model_and_engine(cfg, world_size, world_size if local_world_size is None else local_world_size)
+    _check_paths(cfg)
+
+
+PATH_KEYS = ("model.path", "model.processor", "data.train_files", "data.val_files", "data.image_dir",
+             "data.train_source", "data.val_source", "trainer.output_dir", "trainer.resume",
+             "algorithm.reward_function")
+
+
+def _check_path_names(cfg: Config) -> None:
+    """Paths every file system can hold: no name over 255 bytes (an OSError from the first ``exists()``
+    otherwise), no NUL. Checked as the config loads: nothing may touch such a path first."""
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        long = next((part for part in Path(value).parts if len(part.encode()) > 255), None) if value else None
+        if long is not None:
+            raise ConfigError(f"{key}: the name {long[:40]}... has {len(long.encode())} bytes; file systems take "
+                              "at most 255 per file or folder name: shorten it")
+        if "\0" in value:
+            raise ConfigError(f"{key}: holds a NUL character; not a path")
+
+
+def _check_paths(cfg: Config) -> None:
+    """Path names (as when loading), and an output_dir that is, or can become, a folder this user writes."""
+    _check_path_names(cfg)
+    out = Path(cfg.trainer.output_dir)
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ConfigError(f"trainer.output_dir: {existing} is a file, not a folder; choose another "
+                          "trainer.output_dir")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"trainer.output_dir: {existing} is not writable by this user; choose another "
+                          "trainer.output_dir or fix its permissions")
 
 
 def _check_choices_and_ranges(cfg: Config) -> None:
@@ -519,6 +592,16 @@ def _check_run_and_data(cfg: Config) -> None:
                           "trainer.eval_every=0")
     if d.max_images < 0:
         raise ConfigError(f"data.max_images = {d.max_images}: must be >= 0 (0 = text-only prompts)")
+    if d.min_pixels < 1 or d.max_pixels < 1:
+        raise ConfigError(f"data.min_pixels = {d.min_pixels}, data.max_pixels = {d.max_pixels}: pixel budgets must "
+                          "be >= 1 (Qwen-VL's defaults: 3136 and 12845056; this trainer's: see python -m "
+                          "mm_gmpo.config)")
+    if not 0 <= t.seed < 2**63:
+        raise ConfigError(f"trainer.seed = {t.seed}: must be within [0, 2**63) (torch and numpy take 64-bit seeds)")
+    bad_keys = [k for k in a.reward_kwargs if not isinstance(k, str)]
+    if bad_keys:
+        raise ConfigError(f"algorithm.reward_kwargs: the key {bad_keys[0]!r} is a {type(bad_keys[0]).__name__}; keys "
+                          "are argument names, text (quote it in the YAML)")
     if a.reward_function and ":" not in a.reward_function:
         raise ConfigError(f"algorithm.reward_function = {a.reward_function!r}: expected path/to/file.py:function "
                           "or package.module:function")
@@ -583,6 +666,20 @@ HARMLESS = ("logging.", "trainer.eval_every", "trainer.save_every", "trainer.kee
             "trainer.max_tokens_per_micro_batch", "trainer.total_steps", "trainer.epochs", "trainer.balance_ranks")
 
 
+def normal_form(value: Any) -> Any:
+    """A setting as it compares after a trip through the checkpoint's JSON: NaN and infinities as text (NaN never
+    equals itself), dates as ISO text, tuples as lists, keys as text."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): normal_form(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [normal_form(v) for v in value]
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return value
+
+
 def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
     """(changes that alter the maths or the data order, harmless changes) between two ``to_dict`` configs, each
     as 'key: old -> new'."""
@@ -595,7 +692,7 @@ def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
                 out[f"{prefix}{k}"] = v
         return out
 
-    a, b = flat(old), flat(new)
+    a, b = flat(normal_form(old)), flat(normal_form(new))
     changed = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     harmless = [c for c in changed if c.startswith(HARMLESS)]
     return [c for c in changed if c not in harmless], harmless

@@ -24,7 +24,6 @@ class RunFolder:
         self.lock, problem = None, None
         if info.is_main:
             try:
-                check_output_dir(self.out)
                 self.out.mkdir(parents=True, exist_ok=True)
                 self.lock = lock_run_folder(self.out)
                 start_or_continue(self.out, cfg.trainer.resume, cfg.trainer.overwrite)
@@ -63,21 +62,6 @@ class RunFolder:
         self.log.close()
         if self.lock is not None:
             self.lock.close()
-
-
-def check_output_dir(out: Path) -> None:
-    """``trainer.output_dir`` is a folder this process can write, or can create (ConfigError otherwise)."""
-    too_long = [part for part in out.parts if len(part.encode()) > 255]
-    if too_long:
-        raise ConfigError(f"trainer.output_dir: the name {too_long[0][:40]}... has {len(too_long[0].encode())} "
-                          "bytes; file systems allow 255 per name: choose a shorter trainer.output_dir")
-    existing = next((p for p in (out, *out.parents) if p.exists()), None)
-    if existing is not None and not existing.is_dir():
-        raise ConfigError(f"trainer.output_dir: {existing} is a file, not a folder; choose another "
-                          "trainer.output_dir")
-    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"trainer.output_dir: {existing} is not writable by this user; choose another "
-                          "trainer.output_dir or fix its permissions")
 
 
 def earlier_run(out: Path) -> tuple[list[str], int]:

@@ -383,3 +383,89 @@ def test_eval_never_overwrites_another_runs_results_or_counts_a_half_done_proble
     assert len(by_id) == 3 and all(sorted(s) == [0, 1] for s in by_id.values())  # redone whole, not counted done
     report = json.loads((out / "results.json").read_text())
     assert report["k"] == 2 and report["n_samples"] == 6 and report["n_problems"] == 3
+
+
+# ---------------------------------------------------------------- 6, 12. configs: one line, exit 2, --check too
+
+
+def _train_cli(monkeypatch, capsys, *args):
+    """scripts/train_mm.py --check in this process -> (exit code, stderr)."""
+    import runpy
+    import sys
+
+    monkeypatch.setattr(sys, "argv", ["train_mm.py", *args])
+    try:
+        runpy.run_path(str(ROOT / "scripts" / "train_mm.py"), run_name="__main__")
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path, monkeypatch, capsys):
+    import time
+
+    lines = ["a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]  # 10**9 strings expanded
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(lines) + "\nalgorithm:\n  reward_kwargs: {x: *a8}\n")
+    assert bomb.stat().st_size < 1000
+    t0 = time.perf_counter()
+    code, err = _train_cli(monkeypatch, capsys, "--config", str(bomb), "--check")
+    assert time.perf_counter() - t0 < 5  # refused while parsing, nothing expanded (it took 18 s at depth 6)
+    assert code == 2 and err.strip().splitlines() == [
+        f"config error: {bomb}: line 2: the alias *a0 is not allowed in a config (aliases can expand without "
+        "bound); write the value out"]
+    code, err = _train_cli(monkeypatch, capsys, "--check", "algorithm.reward_kwargs={x: &y [1], z: *y}")
+    assert code == 2 and "the alias *y is not allowed" in err
+
+
+@pytest.mark.parametrize("case", ["max_pixels", "min_pixels", "seed", "output_dir_file", "output_dir_locked",
+                                  "long_name", "long_data_name", "non_utf8", "config_folder", "int_key"])
+def test_each_bad_setting_is_one_line_exit_2_also_under_check(tmp_path, monkeypatch, capsys, case):
+    from mm_gmpo import config
+
+    (tmp_path / "afile").write_text("x")
+    args = {"max_pixels": ["data.min_pixels=0", "data.max_pixels=0"], "min_pixels": ["data.min_pixels=-5"],
+            "seed": [f"trainer.seed={2**64}"],
+            "output_dir_file": [f"trainer.output_dir={tmp_path / 'afile' / 'run'}"],
+            "output_dir_locked": [f"trainer.output_dir={tmp_path / 'locked' / 'run'}"],
+            "long_name": [f"trainer.output_dir={tmp_path / ('x' * 256)}"],
+            "long_data_name": ["data.dataset=files", "trainer.eval_every=0", f"data.train_files={tmp_path / ('d' * 300)}.jsonl"],
+            "non_utf8": ["--config", str(tmp_path / "latin1.yaml")],
+            "config_folder": ["--config", str(tmp_path)],
+            "int_key": ["algorithm.reward_kwargs={1: a, b: 2}"]}[case]
+    words = {"max_pixels": "data.min_pixels = 0, data.max_pixels = 0: pixel budgets must be >= 1",
+             "min_pixels": "data.min_pixels = -5", "seed": "trainer.seed = 18446744073709551616: must be within",
+             "output_dir_file": "afile is a file, not a folder", "output_dir_locked": "locked is not writable",
+             "long_name": "trainer.output_dir: the name xxxx", "long_data_name": "data.train_files: the name dddd",
+             "non_utf8": "latin1.yaml: not UTF-8 text", "config_folder": "is a folder; name a .yaml file",
+             "int_key": "algorithm.reward_kwargs: the key 1 is a int"}[case]
+    (tmp_path / "latin1.yaml").write_bytes("trainer:\n  output_dir: caf\u00e9\n".encode("latin-1"))
+    (tmp_path / "locked").mkdir()
+    real_access = os.access
+    monkeypatch.setattr(config.os, "access", lambda p, mode: False if str(p).endswith("locked")
+                        else real_access(p, mode))  # root writes anywhere: the check itself is what is tested
+    monkeypatch.chdir(tmp_path)
+    for check in (["--check"], []):
+        code, err = _train_cli(monkeypatch, capsys, *check, *args)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and words in err, (check, err[-1500:])
+        assert "Traceback" not in err
+
+
+# ---------------------------------------------------------------- 11. reward_kwargs through a resume
+
+
+def test_reward_kwargs_that_yaml_would_turn_into_dates_or_nan_compare_equal_after_a_checkpoint(tmp_path):
+    from mm_gmpo.config import config_changes, load_config, to_dict
+
+    (tmp_path / "c.yaml").write_text("algorithm:\n  reward_kwargs: {since: 2024-01-01, tol: .nan, cap: .inf, "
+                                     "tags: [a, b]}\n")
+    cfg = load_config(tmp_path / "c.yaml")
+    assert cfg.algorithm.reward_kwargs["since"] == "2024-01-01"  # text, not a date
+    stored = json.loads(json.dumps({"config": to_dict(cfg)}, default=str))["config"]  # as trainer_state.json holds it
+    assert config_changes(stored, to_dict(load_config(tmp_path / "c.yaml"))) == ([], [])
+    changed = to_dict(load_config(tmp_path / "c.yaml", ["algorithm.reward_kwargs.tol=0.5"]))
+    assert config_changes(stored, changed)[0] == ["algorithm.reward_kwargs: {'since': '2024-01-01', 'tol': 'nan', "
+                                                  "'cap': 'inf', 'tags': ['a', 'b']} -> {'since': '2024-01-01', "
+                                                  "'tol': 0.5, 'cap': 'inf', 'tags': ['a', 'b']}"]

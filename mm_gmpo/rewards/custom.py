@@ -50,7 +50,7 @@ class RewardFunction:
     timeout_s: float = 10.0
 
     def __hash__(self) -> int:
-        return hash((self.spec, self.kind, self.timeout_s, repr(sorted(self.kwargs.items()))))
+        return hash((self.spec, self.kind, self.timeout_s, repr(sorted(self.kwargs.items(), key=lambda kv: str(kv[0])))))
 
 
 def resolve_spec(spec: str, base_dir: str | Path | None = None) -> str:
