@@ -221,7 +221,8 @@ class TrainerConfig:
                              "attention, optimizer, FSDP, copies, other ops; busy vs wall) into "
                              "output_dir/profile_update_stepN.md and .json; that step's timings include the "
                              "profiler's overhead; 0 = never")
-    reward_workers: int = f(2, "Reward scoring processes per rank (0 = in the training process)")
+    reward_workers: int = f(2, "Reward scoring processes per rank (0 = in the training process: built-in "
+                               "verifiers only; a reward_function needs >= 1)")
     balance_ranks: bool = f(True, "After the rollout, move prompt groups between ranks within their mini-batch so "
                                   "every rank has about as many tokens (the busiest rank sets the pace); the "
                                   "mini-batches keep their samples, so the maths is unchanged")
@@ -605,6 +606,11 @@ def _check_run_and_data(cfg: Config) -> None:
     if a.reward_function and ":" not in a.reward_function:
         raise ConfigError(f"algorithm.reward_function = {a.reward_function!r}: expected path/to/file.py:function "
                           "or package.module:function")
+    if a.reward_function and t.reward_workers < 1:
+        raise ConfigError(f"trainer.reward_workers = {t.reward_workers} would run algorithm.reward_function inside "
+                          "the trainer, where a call stuck in C code (no signal reaches it) cannot be stopped and an "
+                          "exit ends the run; set trainer.reward_workers=1 or more (its time limit is then enforced "
+                          "by killing the worker)")
     if any(not isinstance(w, str) or not w for w in r.allowed_tokens):
         raise ConfigError(f"rollout.allowed_tokens: {[w for w in r.allowed_tokens if not isinstance(w, str) or not w]}"
                           " are not words; quote them (YAML reads yes/no/on/off as booleans and 1 as a number)")

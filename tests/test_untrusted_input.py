@@ -7,6 +7,7 @@ import os
 import pickle
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -469,3 +470,72 @@ def test_reward_kwargs_that_yaml_would_turn_into_dates_or_nan_compare_equal_afte
     assert config_changes(stored, changed)[0] == ["algorithm.reward_kwargs: {'since': '2024-01-01', 'tol': 'nan', "
                                                   "'cap': 'inf', 'tags': ['a', 'b']} -> {'since': '2024-01-01', "
                                                   "'tol': 0.5, 'cap': 'inf', 'tags': ['a', 'b']}"]
+
+
+# ---------------------------------------------------------------- 8. rewards: hard limits, float32 range, exits
+
+
+def _reward_file(tmp_path: Path, body: str) -> str:
+    (tmp_path / "rw.py").write_text("import os\n\ndef compute_score(response, ground_truth, **kw):\n" + body)
+    return f"{tmp_path / 'rw.py'}:compute_score"
+
+
+def test_a_reward_function_never_runs_in_the_trainer_process():
+    from mm_gmpo.config import ConfigError, load_config, validate
+
+    cfg = load_config(ROOT / "configs" / "colors_own_data.yaml", ["trainer.reward_workers=0"])
+    with pytest.raises(ConfigError, match=r"trainer.reward_workers = 0 would run algorithm.reward_function inside "
+                                          r"the trainer.*set trainer.reward_workers=1"):
+        validate(cfg)
+    validate(load_config(ROOT / "configs" / "colors_own_data.yaml"))  # the example runs it in a worker
+    validate(load_config(None, ["trainer.reward_workers=0"]))  # built-in verifiers may score in-process
+
+
+def test_a_reward_past_float32s_range_scores_zero_as_an_error(tmp_path):
+    from mm_gmpo.rewards.batch import score_batch
+    from mm_gmpo.rewards.custom import RewardFunction, RewardFunctionError, probe
+
+    rf = RewardFunction(_reward_file(tmp_path, "    return 1e39 if 'big' in response else {'overall': 1.0, "
+                                               "'extra': -1e300 if response == 'neg' else 0.5}\n"))
+    with pytest.warns(UserWarning, match=r"rw\.py:compute_score: 2 of 3 items scored 0 \(first: "
+                                         r"RewardFunctionError: rw\.py:compute_score returned overall=1e\+39"):
+        scores, metrics = score_batch(["big", "ok", "neg"], ["x"] * 3, task="math", reward_function=rf, workers=0)
+    assert [s["overall"] for s in scores] == [0.0, 1.0, 0.0]
+    assert metrics["reward/errors"] == 2.0 and metrics["reward/overall"] == pytest.approx(1 / 3)
+    assert all(np.isfinite(np.float32(v)) for v in metrics.values())
+    with pytest.raises(RewardFunctionError, match="returned overall=1e\\+39; expected a finite float within "
+                                                  "float32's range"):
+        probe(rf, "big")
+
+
+@pytest.mark.slow
+def test_a_reward_worker_stuck_in_c_code_is_killed_and_one_that_exits_stops_the_run_naming_it(tmp_path):
+    from mm_gmpo.rewards.batch import score_batch
+    from mm_gmpo.rewards.custom import RewardFunction, RewardFunctionError
+
+    stuck = RewardFunction(_reward_file(tmp_path, "    return float(sum(range(10**13))) if response == 'stuck' "
+                                                  "else 1.0\n"), timeout_s=1.0)
+    with pytest.warns(UserWarning, match="1 of 2 items scored 0"):
+        scores, metrics = score_batch(["stuck", "ok"], ["x", "x"], task="math", reward_function=stuck, workers=1)
+    assert [s["overall"] for s in scores] == [0.0, 1.0] and metrics["reward/killed_for_time"] == 1.0
+    (tmp_path / "ex").mkdir()
+    exits = RewardFunction(_reward_file(tmp_path / "ex", "    os._exit(3)\n"))
+    with pytest.raises(RewardFunctionError, match=r"algorithm.reward_function: .*ex/rw\.py:compute_score ended its "
+                                                  r"reward worker process \(exit code 3"):
+        score_batch(["a", "b"], ["x", "x"], task="math", reward_function=exits, workers=1)
+
+
+@pytest.mark.slow
+def test_a_probe_stuck_in_c_code_ends_the_process_pointing_at_the_function(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    spec = _reward_file(tmp_path, "    return float(sum(range(10**13)))\n")
+    code = ("import sys; sys.path.insert(0, sys.argv[1])\n"
+            "from mm_gmpo.rewards.custom import RewardFunction, probe\n"
+            "probe(RewardFunction(sys.argv[2], timeout_s=1.0), '1')\n")
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", code, str(ROOT), spec], capture_output=True, text=True, timeout=120)
+    assert time.perf_counter() - t0 < 60  # 2 x 1 s + 5 s, then faulthandler ends it (it would run for hours)
+    assert r.returncode != 0 and "Timeout" in r.stderr and "rw.py\", line 4 in compute_score" in r.stderr, r.stderr

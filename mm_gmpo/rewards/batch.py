@@ -119,6 +119,7 @@ class RewardPool:
                             w.pending.remove(idx)
                             w.last_progress = time.monotonic()
                     except (EOFError, OSError):  # worker died (e.g. out of memory): its item scores 0
+                        self._check_exit(w)
                         results[w.pending.popleft()] = zero
                         todo.extendleft(reversed(w.pending))
                         w.pending.clear()
@@ -131,6 +132,20 @@ class RewardPool:
                     self._replace(w)
                     killed += 1
         return [r if r is not None else zero for r in results], killed
+
+    def _check_exit(self, w: _Worker) -> None:
+        """A user reward function that ended its worker itself (``os._exit``: a clean exit code, not a kill by a
+        signal such as the kernel's out-of-memory killer) stops the run, naming the function: it would end every
+        worker that runs it."""
+        w.process.join(timeout=5)
+        code = w.process.exitcode
+        if self.rf is not None and code is not None and code >= 0:
+            from mm_gmpo.rewards.custom import RewardFunctionError
+
+            self.close()
+            raise RewardFunctionError(f"algorithm.reward_function: {self.rf.spec} ended its reward worker process "
+                                      f"(exit code {code}: os._exit or similar) while scoring; a reward function "
+                                      "must return a score, never exit the process")
 
     def close(self) -> None:
         for w in self.workers:

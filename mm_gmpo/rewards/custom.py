@@ -18,6 +18,7 @@ call that raises or times out scores its items 0 and counts them (``reward/error
 
 from __future__ import annotations
 
+import faulthandler
 import functools
 import importlib
 import importlib.util
@@ -34,6 +35,12 @@ from mm_gmpo.config import ConfigError
 from mm_gmpo.rewards.math_equiv import DeadlineExceeded, deadline
 
 Score = dict[str, float]
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def probe_hard_limit_s(timeout_s: float) -> float:
+    """Seconds after which a probe call that no signal can interrupt ends the process (with a traceback)."""
+    return 2 * timeout_s + 5
 
 
 class RewardFunctionError(ConfigError):
@@ -146,8 +153,10 @@ def to_score(out: Any, label: str) -> Score:
                 score[str(k)] = float(v)
             except (TypeError, ValueError):
                 raise RewardFunctionError(f"{label} returned overall={v!r}; expected a float") from None
-    if not math.isfinite(score["overall"]):
-        raise RewardFunctionError(f"{label} returned overall={score['overall']}; expected a finite float")
+    for k, v in score.items():  # rewards are trained on in float32: 1e39 is finite here and inf there
+        if not math.isfinite(v) or abs(v) > FLOAT32_MAX:
+            raise RewardFunctionError(f"{label} returned {k}={v}; expected a finite float within float32's range "
+                                      f"(|x| <= {FLOAT32_MAX:.3g})")
     return score
 
 
@@ -179,7 +188,7 @@ class _Caller:
         if self.kind == "batch":
             try:
                 return [(s, None) for s in self._batch(items)]
-            except (Exception, DeadlineExceeded) as e:
+            except (Exception, DeadlineExceeded, SystemExit) as e:
                 if len(items) == 1:
                     return [({"overall": 0.0}, _describe(e))]
             return [r for it in items for r in self([it])]  # find the items that fail
@@ -187,7 +196,7 @@ class _Caller:
         for it in items:
             try:
                 out.append((self._item(it), None))
-            except (Exception, DeadlineExceeded) as e:
+            except (Exception, DeadlineExceeded, SystemExit) as e:
                 out.append(({"overall": 0.0}, _describe(e)))
         return out
 
@@ -214,6 +223,9 @@ def probe(rf: RewardFunction, ground_truth: str) -> Score:
     """
     c = caller(rf)
     item = reward_input(f"\\boxed{{{ground_truth}}}", ground_truth, 1)
+    # the SIGALRM deadline cannot interrupt C code (sum(range(10**13))): past a hard limit faulthandler's own
+    # thread prints where the call is (the function's file and line) and ends the process instead of a silent hang
+    faulthandler.dump_traceback_later(probe_hard_limit_s(rf.timeout_s), exit=True)
     try:
         if c.kind == "batch":
             return c._batch([item])[0]
@@ -223,7 +235,7 @@ def probe(rf: RewardFunction, ground_truth: str) -> Score:
     except DeadlineExceeded:
         raise RewardFunctionError(f"algorithm.reward_function: {c.label} took longer than "
                                   f"algorithm.reward_timeout_s={rf.timeout_s} s on one sample") from None
-    except Exception as e:
+    except (Exception, SystemExit) as e:
         tb = traceback.extract_tb(e.__traceback__)
         at = f" at {Path(tb[-1].filename).name}:{tb[-1].lineno}" if tb else ""
         expected = ("fn(reward_inputs: list[dict], **kwargs) -> list[dict]" if c.kind == "batch" else
@@ -231,3 +243,5 @@ def probe(rf: RewardFunction, ground_truth: str) -> Score:
         raise RewardFunctionError(f"algorithm.reward_function: {c.label} raised {type(e).__name__}: {e}{at} when "
                                   f"called as a {c.kind} function, {expected}, on one sample "
                                   f"(reward_kwargs={rf.kwargs})") from None
+    finally:
+        faulthandler.cancel_dump_traceback_later()
