@@ -237,7 +237,7 @@ def own_data(folder: Path) -> list[str]:
     (folder / "my_reward.py").write_text(REWARD_FILE)
     return ["data.dataset=files", f"data.train_files={train_file}", f"data.val_files={val_file}",
             "data.template=plain", f"algorithm.reward_function={folder / 'my_reward.py'}:compute_score",
-            "rollout.allowed_tokens=[red,green,blue,yellow]"]
+            "rollout.allowed_tokens=[red,green,blue,yellow]", "trainer.reward_workers=1"]
 
 
 @pytest.mark.slow

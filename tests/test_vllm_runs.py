@@ -50,7 +50,7 @@ def trained(tmp_path_factory):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "scripts" / "train_mm.py"), "rollout.backend=vllm", "data.dataset=files",
            f"data.train_files={train_file}", f"data.val_files={val_file}", "data.template=plain",
-           f"algorithm.reward_function={base / 'my_reward.py'}:compute_score",
+           f"algorithm.reward_function={base / 'my_reward.py'}:compute_score", "trainer.reward_workers=1",
            "rollout.allowed_tokens=[red,green,blue,yellow]", "trainer.rollout_batch_size=4",
            "trainer.mini_batch_size=2", "rollout.n=4", "trainer.total_steps=3", "trainer.save_every=2",
            "trainer.eval_every=2", "trainer.val_before_train=true", "logging.tensorboard=false"]

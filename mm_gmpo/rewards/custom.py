@@ -18,6 +18,7 @@ call that raises or times out scores its items 0 and counts them (``reward/error
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import functools
 import importlib
@@ -225,7 +226,9 @@ def probe(rf: RewardFunction, ground_truth: str) -> Score:
     item = reward_input(f"\\boxed{{{ground_truth}}}", ground_truth, 1)
     # the SIGALRM deadline cannot interrupt C code (sum(range(10**13))): past a hard limit faulthandler's own
     # thread prints where the call is (the function's file and line) and ends the process instead of a silent hang
-    faulthandler.dump_traceback_later(probe_hard_limit_s(rf.timeout_s), exit=True)
+    # (to the process's own stderr: a captured sys.stderr may have no file descriptor; without one, SIGALRM alone)
+    with contextlib.suppress(AttributeError, OSError, ValueError):
+        faulthandler.dump_traceback_later(probe_hard_limit_s(rf.timeout_s), exit=True, file=sys.__stderr__)
     try:
         if c.kind == "batch":
             return c._batch([item])[0]
