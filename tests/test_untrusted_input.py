@@ -338,13 +338,15 @@ def test_a_copy_of_a_checkpoint_under_another_name_is_ignored_and_reported(tmp_p
 
 
 def _eval_cli(monkeypatch, capsys, *args):
-    """scripts/eval_geometry3k.py in this process (the oracle backend: no model), -> (exit code, stdout, stderr)."""
+    """scripts/eval_math.py on AIME 2024 (30 problems) in this process with the oracle backend (no model), ->
+    (exit code, stdout, stderr); both eval scripts share these arguments and folders (mm_gmpo.evaluation)."""
     import runpy
 
-    monkeypatch.setattr("sys.argv", ["eval_geometry3k.py", "--model", "tiny-random", "--backend", "oracle", *args])
+    monkeypatch.setattr("sys.argv", ["eval_math.py", "--dataset", "aime2024", "--model", "tiny-random", "--backend",
+                                     "oracle", *args])
     code = 0
     try:
-        runpy.run_path(str(ROOT / "scripts" / "eval_geometry3k.py"), run_name="__main__")
+        runpy.run_path(str(ROOT / "scripts" / "eval_math.py"), run_name="__main__")
     except SystemExit as e:
         code = e.code
     captured = capsys.readouterr()

@@ -93,6 +93,8 @@ def _files_of(folder: Path, split: str | None, default_split: str = "train") -> 
 
 
 def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    if not path.is_file() or path.stat().st_size == 0:  # a FIFO or a /proc file (size 0) could block the read
+        raise DataError(f"{path}: empty, or not a regular file; data files are regular .jsonl/.json/.parquet files")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:

@@ -47,8 +47,8 @@ def _check_image(path: Path) -> bytes:
 
 def _intergps_row(problem_dir: Path, split: str) -> dict[str, Any]:
     meta_path = problem_dir / "data.json"
-    if not meta_path.is_file():
-        raise DataError(f"{meta_path}: missing or not a regular file; every problem folder needs data.json and "
+    if not meta_path.is_file() or meta_path.stat().st_size == 0:  # no FIFO or /proc file: its read could block
+        raise DataError(f"{meta_path}: missing, empty or not a regular file; every problem folder needs data.json and "
                         "img_diagram.png")
     try:
         meta = json.loads(meta_path.read_bytes().decode("utf-8"))
