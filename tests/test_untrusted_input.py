@@ -408,16 +408,16 @@ def _train_cli(monkeypatch, capsys, *args):
 def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path, monkeypatch, capsys):
     import time
 
-    lines = ["a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
-    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]  # 10**9 strings expanded
-    bomb = tmp_path / "bomb.yaml"
-    bomb.write_text("\n".join(lines) + "\nalgorithm:\n  reward_kwargs: {x: *a8}\n")
+    lines = ["algorithm:", "  reward_kwargs:", "    a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"    a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]  # 10**9 strings
+    bomb = tmp_path / "bomb.yaml"  # reward_kwargs takes any keys: before, --check expanded it and passed
+    bomb.write_text("\n".join(lines) + "\n")
     assert bomb.stat().st_size < 1000
     t0 = time.perf_counter()
     code, err = _train_cli(monkeypatch, capsys, "--config", str(bomb), "--check")
     assert time.perf_counter() - t0 < 5  # refused while parsing, nothing expanded (it took 18 s at depth 6)
     assert code == 2 and err.strip().splitlines() == [
-        f"config error: {bomb}: line 2: the alias *a0 is not allowed in a config (aliases can expand without "
+        f"config error: {bomb}: line 4: the alias *a0 is not allowed in a config (aliases can expand without "
         "bound); write the value out"]
     code, err = _train_cli(monkeypatch, capsys, "--check", "algorithm.reward_kwargs={x: &y [1], z: *y}")
     assert code == 2 and "the alias *y is not allowed" in err

@@ -191,4 +191,5 @@ class ImageStore:
         return sum(im.width * im.height * len(im.getbands()) for im in self._images.values())
 
     def summary(self) -> str:
-        return f"{self.count} distinct image(s), {self.nbytes / 2**20:.1f} MiB decoded"
+        size = f"{self.nbytes / 2**20:.1f} MiB" if self.nbytes >= 2**20 else f"{self.nbytes / 2**10:.0f} KiB"
+        return f"{self.count} distinct image(s), {size} decoded"
