@@ -29,6 +29,8 @@ class RunFolder:
                 start_or_continue(self.out, cfg.trainer.resume, cfg.trainer.overwrite)
             except ConfigError as e:
                 problem = str(e)
+            except OSError as e:  # a folder that cannot be made or moved: one line, and no rank left waiting
+                problem = f"trainer.output_dir: {self.out}: {e.strerror or e}"
         problem = distributed.broadcast_object(problem)  # every rank stops, none waits in a collective
         if problem:
             if self.lock is not None:
