@@ -14,7 +14,7 @@ from mm_gmpo.attention import use_grouped_vision_attention
 from mm_gmpo.config import Config, ConfigError
 from mm_gmpo.logprobs import compute_logprobs
 from mm_gmpo.lora import adapters_disabled, add_lora
-from mm_gmpo.loss import PolicyLossFn, get_policy_loss
+from mm_gmpo.loss import PolicyLossFn, get_policy_loss, objective_defaults
 from mm_gmpo.models import (
     CheckpointSource,
     RandomSource,
@@ -45,12 +45,17 @@ class LossSettings:
 
 
 def loss_settings(cfg: Config) -> LossSettings:
+    """The objective's function and keyword arguments: the configured clips, aggregation and SAPO temperatures
+    where the objective takes them, its paper's defaults (the function's own) where the config says null/auto."""
     alg = cfg.algorithm
-    kwargs = {"clip_low": alg.clip_low, "clip_high": alg.clip_high, "entropy_coef": alg.entropy_coef,
-              "kl_coef": 0.0 if alg.kl_in_reward else alg.kl_coef, "kl_penalty": alg.kl_penalty}
-    if alg.objective == "grpo":
-        kwargs |= {"loss_agg": alg.loss_agg, "clip_ratio_c": alg.clip_ratio_c}
-    by_tokens = alg.objective == "grpo" and alg.loss_agg == "token_mean"
+    defaults = objective_defaults(alg.objective)
+    kwargs = {"entropy_coef": alg.entropy_coef, "kl_coef": 0.0 if alg.kl_in_reward else alg.kl_coef,
+              "kl_penalty": alg.kl_penalty}
+    chosen = {"clip_low": alg.clip_low, "clip_high": alg.clip_high, "clip_ratio_c": alg.clip_ratio_c,
+              "tau_pos": alg.sapo_tau_pos, "tau_neg": alg.sapo_tau_neg,
+              "loss_agg": None if alg.loss_agg == "auto" else alg.loss_agg}
+    kwargs |= {k: defaults[k] if chosen[k] is None and k != "clip_ratio_c" else chosen[k] for k in defaults}
+    by_tokens = kwargs.get("loss_agg") == "token_mean"
     return LossSettings(get_policy_loss(alg.objective), kwargs, "tokens" if by_tokens else "sequences")
 
 

@@ -135,10 +135,18 @@ class RolloutConfig:
 
 @dataclass
 class AlgorithmConfig:
-    objective: str = f("gmpo", "gmpo (geometric mean) or grpo (arithmetic mean, PPO-clip)")
-    clip_low: float = f(0.4, "gmpo: log-ratio clip below for A < 0 (0.4 = e^-0.4); grpo: ratio epsilon (0.2)")
-    clip_high: float = f(0.4, "gmpo: log-ratio clip above for A > 0; grpo: ratio epsilon (0.2, DAPO 0.28)")
-    loss_agg: str = f("token_mean", "grpo only: token_mean or seq_mean_token_mean (gmpo is per sequence)")
+    objective: str = f("gmpo", "gmpo (geometric mean), grpo (PPO-clip per token), gspo (sequence ratio), "
+                               "gspo_token, cispo (clipped IS weight), sapo (soft gate); README 'Objectives'")
+    clip_low: float | None = f(None, "Clip below; null = the objective's paper value. gmpo: log space, for A < 0 "
+                                     "(0.4 = e^-0.4); grpo, gspo(_token), cispo: ratio epsilon, bound 1 - clip_low "
+                                     "(0.2, 3e-4, 3e-4, 1.0 = none); sapo: none")
+    clip_high: float | None = f(None, "Clip above; null = the objective's paper value. gmpo: log space, for A > 0 "
+                                      "(0.4); grpo, gspo(_token), cispo: bound 1 + clip_high (0.2, 4e-4, 4e-4, 0.2)")
+    loss_agg: str = f("auto", "grpo, gspo_token, cispo, sapo: token_mean or seq_mean_token_mean; auto = the "
+                              "objective's paper (token_mean for grpo and cispo, seq_mean_token_mean for gspo_token "
+                              "and sapo); gmpo and gspo are per sequence")
+    sapo_tau_pos: float = f(1.0, "sapo: gate temperature for A > 0 (the SAPO paper's 1.0)")
+    sapo_tau_neg: float = f(1.05, "sapo: gate temperature for A <= 0 (the SAPO paper's 1.05; larger fades faster)")
     normalize_std: bool = f(True, "Divide advantages by the group std (False = Dr. GRPO)")
     adv_eps: float = f(1e-6, "Added to the group std")
     clip_ratio_c: float | None = f(3.0, "grpo only: dual-clip, for A < 0 the token loss is at most -A x c (verl's "
@@ -264,8 +272,8 @@ CHOICES = {
     "algorithm.reward_type": ("auto", "batch", "item"),
     "data.on_bad_sample": ("error", "skip"),
     "rollout.backend": ("hf", "vllm"),
-    "algorithm.objective": ("gmpo", "grpo"),
-    "algorithm.loss_agg": ("token_mean", "seq_mean_token_mean"),
+    "algorithm.objective": ("gmpo", "grpo", "gspo", "gspo_token", "cispo", "sapo"),
+    "algorithm.loss_agg": ("auto", "token_mean", "seq_mean_token_mean"),
     "algorithm.kl_penalty": ("k1", "k2", "k3", "low_var_kl", "abs", "mse"),
     "algorithm.filter_key": ("accuracy", "overall"),
     "optim.lr_schedule": ("constant", "cosine"),
@@ -534,14 +542,32 @@ def _check_batches(cfg: Config, world_size: int) -> None:
                           f"of ranks ({world_size}) so every rank gets whole prompt groups")
 
 
+def _check_objective(a: AlgorithmConfig) -> None:
+    """The objective's own settings: the clips it reads, in its space; loss_agg where it has a choice."""
+    clips = {"clip_low": a.clip_low, "clip_high": a.clip_high}
+    if a.objective == "sapo":
+        for key, value in clips.items():
+            if value is not None:
+                raise ConfigError(f"algorithm.{key} = {value}: sapo has no clip (its soft gate takes "
+                                  "algorithm.sapo_tau_pos / sapo_tau_neg); remove the key or set it to null")
+    for key, value in clips.items():
+        if value is not None and not value > 0:
+            raise ConfigError(f"algorithm.{key} = {value}: must be > 0 (or null for the objective's paper value)")
+    if a.objective in ("grpo", "gspo", "gspo_token") and a.clip_low is not None and not a.clip_low < 1:
+        raise ConfigError(f"algorithm.clip_low = {a.clip_low}: for {a.objective} it is a ratio epsilon in (0, 1), "
+                          "e.g. 0.2 for grpo, 3e-4 for gspo (0.4 is GMPO's log-space clip)")
+    if a.objective in ("gmpo", "gspo") and a.loss_agg != "auto":
+        raise ConfigError(f"algorithm.loss_agg = {a.loss_agg}: {a.objective} averages per sequence and has no "
+                          "other aggregation; remove the key or set it to auto")
+    if a.sapo_tau_pos <= 0 or a.sapo_tau_neg <= 0:
+        raise ConfigError(f"algorithm.sapo_tau_pos / sapo_tau_neg = {a.sapo_tau_pos} / {a.sapo_tau_neg}: must be "
+                          "> 0 (the SAPO paper: 1.0 / 1.05)")
+
+
 def _check_algorithm(cfg: Config) -> None:
     """The objective, rewards, KL, online filtering and validation sampling."""
     r, a = cfg.rollout, cfg.algorithm
-    if a.objective == "grpo" and not (0 < a.clip_low < 1):
-        raise ConfigError(f"algorithm.clip_low = {a.clip_low}: for grpo it is a ratio epsilon in (0, 1), "
-                          "e.g. 0.2 (0.4 is GMPO's log-space clip)")
-    if a.clip_low <= 0 or a.clip_high <= 0:
-        raise ConfigError("algorithm.clip_low and algorithm.clip_high must be > 0")
+    _check_objective(a)
     if not 0 <= a.format_weight <= 1:
         raise ConfigError(f"algorithm.format_weight = {a.format_weight}: must be within [0, 1]")
     if cfg.data.min_pixels > cfg.data.max_pixels:

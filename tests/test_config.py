@@ -74,7 +74,15 @@ def test_parse_errors_name_the_key(overrides, message):
                                              r"trainer\.mini_batch_size=128"),
         (["rollout.n=3", "trainer.rollout_batch_size=2", "trainer.mini_batch_size=1"], 2, r"over 2 ranks"),
         (["trainer.rollout_batch_size=9", "trainer.mini_batch_size=3", "rollout.n=2"], 2, r"number of ranks \(2\)"),
-        (["algorithm.objective=gmp"], 1, r"'gmp' is not one of gmpo, grpo \(did you mean 'gmpo'\?\)"),
+        (["algorithm.objective=gmp"], 1, r"'gmp' is not one of gmpo, grpo, gspo, gspo_token, cispo, sapo "
+                                         r"\(did you mean 'gmpo'\?\)"),
+        (["algorithm.objective=gspo", "algorithm.clip_low=1.5"], 1, r"ratio epsilon in \(0, 1\), e\.g\. 0\.2 for "
+                                                                     r"grpo, 3e-4 for gspo"),
+        (["algorithm.objective=sapo", "algorithm.clip_high=0.2"], 1, r"algorithm\.clip_high = 0\.2: sapo has no "
+                                                                      r"clip .*sapo_tau_pos"),
+        (["algorithm.loss_agg=token_mean"], 1, r"loss_agg = token_mean: gmpo averages per sequence .* set it to auto"),
+        (["algorithm.objective=cispo", "algorithm.clip_high=0"], 1, r"algorithm\.clip_high = 0\.0: must be > 0"),
+        (["algorithm.objective=sapo", "algorithm.sapo_tau_neg=-1"], 1, r"sapo_tau_neg = 1\.0 / -1\.0: must be > 0"),
         (["algorithm.objective=grpo"], 1, r"ratio epsilon in \(0, 1\), e\.g\. 0\.2"),  # clip_low set to 1.5 below
         (["rollout.temperature=0"], 1, r"temperature must be > 0"),
         (["data.min_pixels=10", "data.max_pixels=5"], 1, r"data\.min_pixels \(10\) is larger"),

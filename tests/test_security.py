@@ -89,12 +89,14 @@ def test_template_names_stay_in_the_template_folder_and_render_in_a_sandbox(tmp_
 # ---------------------------------------------------------------- regressions the suite must catch
 
 
-@pytest.mark.parametrize("budget", [10_000, 9, 4])
-def test_update_gradient_equals_the_whole_batch_loss_gradient_in_float64(budget, own_process_group):
+@pytest.mark.parametrize(("objective", "budget"), [("gmpo", 10_000), ("gmpo", 9), ("gmpo", 4), ("gspo", 4),
+                                                    ("cispo", 4), ("sapo", 4)])
+def test_update_gradient_equals_the_whole_batch_loss_gradient_in_float64(objective, budget, own_process_group):
     """policy_update's accumulated gradient (any micro-batch split) equals the gradient of the objective on the
-    whole batch computed directly, in float64: a uniform factor anywhere in the update would show."""
+    whole batch computed directly, in float64: a uniform factor anywhere in the update would show. Every
+    normalisation: per sequence (GMPO, GSPO), token_mean (CISPO; GRPO's path), seq_mean_token_mean (SAPO; GSPO-token's)."""
     from mm_gmpo import distributed
-    from mm_gmpo.loss import gmpo_loss
+    from mm_gmpo.loss import get_policy_loss, objective_defaults
     from mm_gmpo.models import build_model, tiny_qwen2_5_vl_config
     from mm_gmpo.policy import Policy, collate
     from mm_gmpo.update import UpdateBatch, policy_update
@@ -114,15 +116,17 @@ def test_update_gradient_equals_the_whole_batch_loss_gradient_in_float64(budget,
 
     direct = make()
     logp, _ = direct(batch)
-    loss, _ = gmpo_loss(logp, old, adv, batch.response_mask)
+    loss_fn = get_policy_loss(objective)
+    loss, _ = loss_fn(logp, old, adv, batch.response_mask)
     loss.backward()
     want = {n: p.grad.clone() for n, p in direct.named_parameters() if p.grad is not None}
 
     policy = make()
     distributed.parallelize(policy, param_dtype=None, reduce_dtype=torch.float64, activation_checkpointing=False)
     opt = torch.optim.SGD(policy.parameters(), lr=0.0)
-    policy_update(policy, opt, UpdateBatch(batch, old, adv), gmpo_loss, max_tokens_per_micro_batch=budget,
-                  max_grad_norm=0.0, keep_grads=True)
+    by_tokens = objective_defaults(objective).get("loss_agg") == "token_mean"
+    policy_update(policy, opt, UpdateBatch(batch, old, adv), loss_fn, max_tokens_per_micro_batch=budget,
+                  max_grad_norm=0.0, keep_grads=True, normalize_by="tokens" if by_tokens else "sequences")
     got = {n: p.grad.full_tensor() for n, p in policy.named_parameters() if p.grad is not None}
     assert set(want) <= set(got)
     for n in set(got) - set(want):  # the vision tower ran on a blank patch x 0 (FSDP: every rank takes part)
