@@ -6,9 +6,12 @@ goes to the lightest part), over whole prompt groups wherever they fit, so the n
 together (one vision pass for its picture). The plans are pure functions of token counts; ``balance_step``
 applies the rank plan to a step (the exchange) and hands the update its schedule of mini-batches.
 
-Neither plan changes the maths: the loss is normalised by global counts (``mm_gmpo.update``), so the gradient of
-a mini-batch is the sum over its samples wherever they are computed, and the rank plan keeps each mini-batch's
-set of groups (it only moves a group between ranks within its mini-batch).
+Neither plan changes the maths of the first pass over a step's batch: the loss is normalised by global counts
+(``mm_gmpo.update``), so the gradient of a mini-batch is the sum over its samples wherever they are computed, and
+the rank plan keeps each mini-batch's set of groups (it only moves a group between ranks within its mini-batch).
+With ``trainer.ppo_epochs`` > 1 the later passes split each rank's groups afresh (seeded), and a rank then holds
+other groups than without balancing: their mini-batches are different random splits of the same batch, drawn
+the same way, not the same sets. Runs with one pass (the default) are identical with balancing on or off.
 """
 
 from __future__ import annotations
@@ -191,10 +194,8 @@ def _exchange(gen: Generated, n: int, owner: list[int], new_owner: list[int], mi
     """Send the groups this rank gives away, receive those it takes; its groups in mini-batch order and the
     first pass over them. ``start``: the global index of this rank's first group."""
     def group(q: int) -> tuple:
-        enc = gen.prompts[q]  # the pictures' pixels go along; the PIL images are the engine's, not needed now
-        light = replace(enc, images=[], prompt=replace(enc.prompt, images=[]))
         rewards = None if gen.rewards is None else gen.rewards[q * n:(q + 1) * n]
-        return light, gen.rollouts[q * n:(q + 1) * n], rewards
+        return gen.prompts[q].for_training(), gen.rollouts[q * n:(q + 1) * n], rewards
 
     outgoing = {g: group(g - start) for g in range(start, start + len(gen.prompts)) if new_owner[g] != me}
     arriving = distributed.gather_dicts(outgoing)
@@ -212,7 +213,7 @@ def balance_step(gen: Generated, group_size: int, n_mini: int, ppo_epochs: int, 
     """Owner of rank balancing and of the step's update schedule. Evens out the ranks' tokens (prompt + response)
     in every mini-batch of the first pass by moving prompt groups between ranks within their mini-batch
     (:func:`assign_groups`): each global mini-batch keeps its groups and each rank its number of groups, so the
-    update's maths is unchanged and only the slowest rank's wait shrinks. ``uneven``: the ranks may hold different
+    first pass's maths is unchanged and only the slowest rank's wait shrinks (later passes: see the module). ``uneven``: the ranks may hold different
     numbers of groups (online filtering): every rank then takes as many optimizer steps, each at least a group.
 
     ``perf/rank_token_imbalance`` is the pace the ranks run at, the sum over mini-batches of the busiest rank's

@@ -16,6 +16,9 @@ Cases
     sync_bf16      weight sync that casts each shard to bf16 before the gather: tensors equal fp32-gather-then-cast.
     balanced_update  old log-probs and two mini-batch updates over fixed rollouts, rank 0's long and the others'
                    short, with balance_step off and on: the same log-probs, losses and weights.
+    filtering      BatchFiller.fill() with online filtering where the ranks find in-band groups at different rates
+                   (rank 0 all, rank 1 none, rank 2 all, rank 3 from round 2 on; then a step where the rounds run
+                   out): which groups each rank trains and the filter/* counts.
 """
 
 from __future__ import annotations
@@ -50,6 +53,22 @@ class StubEngine:
         self.calls.append({"ids": [p.prompt.id for p in prompts], "draw": draw})
         return [Rollout(i, s, list(p.input_ids), [12203], "red", [-0.5], "stop")
                 for i, p in enumerate(prompts) for s in range(sampling.n)]
+
+
+class BandEngine(StubEngine):
+    """Answers each prompt's group half right (in the filter's band) or all wrong, by rank and round:
+    ``in_band(rank, round)`` says which."""
+
+    def __init__(self, rank: int, in_band):
+        super().__init__()
+        self.rank, self.in_band, self.rounds = rank, in_band, 0
+
+    def generate(self, prompts, sampling: SamplingParams) -> list[Rollout]:
+        self.rounds += 1
+        good = self.in_band(self.rank, self.rounds)
+        self.calls.append({"ids": [p.prompt.id for p in prompts], "in_band": good})
+        return [Rollout(i, s, list(p.input_ids), [12203], p.prompt.ground_truth if good and s == 0 else "nothing",
+                        [-0.5], "stop") for i, p in enumerate(prompts) for s in range(sampling.n)]
 
 
 def _cfg(tmp: Path, *overrides: str):
@@ -300,9 +319,36 @@ def case_balanced_update(info, tmp: Path) -> dict:
             "param_change": max(float(p.abs().max()) for p in moved["params"].values())}
 
 
+def case_filtering(info, tmp: Path) -> dict:
+    from mm_gmpo.data.processing import load_processor
+    from mm_gmpo.data.synthetic import synthetic_prompts
+    from mm_gmpo.inputs import PromptSampler
+    from mm_gmpo.metrics import StepTimer
+    from mm_gmpo.rollout.batch import BatchFiller
+    from mm_gmpo.rollout.layout import rollout_layout
+
+    out = {}
+    for name, rounds, in_band in (
+            ("enough", 4, lambda rank, rnd: rank in (0, 2) or (rank == 3 and rnd >= 2)),
+            ("short", 2, lambda rank, rnd: rank == 0 and rnd == 1)):
+        cfg = _cfg(tmp, "algorithm.online_filtering=true", f"algorithm.max_filter_rounds={rounds}",
+                   "trainer.reward_workers=0", "algorithm.format_weight=0")
+        prompts = synthetic_prompts(64, seed=1)
+        engine = BandEngine(info.rank, in_band)
+        filler = BatchFiller(cfg, engine, PromptSampler(len(prompts), seed=1), prompts, load_processor(),
+                             SamplingParams(n=2, max_tokens=1), None, info, rollout_layout(info.rank, info.world_size))
+        gen = filler.fill(1, StepTimer())
+        in_band_ids = [i for c in engine.calls if c["in_band"] for i in c["ids"]]
+        out[name] = {"trained": [p.prompt.id for p in gen.prompts], "rewards": gen.rewards.tolist(),
+                     "in_band_found": in_band_ids, "sampled": [i for c in engine.calls for i in c["ids"]],
+                     "prompt_index": [x.prompt_index for x in gen.rollouts],
+                     "metrics": {k: v for k, v in gen.metrics.items() if k.startswith("filter/")}}
+    return out
+
+
 CASES = {"tp_prompts": case_tp_prompts, "overlong": case_overlong, "eval_empty": case_eval_empty, "metric_keys": case_metric_keys,
          "resume_views": case_resume_views, "shared_folder": case_shared_folder, "mixed_images": case_mixed_images,
-         "sync_bf16": case_sync_bf16, "balanced_update": case_balanced_update}
+         "sync_bf16": case_sync_bf16, "balanced_update": case_balanced_update, "filtering": case_filtering}
 
 
 def main() -> None:

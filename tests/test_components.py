@@ -17,7 +17,7 @@ from mm_gmpo.data.synthetic import arithmetic_prompts
 from mm_gmpo.inputs import PromptSampler
 from mm_gmpo.metrics import StepTimer
 from mm_gmpo.rollout.base import SamplingParams
-from mm_gmpo.rollout.batch import BatchFiller, Generated
+from mm_gmpo.rollout.batch import BatchFiller, Generated, share_groups
 from mm_gmpo.rollout.layout import rollout_layout
 from mm_gmpo.rollout.oracle import OracleEngine
 from mm_gmpo.update import step_update_metrics
@@ -108,8 +108,9 @@ def test_online_filtering_rolls_out_rounds_until_the_batch_holds_signal():
     assert [p.prompt.id for p in gen.prompts] == [prompts[order[i]].id for i in (1, 3, 4, 6)]
     assert torch.equal(gen.rewards, torch.tensor([1.0, 0.0] * 4))
     assert [x.prompt_index for x in gen.rollouts] == [0, 0, 1, 1, 2, 2, 3, 3]
-    assert (gen.metrics["filter/rounds"], gen.metrics["filter/trained_groups"],
-            gen.metrics["filter/dropped_groups"], gen.metrics["filter/fallback_groups"]) == (2.0, 4.0, 4.0, 0.0)
+    assert {k: v for k, v in gen.metrics.items() if k.startswith("filter/")} == {
+        "filter/rounds": 2.0, "filter/sampled_groups": 8.0, "filter/trained_groups": 4.0,
+        "filter/dropped_groups": 4.0, "filter/surplus_groups": 0.0, "filter/fallback_groups": 0.0}
     assert gen.metrics["reward/accuracy"] == pytest.approx(12 / 16)  # over every sampled response
     assert all(timer.seconds(s) > 0 for s in ("prompts", "rollout", "reward"))
 
@@ -118,8 +119,65 @@ def test_online_filtering_without_signal_trains_on_one_group_of_the_last_round()
     filler, _ = _filler(OracleEngine("correct"), "algorithm.online_filtering=true", "algorithm.max_filter_rounds=2")
     gen = filler.fill(1, StepTimer())
     assert len(gen.prompts) == 1 and torch.equal(gen.rewards, torch.ones(2))
-    assert (gen.metrics["filter/rounds"], gen.metrics["filter/dropped_groups"],
-            gen.metrics["filter/fallback_groups"]) == (2.0, 8.0, 1.0)
+    # the fallback group is counted as trained, not dropped: trained + dropped + surplus = sampled
+    assert {k: v for k, v in gen.metrics.items() if k.startswith("filter/")} == {
+        "filter/rounds": 2.0, "filter/sampled_groups": 8.0, "filter/trained_groups": 1.0,
+        "filter/dropped_groups": 7.0, "filter/surplus_groups": 0.0, "filter/fallback_groups": 1.0}
+
+
+class LateOracle(MixedOracle):
+    """Round 1 as MixedOracle (two of four groups half right); from round 2 on every group half right."""
+
+    def generate(self, prompts, sampling):
+        out = super().generate(prompts, sampling)
+        if self.rounds == 1:
+            return out
+        right = OracleEngine.generate(self, prompts, sampling)
+        wrong = self.wrong.generate(prompts, sampling)
+        return [w if x.sample_index > 0 else x for x, w in zip(right, wrong, strict=True)]
+
+
+def test_online_filtering_counts_in_band_groups_beyond_the_batch_as_surplus():
+    filler, prompts = _filler(LateOracle(), "algorithm.online_filtering=true", "algorithm.max_filter_rounds=4")
+    order = PromptSampler(len(prompts), seed=3).next(8)
+    gen = filler.fill(1, StepTimer())
+    # round 1 keeps prompts 1 and 3, round 2 all four: the first two of round 2 fill the batch, two are surplus
+    assert [p.prompt.id for p in gen.prompts] == [prompts[order[i]].id for i in (1, 3, 4, 5)]
+    assert {k: v for k, v in gen.metrics.items() if k.startswith("filter/")} == {
+        "filter/rounds": 2.0, "filter/sampled_groups": 8.0, "filter/trained_groups": 4.0,
+        "filter/dropped_groups": 2.0, "filter/surplus_groups": 2.0, "filter/fallback_groups": 0.0}
+
+
+def test_share_groups_trains_the_batch_it_promises():
+    """The issue's case (2 ranks, 4 groups a step): rank 0 found 4 in-band groups, rank 1 none: each trains 2, rank
+    1 rank 0's last two; the old rule trained 2 + one all-zero fallback and threw 2 good groups away."""
+    assert share_groups([4, 0], 2) == ([[(0, 0), (0, 1)], [(0, 2), (0, 3)]], [])
+    assert share_groups([5, 1, 0, 3], 2) == ([[(0, 0), (0, 1)], [(1, 0), (0, 2)], [(0, 3), (0, 4)],
+                                              [(3, 0), (3, 1)]], [(3, 2)])
+    # too few in all (the rounds ran out): all trained, shares differ by at most one, rank 3 gets none (fallback)
+    assert share_groups([3, 0, 0, 0], 2) == ([[(0, 0)], [(0, 1)], [(0, 2)], []], [])
+    assert share_groups([0, 2, 1], 2) == ([[(1, 1)], [(1, 0)], [(2, 0)]], [])
+
+
+@pytest.mark.parametrize("world", [2, 3, 8])
+def test_share_groups_every_group_once_exactly_the_batch_and_few_moves(world):
+    g = torch.Generator().manual_seed(world)
+    per_rank = 4
+    for _ in range(300):
+        counts = torch.randint(0, 3 * per_rank, (world,), generator=g).tolist()
+        if torch.rand((), generator=g) < 0.3:
+            counts = torch.randint(0, per_rank + 1, (world,), generator=g).tolist()
+        share, surplus = share_groups(counts, per_rank)
+        trained = [grp for part in share for grp in part]
+        every = sorted([(r, i) for r in range(world) for i in range(counts[r])])
+        assert sorted(trained + surplus) == every  # each group trained or surplus, once
+        want = min(sum(counts), per_rank * world)
+        assert len(trained) == want
+        sizes = [len(part) for part in share]
+        assert max(sizes) <= per_rank and max(sizes) - min(sizes) <= 1
+        # a rank keeps its own groups first: only what a rank lacks travels
+        moved = sum(src != r for r, part in enumerate(share) for src, _ in part)
+        assert moved == sum(max(0, len(share[r]) - counts[r]) for r in range(world))
 
 
 def test_without_filtering_one_round_is_left_unscored():

@@ -116,6 +116,38 @@ def test_balanced_ranks_give_the_same_update_as_the_unbalanced_order(results):
     assert all(x["param_max_diff"] == r[0]["param_max_diff"] for x in r)
 
 
+def test_online_filtering_trains_exactly_the_batch_when_the_ranks_found_enough(results):
+    """rollout_batch_size 8 on 4 ranks, n=2: rank 0 and rank 2 find only in-band groups, rank 1 none, rank 3 from
+    round 2 on. After round 2 they hold 4 + 0 + 4 + 2 = 10: every rank trains 2 in-band groups (rank 1 two of
+    rank 0's), the 2 left over are surplus; the old rule trained 2 + 1 fallback (A = 0) + 2 + 2."""
+    ranks = [r["enough"] for r in results("filtering")]
+    for r in ranks:
+        assert len(r["trained"]) == 2 and r["prompt_index"] == [0, 0, 1, 1]
+        assert all(set(r["rewards"][2 * g:2 * g + 2]) == {0.0, 1.0} for g in range(2))  # each group half right
+    trained = [i for r in ranks for i in r["trained"]]
+    found = [i for r in ranks for i in r["in_band_found"]]
+    assert len(set(trained)) == 8 and set(trained) <= set(found) and len(found) == 10
+    assert ranks[1]["trained"] == ranks[0]["in_band_found"][2:4]  # rank 1 took what rank 0 had beyond its share
+    sampled = sum(len(r["sampled"]) for r in ranks)
+    m = ranks[0]["metrics"]
+    assert all(r["metrics"] == m for r in ranks)
+    assert m == {"filter/sampled_groups": 16.0, "filter/trained_groups": 8.0, "filter/dropped_groups": 6.0,
+                 "filter/surplus_groups": 2.0, "filter/fallback_groups": 0.0, "filter/rounds": 2.0}
+    assert m["filter/trained_groups"] + m["filter/dropped_groups"] + m["filter/surplus_groups"] == sampled
+
+
+def test_online_filtering_spreads_what_it_found_when_the_rounds_run_out(results):
+    """Only rank 0 finds in-band groups (2, in round 1); the rounds (2) run out with 2 of 8: ranks 0 and 1 train
+    one each, ranks 2 and 3 one out-of-band group each so that they take part (counted as fallback)."""
+    ranks = [r["short"] for r in results("filtering")]
+    assert [len(r["trained"]) for r in ranks] == [1, 1, 1, 1]
+    assert [r["trained"][0] for r in ranks[:2]] == ranks[0]["in_band_found"]
+    assert [sorted(r["rewards"]) for r in ranks] == [[0.0, 1.0], [0.0, 1.0], [0.0, 0.0], [0.0, 0.0]]
+    assert ranks[0]["metrics"] == {"filter/sampled_groups": 16.0, "filter/trained_groups": 4.0,
+                                   "filter/dropped_groups": 12.0, "filter/surplus_groups": 0.0,
+                                   "filter/fallback_groups": 2.0, "filter/rounds": 2.0}
+
+
 def test_weight_sync_gathers_bf16_and_sends_the_same_tensors(results):
     for x in results("sync_bf16"):
         assert x["gathered_dtypes"] == ["torch.bfloat16"] and x["exact"] and x["names"]

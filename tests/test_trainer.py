@@ -162,20 +162,26 @@ def test_prompt_sampler_is_deterministic_and_resumable():
     assert [c.next(4) for _ in range(3)] == first[2:]
 
 
-def test_compare_objectives_summary_reads_both_runs(tmp_path):
+def test_compare_objectives_summary_reads_each_run(tmp_path):
     sys.path.insert(0, str(ROOT / "scripts"))
     import compare_objectives
 
-    for name, rew in (("gmpo", 0.9), ("grpo", 0.5)):
+    runs = {}
+    for name, rew in (("gmpo", 0.9), ("grpo", 0.5), ("sapo", 0.95)):
         (tmp_path / name).mkdir()
         rows = [{"step": s, "reward/mean": rew if s > 1 else 0.0, "ratio/token_log_ratio_min": -0.1 * s,
-                 "ratio/token_log_ratio_max": 0.2 * s, "ratio/clip_frac_upper": 0.01, "ratio/clip_frac_lower": 0.03,
-                 "actor/entropy": 1.0} for s in range(1, 31)]
+                 "ratio/token_log_ratio_max": 0.2 * s, "ratio/seq_log_ratio_min": -0.05 * s,
+                 "ratio/seq_log_ratio_max": 0.1 * s, "actor/entropy": 1.0,
+                 **({"ratio/gate_weight_mean": 0.98} if name == "sapo" else
+                    {"ratio/clip_frac_upper": 0.01, "ratio/clip_frac_lower": 0.03}),
+                 **({"eval/accuracy": 0.75} if s == 30 else {})} for s in range(1, 31)]
         (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    table = compare_objectives.summary({"gmpo": tmp_path / "gmpo", "grpo": tmp_path / "grpo"}, last=20)
-    assert "| gmpo | 0.900 | -3.00 / 6.00 | 0.0400 | 1.000 |" in table
-    assert "| grpo | 0.500 |" in table
-    compare_objectives.plot({"gmpo": tmp_path / "gmpo", "grpo": tmp_path / "grpo"}, tmp_path / "c.png")
+        runs[name] = tmp_path / name
+    table = compare_objectives.summary(runs, last=20)
+    assert "| gmpo | 0.900 | 2 | -3.000 / 6.000 | -1.500 / 3.000 | 0.0400 | 1.000 | 0.750 |" in table
+    assert "| grpo | 0.500 | - |" in table
+    assert "| sapo | 0.950 | 2 | -3.000 / 6.000 | -1.500 / 3.000 | gate 0.9800 |" in table
+    compare_objectives.plot(runs, tmp_path / "c.png")
     assert (tmp_path / "c.png").stat().st_size > 1000
 
 

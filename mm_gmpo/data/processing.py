@@ -16,7 +16,7 @@ import functools
 import hashlib
 import itertools
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,11 @@ class EncodedPrompt:
     @property
     def n_images(self) -> int:
         return 0 if self.image_grid_thw is None else int(self.image_grid_thw.shape[0])
+
+    def for_training(self) -> EncodedPrompt:
+        """What another rank needs to train on this prompt: the pixels go along; the PIL images (the engine's) do
+        not."""
+        return replace(self, images=[], prompt=replace(self.prompt, images=[]))
 
     @property
     def n_image_tokens(self) -> int:

@@ -37,8 +37,10 @@ class Generated:
 class BatchFiller:
     """Owner of the rollout stage and of online filtering (``algorithm.online_filtering``): groups whose mean
     accuracy (or reward) is outside [filter_low, filter_high] are dropped and further rounds of prompts are rolled
-    out until the global batch holds rollout_batch_size groups or max_filter_rounds is reached; each rank then
-    keeps at most its share (and at least one group, so that every rank takes part in the update).
+    out until the ranks hold rollout_batch_size in-band groups in all or max_filter_rounds is reached. Then every
+    rank trains its share of exactly rollout_batch_size groups (ranks that found more hand groups to those that
+    found fewer, :func:`share_groups`); when the rounds ran out, all that were found, spread evenly, and a rank
+    left with none trains one out-of-band group (``filter/fallback_groups``) so that it takes part in the update.
 
     ``layout``: the ranks of one tensor-parallel engine submit their group's prompts together, with the group's
     seed, and each keeps its own slice of the outputs."""
@@ -82,7 +84,7 @@ class BatchFiller:
         alg, n = self.cfg.algorithm, self.cfg.rollout.n
         kept: list[Group] = []
         sums: dict[str, float] = {}
-        n_sampled, dropped, groups, rounds = 0, 0, [], 0
+        n_sampled, groups, rounds = 0, [], 0
         while True:
             encoded, rollouts, data_metrics = self.round(step, rounds, timer)
             rounds += 1
@@ -99,20 +101,36 @@ class BatchFiller:
                                   alg.filter_high)
             groups = [(e, rollouts[g * n:(g + 1) * n], rewards[g * n:(g + 1) * n]) for g, e in enumerate(encoded)]
             kept += [grp for grp, k in zip(groups, keep.tolist(), strict=True) if k]
-            dropped += int((~keep).sum())
             total = distributed.all_reduce_sum([float(len(kept))], self.info.device)[0]
             if total >= self.cfg.trainer.rollout_batch_size or rounds >= alg.max_filter_rounds:
                 break
+        counts = [int(c) for c in distributed.all_gather_objects(len(kept))]
+        share, surplus = share_groups(counts, self.per_rank)
+        mine = self._gather(kept, share, counts)
         fallback = 0
-        if not kept and groups:  # nothing in the band on this rank: one group of the last round (mostly A = 0)
-            kept, fallback = groups[:1], 1
-        gen = self._finish(step, kept, data_metrics)
-        kept_n, dropped_n, fallback_n = distributed.all_reduce_sum(
-            [float(len(gen.prompts)), float(dropped), float(fallback)], self.info.device)
+        if not mine and groups:  # nothing in the band for this rank: one group of the last round (mostly A = 0)
+            mine, fallback = groups[:1], 1
+        gen = self._finish(step, mine, data_metrics)
+        sampled_n, trained_n, fallback_n = distributed.all_reduce_sum(
+            [float(n_sampled // n), float(len(gen.prompts)), float(fallback)], self.info.device)
         gen.metrics |= {k: (v if k in SUMMED_REWARD_KEYS else v / max(n_sampled, 1)) for k, v in sums.items()}
-        gen.metrics |= {"filter/trained_groups": kept_n, "filter/dropped_groups": dropped_n,
-                        "filter/rounds": float(rounds), "filter/fallback_groups": fallback_n}
+        # every sampled group is counted once: trained (in the band, or a fallback), dropped (out of the band, not
+        # trained) or surplus (in the band, beyond the batch)
+        gen.metrics |= {"filter/sampled_groups": sampled_n, "filter/trained_groups": trained_n,
+                        "filter/dropped_groups": sampled_n - sum(counts) - fallback_n,
+                        "filter/surplus_groups": float(len(surplus)), "filter/fallback_groups": fallback_n,
+                        "filter/rounds": float(rounds)}
         return gen
+
+    def _gather(self, kept: list[Group], share: list[list[tuple[int, int]]], counts: list[int]) -> list[Group]:
+        """This rank's share of the in-band groups: its own, and those other ranks hand it (``share_groups``)."""
+        me = self.info.rank
+        if all(src == r for r, part in enumerate(share) for src, _ in part):
+            return [kept[i] for _, i in share[me]]  # nothing moves: no collective (every rank sees the same plan)
+        taker = {g: r for r, part in enumerate(share) for g in part}
+        outgoing = {(me, i): (kept[i][0].for_training(), *kept[i][1:]) for i in range(counts[me]) if taker.get((me, i), me) != me}
+        arriving = distributed.gather_dicts(outgoing)
+        return [kept[i] if src == me else arriving[(src, i)] for src, i in share[me]]
 
     def _finish(self, step: int, kept: list[Group], data_metrics: dict) -> Generated:
         # a rank left with no prompt at all (every one longer than data.max_prompt_length) stops every rank alike
@@ -120,10 +138,33 @@ class BatchFiller:
             raise DataError(f"step {step}: every prompt of some rank's share is longer than data.max_prompt_length="
                             f"{self.cfg.data.max_prompt_length} tokens (images included), so that rank has nothing "
                             "to train on; raise data.max_prompt_length or lower data.max_pixels")
-        kept = kept[:self.per_rank]
         rollouts = [replace(x, prompt_index=i) for i, (_, rs, _) in enumerate(kept) for x in rs]
         rewards = torch.cat([rw for _, _, rw in kept]) if kept[0][2] is not None else None
         return Generated([enc for enc, _, _ in kept], rollouts, rewards, dict(data_metrics))
+
+
+def share_groups(counts: list[int], per_rank: int) -> tuple[list[list[tuple[int, int]]], list[tuple[int, int]]]:
+    """Which in-band groups each rank trains, given how many each found (``counts[r]``; a group is (rank, index)).
+
+    With at least ``per_rank`` x ranks in all, every rank trains exactly ``per_rank``: its own first, then groups
+    that ranks with more than their share hand over (in rank order); what is left over is the surplus, returned
+    second. With fewer (the rounds ran out), every group is trained, spread as evenly as possible (shares differ
+    by at most one; the larger ones go to the ranks that found the most, so fewer groups travel)."""
+    world, total = len(counts), sum(counts)
+    if total >= per_rank * world:
+        quota = [per_rank] * world
+    else:
+        base, extra = divmod(total, world)
+        quota = [base] * world
+        for r in sorted(range(world), key=lambda r: (-counts[r], r))[:extra]:
+            quota[r] += 1
+    share = [[(r, i) for i in range(min(counts[r], quota[r]))] for r in range(world)]
+    free = [(r, i) for r in range(world) for i in range(quota[r], counts[r])]
+    for r in range(world):
+        take = quota[r] - len(share[r])
+        share[r] += free[:take]
+        free = free[take:]
+    return share, free
 
 
 def to_batch(prompts: list[EncodedPrompt], rollouts: list[Rollout], pad_id: int) -> tuple[PolicyBatch, torch.Tensor]:
