@@ -213,8 +213,9 @@ def balance_step(gen: Generated, group_size: int, n_mini: int, ppo_epochs: int, 
     """Owner of rank balancing and of the step's update schedule. Evens out the ranks' tokens (prompt + response)
     in every mini-batch of the first pass by moving prompt groups between ranks within their mini-batch
     (:func:`assign_groups`): each global mini-batch keeps its groups and each rank its number of groups, so the
-    first pass's maths is unchanged and only the slowest rank's wait shrinks (later passes: see the module). ``uneven``: the ranks may hold different
-    numbers of groups (online filtering): every rank then takes as many optimizer steps, each at least a group.
+    first pass's maths is unchanged and only the slowest rank's wait shrinks (later passes: see the module).
+    ``uneven``: the ranks may hold different numbers of groups (online filtering when its rounds ran out short):
+    every rank then takes as many optimizer steps, each at least a group.
 
     ``perf/rank_token_imbalance`` is the pace the ranks run at, the sum over mini-batches of the busiest rank's
     tokens over the sum of the mean rank's (1 = balanced); ``..._unbalanced`` the same without moving anything."""
