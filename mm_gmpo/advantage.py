@@ -57,12 +57,13 @@ def group_advantages(
 
 def groups_in_band(values: torch.Tensor, group_size: int, low: float, high: float) -> torch.Tensor:
     """Online filtering (DAPO): a (G,) bool mask of the groups whose mean of ``values`` (per-sample accuracy or
-    reward, N = G x group_size, samples of a prompt consecutive) lies within [low, high]. A group outside the band
-    (all wrong, all right) has advantage 0 everywhere: it costs an update pass and teaches nothing."""
+    reward, N = G x group_size, samples of a prompt consecutive) lies strictly between low and high, as EasyR1
+    (``low < mean < high``): with (0, 1) exactly the all-wrong and all-right groups go, as DAPO's and verl's
+    "std > 0". A group outside the band has advantage 0 everywhere: it costs an update pass and teaches nothing."""
     if values.dim() != 1 or values.numel() % group_size:
         raise ValueError(f"values must be (G x {group_size},), got shape {tuple(values.shape)}")
     means = values.float().view(-1, group_size).mean(-1)
-    return (means >= low) & (means <= high)
+    return (means > low) & (means < high)
 
 
 def kl_shaped_rewards(rewards: torch.Tensor, token_kl: torch.Tensor, mask: torch.Tensor, kl_coef: float

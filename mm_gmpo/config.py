@@ -158,13 +158,15 @@ class AlgorithmConfig:
                                       "k3 / low_var_kl (exp(ref - logp) - (ref - logp) - 1, clamped as EasyR1), abs")
     kl_in_reward: bool = f(False, "false: KL is a loss term (GRPO/EasyR1); true: kl_coef x the response's summed "
                                   "KL is subtracted from its reward before the group advantages (PPO-style)")
-    online_filtering: bool = f(False, "DAPO-style: drop prompt groups whose mean filter_key is outside "
-                                      "[filter_low, filter_high] (all wrong or all right: no signal) and roll out "
-                                      "more prompts until the batch is full or max_filter_rounds is reached")
-    filter_key: str = f("accuracy", "online_filtering: accuracy or overall (the reward)")
-    filter_low: float = f(0.01, "online_filtering: keep groups whose mean is >= this")
-    filter_high: float = f(0.99, "online_filtering: ... and <= this")
-    max_filter_rounds: int = f(4, "online_filtering: rollout rounds per step at most (then train on what there is)")
+    online_filtering: bool = f(False, "DAPO-style: keep the prompt groups with filter_low < mean filter_key < "
+                                      "filter_high (drop all wrong, all right: no signal) and roll out more prompts "
+                                      "until rollout_batch_size groups are found or max_filter_rounds is reached")
+    filter_key: str = f("accuracy", "online_filtering: accuracy (the verifier's 0/1; EasyR1's example: overall) "
+                                    "or overall (the reward, format included)")
+    filter_low: float = f(0.01, "online_filtering: keep groups whose mean is > this (exclusive, as EasyR1)")
+    filter_high: float = f(0.99, "online_filtering: ... and < this")
+    max_filter_rounds: int = f(4, "online_filtering: rollout rounds per step at most; then train on what there is "
+                                  "(EasyR1 and verl raise instead)")
     entropy_coef: float = f(0.0, "Entropy bonus")
     tis_cap: float = f(0.0, "Truncated importance sampling for the sampler/trainer mismatch: weight min(p_trainer / "
                             "p_sampler, cap) per token; 0 = off (2.0 is a common cap)")
@@ -578,10 +580,10 @@ def _check_algorithm(cfg: Config) -> None:
     if a.clip_ratio_c is not None and a.clip_ratio_c <= 1:
         raise ConfigError(f"algorithm.clip_ratio_c = {a.clip_ratio_c}: must be > 1 (verl: 3.0), or null for no "
                           "dual-clip")
-    if a.online_filtering and not 0 <= a.filter_low <= a.filter_high <= 1:
+    if a.online_filtering and not 0 <= a.filter_low < a.filter_high <= 1:
         raise ConfigError(f"algorithm.filter_low ({a.filter_low}) and filter_high ({a.filter_high}) must satisfy "
-                          "0 <= filter_low <= filter_high <= 1 (e.g. 0.01 and 0.99: drop all-wrong and all-right "
-                          "groups)")
+                          "0 <= filter_low < filter_high <= 1: groups with filter_low < mean < filter_high are kept "
+                          "(e.g. 0.01 and 0.99, or 0 and 1: drop the all-wrong and all-right groups)")
     if a.max_filter_rounds < 1:
         raise ConfigError(f"algorithm.max_filter_rounds = {a.max_filter_rounds}: must be >= 1")
     if a.kl_coef > 0 and cfg.model.lora.rank and cfg.model.lora.modules_to_save:

@@ -41,8 +41,9 @@ def strip(rows: list[dict]) -> list[dict]:
 def test_groups_in_band_keeps_groups_with_signal():
     acc = torch.tensor([0, 0, 0, 0, 1, 0, 0, 0, 1, 1, 1, 1, 1, 1, 0, 1], dtype=torch.float32)
     assert groups_in_band(acc, 4, 0.01, 0.99).tolist() == [False, True, False, True]
-    assert groups_in_band(acc, 4, 0.0, 1.0).all()
-    assert groups_in_band(acc, 4, 0.5, 1.0).tolist() == [False, False, True, True]
+    # the bounds are exclusive (as EasyR1): (0, 1) drops exactly the all-wrong and all-right groups
+    assert groups_in_band(acc, 4, 0.0, 1.0).tolist() == [False, True, False, True]
+    assert groups_in_band(acc, 4, 0.25, 1.0).tolist() == [False, False, False, True]  # 0.25 itself is out
 
 
 def test_kl_shaped_rewards_subtract_the_summed_token_kl():
@@ -63,6 +64,8 @@ def test_pass_counts_prompts_with_one_correct_sample():
     (["algorithm.kl_coef=-0.1"], "algorithm.kl_coef"),
     (["algorithm.kl_penalty=k4"], "algorithm.kl_penalty"),
     (["algorithm.online_filtering=true", "algorithm.filter_low=0.9", "algorithm.filter_high=0.1"],
+     "algorithm.filter_low"),
+    (["algorithm.online_filtering=true", "algorithm.filter_low=0.5", "algorithm.filter_high=0.5"],
      "algorithm.filter_low"),
     (["algorithm.max_filter_rounds=0"], "algorithm.max_filter_rounds"),
     (["algorithm.clip_ratio_c=0.5"], "algorithm.clip_ratio_c"),
