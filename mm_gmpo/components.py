@@ -51,10 +51,11 @@ def loss_settings(cfg: Config) -> LossSettings:
     defaults = objective_defaults(alg.objective)
     kwargs = {"entropy_coef": alg.entropy_coef, "kl_coef": 0.0 if alg.kl_in_reward else alg.kl_coef,
               "kl_penalty": alg.kl_penalty}
-    chosen = {"clip_low": alg.clip_low, "clip_high": alg.clip_high, "clip_ratio_c": alg.clip_ratio_c,
-              "tau_pos": alg.sapo_tau_pos, "tau_neg": alg.sapo_tau_neg,
-              "loss_agg": None if alg.loss_agg == "auto" else alg.loss_agg}
-    kwargs |= {k: defaults[k] if chosen[k] is None and k != "clip_ratio_c" else chosen[k] for k in defaults}
+    chosen = {"clip_low": alg.clip_low, "clip_high": alg.clip_high, "tau_pos": alg.sapo_tau_pos,
+              "tau_neg": alg.sapo_tau_neg, "loss_agg": None if alg.loss_agg == "auto" else alg.loss_agg}
+    kwargs |= {k: defaults[k] if chosen.get(k) is None else chosen[k] for k in defaults}
+    if "clip_ratio_c" in defaults:  # grpo's dual-clip: null means off, not the default
+        kwargs["clip_ratio_c"] = alg.clip_ratio_c
     by_tokens = kwargs.get("loss_agg") == "token_mean"
     return LossSettings(get_policy_loss(alg.objective), kwargs, "tokens" if by_tokens else "sequences")
 

@@ -180,6 +180,8 @@ PANELS = (
                                                                     ("ratio/token_log_ratio_min", "min"))),
     ("Clipped tokens", "fraction of tokens", (("ratio/clip_frac_upper", "upper (A > 0)"),
                                               ("ratio/clip_frac_lower", "lower (A < 0)"))),
+    ("SAPO gate weight (its gradient scale; SAPO has no clip)", "mean 4 s (1 - s)",
+     (("ratio/gate_weight_mean", "mean"),)),
     ("Response length", "tokens", (("rollout/response_len_mean", "mean"),)),
 )
 
@@ -249,7 +251,8 @@ def step_summary(step: int, total: int, m: dict[str, float]) -> str:
 
     parts = [f"step {step}/{total}", f"reward {g('reward/mean')}", f"acc {g('reward/accuracy')}",
              f"len {g('rollout/response_len_mean', '.0f')}",
-             f"clip {g('ratio/clip_frac_lower')}/{g('ratio/clip_frac_upper')}", f"entropy {g('actor/entropy')}"]
+             (f"gate {g('ratio/gate_weight_mean')}" if "ratio/gate_weight_mean" in m  # SAPO: no clip
+              else f"clip {g('ratio/clip_frac_lower')}/{g('ratio/clip_frac_upper')}"), f"entropy {g('actor/entropy')}"]
     if "eval/accuracy" in m:
         parts.append(f"eval {g('eval/accuracy')}")
     stage = " ".join(f"{s.replace('old_logprob', 'logp').replace('weight_sync', 'sync')} {m[f'timing/{s}_s']:.1f}"

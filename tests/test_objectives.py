@@ -281,3 +281,12 @@ def test_the_trainer_passes_each_objective_its_settings(overrides, fn, kwargs, b
     s = loss_settings(cfg)
     assert s.fn.__name__ == fn and s.normalize_by == by
     assert {k: v for k, v in s.kwargs.items() if k not in ("entropy_coef", "kl_coef", "kl_penalty")} == kwargs
+
+
+def test_the_console_line_shows_sapos_gate_where_the_others_show_clips():
+    from mm_gmpo.logger import step_summary
+
+    clipped = step_summary(3, 10, {"reward/mean": 0.5, "ratio/clip_frac_lower": 0.01, "ratio/clip_frac_upper": 0.02})
+    gated = step_summary(3, 10, {"reward/mean": 0.5, "ratio/gate_weight_mean": 0.987})
+    assert "clip 0.010/0.020" in clipped and "gate" not in clipped
+    assert "gate 0.987" in gated and "clip" not in gated
