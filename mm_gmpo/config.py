@@ -714,6 +714,26 @@ def normal_form(value: Any) -> Any:
     return value
 
 
+def _effective(d: dict) -> dict:
+    """The objective's settings as its loss function receives them: null clips and auto loss_agg resolved to the
+    objective's defaults, settings it does not read dropped (a checkpoint written when clips had numeric defaults
+    and loss_agg was token_mean resumes without a spurious change)."""
+    alg = d.get("algorithm")
+    if not isinstance(alg, dict) or alg.get("objective") not in CHOICES["algorithm.objective"]:
+        return d
+    from mm_gmpo.loss import objective_defaults  # torch: only when a resume compares settings
+
+    defaults = objective_defaults(alg["objective"])
+    alg = dict(alg)
+    for key, name in (("clip_low", "clip_low"), ("clip_high", "clip_high"), ("loss_agg", "loss_agg"),
+                      ("clip_ratio_c", "clip_ratio_c"), ("sapo_tau_pos", "tau_pos"), ("sapo_tau_neg", "tau_neg")):
+        if name not in defaults:
+            alg.pop(key, None)
+        elif alg.get(key) is None or (key == "loss_agg" and alg.get(key) == "auto"):
+            alg[key] = defaults[name] if key != "clip_ratio_c" else alg.get(key)
+    return {**d, "algorithm": alg}
+
+
 def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
     """(changes that alter the maths or the data order, harmless changes) between two ``to_dict`` configs, each
     as 'key: old -> new'."""
@@ -726,7 +746,7 @@ def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
                 out[f"{prefix}{k}"] = v
         return out
 
-    a, b = flat(normal_form(old)), flat(normal_form(new))
+    a, b = flat(_effective(normal_form(old))), flat(_effective(normal_form(new)))
     changed = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     harmless = [c for c in changed if c.startswith(HARMLESS)]
     return [c for c in changed if c not in harmless], harmless

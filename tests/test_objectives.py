@@ -290,3 +290,20 @@ def test_the_console_line_shows_sapos_gate_where_the_others_show_clips():
     gated = step_summary(3, 10, {"reward/mean": 0.5, "ratio/gate_weight_mean": 0.987})
     assert "clip 0.010/0.020" in clipped and "gate" not in clipped
     assert "gate 0.987" in gated and "clip" not in gated
+
+
+def test_a_checkpoint_from_before_the_paper_defaults_resumes_without_a_change():
+    """Checkpoints written when clip_low/clip_high were 0.4 and loss_agg token_mean (ignored by gmpo) compare equal
+    to today's null / auto; a real change (another clip, another objective) is still one."""
+    from mm_gmpo.config import config_changes, load_config, to_dict
+
+    now = to_dict(load_config(None))
+    before = {**now, "algorithm": {**now["algorithm"], "clip_low": 0.4, "clip_high": 0.4, "loss_agg": "token_mean"}}
+    assert config_changes(before, now) == ([], [])
+    wider = {**now, "algorithm": {**now["algorithm"], "clip_high": 0.5}}
+    assert config_changes(now, wider)[0] == ["algorithm.clip_high: 0.4 -> 0.5"]
+    gspo = to_dict(load_config(None, ["algorithm.objective=gspo"]))
+    assert "algorithm.objective: 'gmpo' -> 'gspo'" in config_changes(now, gspo)[0]
+    grpo_before = to_dict(load_config(None, ["algorithm.objective=grpo", "algorithm.clip_low=0.2",
+                                             "algorithm.clip_high=0.2", "algorithm.loss_agg=token_mean"]))
+    assert config_changes(grpo_before, to_dict(load_config(None, ["algorithm.objective=grpo"]))) == ([], [])
