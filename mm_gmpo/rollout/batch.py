@@ -128,7 +128,8 @@ class BatchFiller:
         if all(src == r for r, part in enumerate(share) for src, _ in part):
             return [kept[i] for _, i in share[me]]  # nothing moves: no collective (every rank sees the same plan)
         taker = {g: r for r, part in enumerate(share) for g in part}
-        outgoing = {(me, i): (kept[i][0].for_training(), *kept[i][1:]) for i in range(counts[me]) if taker.get((me, i), me) != me}
+        outgoing = {(me, i): (kept[i][0].for_training(), *kept[i][1:]) for i in range(counts[me])
+                    if taker.get((me, i), me) != me}
         arriving = distributed.gather_dicts(outgoing)
         return [kept[i] if src == me else arriving[(src, i)] for src, i in share[me]]
 
