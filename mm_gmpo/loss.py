@@ -28,8 +28,9 @@ others they are ratio-space epsilons, the bounds ``1 - clip_low`` and ``1 + clip
     sapo        soft gate (4 / tau) sigmoid(tau (r_t - 1)), no clip     tau 1.0 / 1.05  seq_mean_token_mean
 
 All accept ``normalizer``: when a global batch is split into micro-batches and ranks, pass the *global* count
-(sequences for GMPO, GSPO and ``seq_mean_token_mean``, valid tokens for ``token_mean``) so that summing the micro-batch
-gradients gives exactly the gradient of the global mean. Sequences without a single valid token contribute 0.
+(sequences for GMPO, GSPO and ``seq_mean_token_mean``, valid tokens for ``token_mean``) so that summing the
+micro-batch gradients gives exactly the gradient of the global mean. Sequences without a single valid token
+contribute 0.
 
 Train/inference mismatch: all accept ``is_weights`` (B, T), per-token truncated importance weights
 ``min(pi_old / pi_sampler, cap)`` from :func:`truncated_is_weights` (off unless passed). The token-level
@@ -186,7 +187,8 @@ def _finish(metrics: dict[str, torch.Tensor]) -> Metrics:
 
 
 def _prepare(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor):
-    """Checked shapes; (bool mask, fp32 log-probs, detached fp32 advantages (B,), lengths, masked log-ratio)."""
+    """Checked shapes; (bool mask, log-probs, detached advantages (B,), lengths, masked log-ratio), the floats in at
+    least fp32 (:func:`_wide`)."""
     _check_shapes(logprobs, old_logprobs, advantages, mask)
     mask = _as_bool_mask(mask)
     logprobs32 = _wide(logprobs)

@@ -86,8 +86,8 @@ def summary(runs: dict[str, Path], last: int = 20) -> str:
         s_lo = min(r.get("ratio/seq_log_ratio_min", 0.0) for r in rows)
         s_hi = max(r.get("ratio/seq_log_ratio_max", 0.0) for r in rows)
         gate = _mean("ratio/gate_weight_mean", rows)
-        clip = (f"gate {gate:.4f}" if gate is not None
-                else f"{(_mean('ratio/clip_frac_upper', rows) or 0.0) + (_mean('ratio/clip_frac_lower', rows) or 0.0):.4f}")
+        clipped = (_mean("ratio/clip_frac_upper", rows) or 0.0) + (_mean("ratio/clip_frac_lower", rows) or 0.0)
+        clip = f"gate {gate:.4f}" if gate is not None else f"{clipped:.4f}"
         evals = [r["eval/accuracy"] for r in read_metrics(folder / "metrics.jsonl") if "eval/accuracy" in r]
         entropy = _mean("actor/entropy", tail)
         lines.append(f"| {name} | {_mean('reward/mean', tail):.3f} | {first if first is not None else '-'} | "

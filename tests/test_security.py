@@ -94,7 +94,8 @@ def test_template_names_stay_in_the_template_folder_and_render_in_a_sandbox(tmp_
 def test_update_gradient_equals_the_whole_batch_loss_gradient_in_float64(objective, budget, own_process_group):
     """policy_update's accumulated gradient (any micro-batch split) equals the gradient of the objective on the
     whole batch computed directly, in float64: a uniform factor anywhere in the update would show. Every
-    normalisation: per sequence (GMPO, GSPO), token_mean (CISPO; GRPO's path), seq_mean_token_mean (SAPO; GSPO-token's)."""
+    normalisation: per sequence (GMPO, GSPO), token_mean (CISPO; GRPO's path), seq_mean_token_mean (SAPO;
+    GSPO-token's)."""
     from mm_gmpo import distributed
     from mm_gmpo.loss import get_policy_loss, objective_defaults
     from mm_gmpo.models import build_model, tiny_qwen2_5_vl_config
