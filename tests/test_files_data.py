@@ -145,6 +145,9 @@ def bad_rows(tmp_path: Path) -> list[tuple[dict | str, str]]:
         ({"problem": "<image> and <image>", "answer": "1", "images": ["ok.png"]},
          "2 <image> placeholder(s) but 1 image(s)"),
         ({"problem": "p <|image_pad|>", "answer": "1"}, "special token <|image_pad|>"),
+        ({"problem": "<video> what moves?", "answer": "1", "videos": ["clip.mp4"]},
+         "field 'videos' holds video clips, which mm_gmpo does not read yet"),
+        ({"problem": "<video> what moves?", "answer": "1"}, "field 'problem' marks a video with <video>"),
         ("[1, 2]", "a row must be a JSON object"),
         ("{not json", "not valid JSON"),
     ]

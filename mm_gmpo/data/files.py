@@ -34,6 +34,8 @@ from mm_gmpo.data.prompts import system_prompt as template_system_prompt
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 IMAGE_PLACEHOLDER = "<image>"
+VIDEO_PLACEHOLDER = "<video>"  # EasyR1's; refused until clips are read
+VIDEO_KEY = "videos"  # EasyR1's video_key default
 
 
 @dataclass(frozen=True)
@@ -278,6 +280,7 @@ def _row_prompt(where: str, row: Any, index: int, *, cols: Columns, base_dir: Pa
         if tok in problem:
             raise DataError(f"{where}: field '{cols.prompt_key}' contains the special token {tok}; mark images with "
                             f"{IMAGE_PLACEHOLDER}")
+    _refuse_video(row, problem, where, cols)
     images = [open_image(e, where, cols.image_key, base_dir, store) for e in _image_entries(row.get(cols.image_key))]
     rendered = render_question(template, problem)
     content = interleave(rendered, len(images), where)
@@ -289,6 +292,20 @@ def _row_prompt(where: str, row: Any, index: int, *, cols: Columns, base_dir: Pa
         id=f"{name}/{row_id if isinstance(row_id, str | int) else index}", task=task, messages=messages,
         images=images, ground_truth=str(answer).strip(), metadata={"source": where},
     )
+
+
+def _refuse_video(row: dict, problem: str, where: str, cols: Columns) -> None:
+    """Video clips are not read yet: a row that carries them (EasyR1's ``videos`` field) or marks one with
+    ``<video>`` is refused rather than trained with the clip silently dropped and the marker left as text."""
+    clips = row.get(VIDEO_KEY)
+    if clips not in (None, "", []) and cols.image_key != VIDEO_KEY:
+        raise DataError(f"{where}: field '{VIDEO_KEY}' holds video clips, which mm_gmpo does not read yet (pictures "
+                        f"only); extract frames into '{cols.image_key}', drop the field, or set "
+                        "data.on_bad_sample=skip to leave such rows out")
+    if VIDEO_PLACEHOLDER in problem:
+        raise DataError(f"{where}: field '{cols.prompt_key}' marks a video with {VIDEO_PLACEHOLDER}, which mm_gmpo "
+                        f"does not read yet (pictures only); use {IMAGE_PLACEHOLDER} with frames in "
+                        f"'{cols.image_key}'")
 
 
 def load_file_prompts(
