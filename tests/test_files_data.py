@@ -148,6 +148,7 @@ def bad_rows(tmp_path: Path) -> list[tuple[dict | str, str]]:
         ({"problem": "<video> what moves?", "answer": "1", "videos": ["clip.mp4"]},
          "field 'videos' holds video clips, which mm_gmpo does not read yet"),
         ({"problem": "<video> what moves?", "answer": "1"}, "field 'problem' marks a video with <video>"),
+        ({"problem": "what moves?", "answer": "1", "videos": "clip.mp4"}, "field 'videos' holds video clips"),
         ("[1, 2]", "a row must be a JSON object"),
         ("{not json", "not valid JSON"),
     ]

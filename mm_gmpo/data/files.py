@@ -298,7 +298,8 @@ def _refuse_video(row: dict, problem: str, where: str, cols: Columns) -> None:
     """Video clips are not read yet: a row that carries them (EasyR1's ``videos`` field) or marks one with
     ``<video>`` is refused rather than trained with the clip silently dropped and the marker left as text."""
     clips = row.get(VIDEO_KEY)
-    if clips not in (None, "", []) and cols.image_key != VIDEO_KEY:
+    empty = clips is None or (hasattr(clips, "__len__") and len(clips) == 0)  # '', [] or an empty array
+    if not empty and cols.image_key != VIDEO_KEY:
         raise DataError(f"{where}: field '{VIDEO_KEY}' holds video clips, which mm_gmpo does not read yet (pictures "
                         f"only); extract frames into '{cols.image_key}', drop the field, or set "
                         "data.on_bad_sample=skip to leave such rows out")
