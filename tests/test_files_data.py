@@ -213,3 +213,11 @@ def test_same_picture_in_two_prompts_has_one_key(tmp_path, processor):
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
     enc, _ = encode_prompts(load_file_prompts(str(f)), processor, max_prompt_length=512, **PIX)
     assert enc[0].image_keys[1] == enc[1].image_keys[0] != enc[0].image_keys[0]
+
+
+def test_an_empty_videos_field_is_no_clip(tmp_path):
+    """EasyR1 rows of picture data may carry "videos": [] or null: they load as they are."""
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps({"problem": "p", "answer": "1", "videos": []}) + "\n"
+                 + json.dumps({"problem": "q", "answer": "2", "videos": None}) + "\n")
+    assert [p.ground_truth for p in load_file_prompts(str(f))] == ["1", "2"]
