@@ -186,6 +186,14 @@ def _finish(metrics: dict[str, torch.Tensor]) -> Metrics:
     return dict(zip(keys, values, strict=True))
 
 
+def _metrics(policy: torch.Tensor, own: dict[str, torch.Tensor], delta: torch.Tensor, mask: torch.Tensor,
+             lengths: torch.Tensor, adv: torch.Tensor, reg_stats: dict[str, torch.Tensor]) -> Metrics:
+    """What every objective reports around its own metrics (clip fractions, gate weight): the policy loss, the
+    ratio ranges, the share of zero advantages and the KL / entropy terms; one host sync."""
+    return _finish({"loss/policy": policy.detach(), **own, **_ratio_metrics(delta, mask, lengths),
+                    "adv/zero_frac": (adv == 0).float().mean(), **reg_stats})
+
+
 def _prepare(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor):
     """Checked shapes; (bool mask, log-probs, detached advantages (B,), lengths, masked log-ratio), the floats in at
     least fp32 (:func:`_wide`)."""
@@ -258,16 +266,12 @@ def gmpo_loss(
 
     with torch.no_grad():
         n_tok = mask.sum().clamp(min=1)
-        stats = {
-            "loss/policy": per_seq.sum() / n_seq,
+        own = {
             "ratio/clip_frac_upper": (mask & pos & (delta > clip_high)).sum() / n_tok,
             "ratio/clip_frac_lower": (mask & neg & (delta < -clip_low)).sum() / n_tok,
-            **_ratio_metrics(delta, mask, lengths),
             "ratio/seq_weight_mean": weight[lengths > 0].sum() / (lengths > 0).sum().clamp(min=1),
-            "adv/zero_frac": (adv == 0).float().mean(),
-            **reg_stats,
         }
-    return loss, _finish(stats)
+    return loss, _metrics(per_seq.sum() / n_seq, own, delta, mask, lengths, adv, reg_stats)
 
 
 def _token_reducer(loss_agg: LossAgg, mask: torch.Tensor, lengths: torch.Tensor, normalizer: float | None
@@ -348,17 +352,13 @@ def grpo_loss(
     with torch.no_grad():
         n_tok = mask.sum().clamp(min=1)
         pos, neg = adv > 0, adv < 0
-        stats = {
-            "loss/policy": policy.detach(),
+        own = {
             "ratio/clip_frac_upper": (mask & pos & (ratio > 1.0 + clip_high)).sum() / n_tok,
             "ratio/clip_frac_lower": (mask & neg & (ratio < 1.0 - clip_low)).sum() / n_tok,
             "ratio/dual_clip_frac": ((mask & neg & (ratio > clip_ratio_c)).sum() / n_tok if clip_ratio_c is not None
                                      else n_tok.new_zeros((), dtype=torch.float32)),
-            **_ratio_metrics(delta, mask, lengths),
-            "adv/zero_frac": (advantages.detach() == 0).float().mean(),
-            **reg_stats,
         }
-    return loss, _finish(stats)
+    return loss, _metrics(policy, own, delta, mask, lengths, adv, reg_stats)
 
 
 def gspo_loss(
@@ -405,16 +405,11 @@ def gspo_loss(
     with torch.no_grad():
         valid = lengths > 0
         n_valid = valid.sum().clamp(min=1)
-        stats = {
-            "loss/policy": policy.detach(),
-            # the fraction of sequences whose ratio is clipped on the side that takes their gradient away
+        own = {  # the fraction of sequences whose ratio is clipped on the side that takes their gradient away
             "ratio/clip_frac_upper": (valid & (adv > 0) & (s > 1.0 + clip_high)).sum() / n_valid,
             "ratio/clip_frac_lower": (valid & (adv < 0) & (s < 1.0 - clip_low)).sum() / n_valid,
-            **_ratio_metrics(delta, mask, lengths),
-            "adv/zero_frac": (adv == 0).float().mean(),
-            **reg_stats,
         }
-    return policy + extra, _finish(stats)
+    return policy + extra, _metrics(policy, own, delta, mask, lengths, adv, reg_stats)
 
 
 def gspo_token_loss(
@@ -453,15 +448,11 @@ def gspo_token_loss(
                                                is_weights, ref_logprobs, kl_coef, kl_penalty, entropy, entropy_coef)
     with torch.no_grad():
         n_tok = mask.sum().clamp(min=1)
-        stats = {
-            "loss/policy": policy.detach(),
+        own = {
             "ratio/clip_frac_upper": (mask & (a > 0) & (s > 1.0 + clip_high)).sum() / n_tok,
             "ratio/clip_frac_lower": (mask & (a < 0) & (s < 1.0 - clip_low)).sum() / n_tok,
-            **_ratio_metrics(delta, mask, lengths),
-            "adv/zero_frac": (adv == 0).float().mean(),
-            **reg_stats,
         }
-    return loss, _finish(stats)
+    return loss, _metrics(policy, own, delta, mask, lengths, adv, reg_stats)
 
 
 def cispo_loss(
@@ -500,16 +491,11 @@ def cispo_loss(
                                                is_weights, ref_logprobs, kl_coef, kl_penalty, entropy, entropy_coef)
     with torch.no_grad():
         n_tok = mask.sum().clamp(min=1)
-        stats = {
-            "loss/policy": policy.detach(),
-            # tokens whose weight was capped (CISPO clips the weight whatever the advantage's sign)
+        own = {  # tokens whose weight was capped (CISPO clips the weight whatever the advantage's sign)
             "ratio/clip_frac_upper": (mask & (a != 0) & (ratio > 1.0 + clip_high)).sum() / n_tok,
             "ratio/clip_frac_lower": (mask & (a != 0) & (ratio < 1.0 - clip_low)).sum() / n_tok,
-            **_ratio_metrics(delta, mask, lengths),
-            "adv/zero_frac": (adv == 0).float().mean(),
-            **reg_stats,
         }
-    return loss, _finish(stats)
+    return loss, _metrics(policy, own, delta, mask, lengths, adv, reg_stats)
 
 
 def sapo_loss(
@@ -550,16 +536,10 @@ def sapo_loss(
     loss, policy, reg_stats = _token_objective(per_token, logprobs32, mask, lengths, loss_agg, normalizer,
                                                is_weights, ref_logprobs, kl_coef, kl_penalty, entropy, entropy_coef)
     with torch.no_grad():
-        n_tok = mask.sum().clamp(min=1)
         sig = torch.sigmoid(tau * (ratio - 1.0))
-        stats = {
-            "loss/policy": policy.detach(),
-            "ratio/gate_weight_mean": torch.where(mask, 4.0 * sig * (1.0 - sig), 0.0).sum() / n_tok,
-            **_ratio_metrics(delta, mask, lengths),
-            "adv/zero_frac": (adv == 0).float().mean(),
-            **reg_stats,
-        }
-    return loss, _finish(stats)
+        fade = torch.where(mask, 4.0 * sig * (1.0 - sig), 0.0)
+        own = {"ratio/gate_weight_mean": fade.sum() / mask.sum().clamp(min=1)}
+    return loss, _metrics(policy, own, delta, mask, lengths, adv, reg_stats)
 
 
 PolicyLossFn = Callable[..., tuple[torch.Tensor, Metrics]]
