@@ -11,10 +11,10 @@ import torch
 
 from mm_gmpo import distributed
 from mm_gmpo.attention import use_grouped_vision_attention
-from mm_gmpo.config import Config, ConfigError
+from mm_gmpo.config import OBJECTIVE_ARGS, Config, ConfigError
 from mm_gmpo.logprobs import compute_logprobs
 from mm_gmpo.lora import adapters_disabled, add_lora
-from mm_gmpo.loss import PolicyLossFn, get_policy_loss, objective_defaults
+from mm_gmpo.loss import PolicyLossFn, get_policy_loss, objective_kwargs
 from mm_gmpo.models import (
     CheckpointSource,
     RandomSource,
@@ -48,14 +48,9 @@ def loss_settings(cfg: Config) -> LossSettings:
     """The objective's function and keyword arguments: the configured clips, aggregation and SAPO temperatures
     where the objective takes them, its paper's defaults (the function's own) where the config says null/auto."""
     alg = cfg.algorithm
-    defaults = objective_defaults(alg.objective)
     kwargs = {"entropy_coef": alg.entropy_coef, "kl_coef": 0.0 if alg.kl_in_reward else alg.kl_coef,
               "kl_penalty": alg.kl_penalty}
-    chosen = {"clip_low": alg.clip_low, "clip_high": alg.clip_high, "tau_pos": alg.sapo_tau_pos,
-              "tau_neg": alg.sapo_tau_neg, "loss_agg": None if alg.loss_agg == "auto" else alg.loss_agg}
-    kwargs |= {k: defaults[k] if chosen.get(k) is None else chosen[k] for k in defaults}
-    if "clip_ratio_c" in defaults:  # grpo's dual-clip: null means off, not the default
-        kwargs["clip_ratio_c"] = alg.clip_ratio_c
+    kwargs |= objective_kwargs(alg.objective, {arg: getattr(alg, key) for key, arg in OBJECTIVE_ARGS.items()})
     by_tokens = kwargs.get("loss_agg") == "token_mean"
     return LossSettings(get_policy_loss(alg.objective), kwargs, "tokens" if by_tokens else "sequences")
 

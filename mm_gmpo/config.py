@@ -714,6 +714,11 @@ def normal_form(value: Any) -> Any:
     return value
 
 
+# the config's keys of an objective's settings and the loss functions' argument names for them
+OBJECTIVE_ARGS = {"clip_low": "clip_low", "clip_high": "clip_high", "loss_agg": "loss_agg",
+                  "clip_ratio_c": "clip_ratio_c", "sapo_tau_pos": "tau_pos", "sapo_tau_neg": "tau_neg"}
+
+
 def _effective(d: dict) -> dict:
     """The objective's settings as its loss function receives them: null clips and auto loss_agg resolved to the
     objective's defaults, settings it does not read dropped (a checkpoint written when clips had numeric defaults
@@ -721,17 +726,11 @@ def _effective(d: dict) -> dict:
     alg = d.get("algorithm")
     if not isinstance(alg, dict) or alg.get("objective") not in CHOICES["algorithm.objective"]:
         return d
-    from mm_gmpo.loss import objective_defaults  # torch: only when a resume compares settings
+    from mm_gmpo.loss import objective_kwargs  # torch: only when a resume compares settings
 
-    defaults = objective_defaults(alg["objective"])
-    alg = dict(alg)
-    for key, name in (("clip_low", "clip_low"), ("clip_high", "clip_high"), ("loss_agg", "loss_agg"),
-                      ("clip_ratio_c", "clip_ratio_c"), ("sapo_tau_pos", "tau_pos"), ("sapo_tau_neg", "tau_neg")):
-        if name not in defaults:
-            alg.pop(key, None)
-        elif alg.get(key) is None or (key == "loss_agg" and alg.get(key) == "auto"):
-            alg[key] = defaults[name] if key != "clip_ratio_c" else alg.get(key)
-    return {**d, "algorithm": alg}
+    resolved = objective_kwargs(alg["objective"], {arg: alg.get(key) for key, arg in OBJECTIVE_ARGS.items()})
+    kept = {k: v for k, v in alg.items() if k not in OBJECTIVE_ARGS}
+    return {**d, "algorithm": kept | {key: resolved[arg] for key, arg in OBJECTIVE_ARGS.items() if arg in resolved}}
 
 
 def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:

@@ -561,3 +561,10 @@ def objective_defaults(name: str) -> dict[str, object]:
     params = inspect.signature(get_policy_loss(name)).parameters
     return {k: p.default for k, p in params.items()
             if k in ("clip_low", "clip_high", "loss_agg", "clip_ratio_c", "tau_pos", "tau_neg")}
+
+
+def objective_kwargs(name: str, settings: dict[str, object]) -> dict[str, object]:
+    """The objective's own keyword arguments from ``settings`` (keyed by argument name), those it does not take
+    left out: None (and loss_agg 'auto') give its paper's default, except clip_ratio_c, where None means off."""
+    return {k: default if (settings.get(k) is None or settings.get(k) == "auto") and k != "clip_ratio_c"
+            else settings.get(k) for k, default in objective_defaults(name).items()}
