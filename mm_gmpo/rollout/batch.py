@@ -101,10 +101,9 @@ class BatchFiller:
                                   alg.filter_high)
             groups = [(e, rollouts[g * n:(g + 1) * n], rewards[g * n:(g + 1) * n]) for g, e in enumerate(encoded)]
             kept += [grp for grp, k in zip(groups, keep.tolist(), strict=True) if k]
-            total = distributed.all_reduce_sum([float(len(kept))], self.info.device)[0]
-            if total >= self.cfg.trainer.rollout_batch_size or rounds >= alg.max_filter_rounds:
+            counts = distributed.all_gather_objects(len(kept))  # in-band groups each rank holds so far
+            if sum(counts) >= self.cfg.trainer.rollout_batch_size or rounds >= alg.max_filter_rounds:
                 break
-        counts = [int(c) for c in distributed.all_gather_objects(len(kept))]
         share, surplus = share_groups(counts, self.per_rank)
         mine = self._gather(kept, share, counts)
         fallback = 0
