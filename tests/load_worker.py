@@ -3,6 +3,7 @@ shards (from a checkpoint folder or freshly initialised), and write every parame
 counts of what it read."""
 
 import argparse
+import os
 
 import torch
 
@@ -34,6 +35,11 @@ def main() -> None:
     torch.distributed.all_gather_object(ranks, {**stats, "shard_bytes": shard_bytes})
     if info.is_main:
         torch.save({"params": params, "buffers": buffers, "ranks": ranks}, args.out)
+    # as the other workers end: without this, gloo's threads can abort a rank at interpreter exit ("terminate
+    # called without an active exception", exit -6) after its work is done
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    os._exit(0)
 
 
 if __name__ == "__main__":
