@@ -88,7 +88,10 @@ class DataConfig:
     answer_key: str = f("answer", "files: the field holding the ground truth (text or a number)")
     image_key: str = f("images", "files: the field holding the images: one or a list of paths, bytes, "
                                  "{bytes|path} dicts; missing or [] = text-only")
-    image_dir: str = f("", "files: base folder of relative image paths (empty: the data file's folder)")
+    video_key: str = f("videos", "files: the field holding video clips (EasyR1's): one or a list of video files "
+                                 "(MP4/MOV, MKV/WebM, AVI), folders of frame images or lists of frame paths; "
+                                 "<video> marks where each goes")
+    image_dir: str = f("", "files: base folder of relative image and video paths (empty: the data file's folder)")
     system_prompt: str = f("", "files: a system prompt (empty: the template's own, if it has one)")
     task: str = f("math", "files: built-in reward for the rows when algorithm.reward_function is empty: math "
                           "(math-verify equivalence), geometry3k (answer text), exact (first word)")
@@ -106,6 +109,12 @@ class DataConfig:
     max_prompt_length: int = f(2048, "Prompts longer than this (tokens, images included) are dropped and counted")
     min_pixels: int = f(262_144, "Images are resized to at least this many pixels (EasyR1: 512*512)")
     max_pixels: int = f(4_194_304, "... and at most this many (EasyR1: 2048*2048)")
+    video_fps: float = f(2.0, "Clips: frames sampled per second of video (qwen-vl-utils' rule; EasyR1's video_fps)")
+    video_max_frames: int = f(64, "Clips: at most this many frames (evenly spaced over the clip)")
+    video_min_pixels: int = f(3136, "Clips: each frame resized to at least this many pixels ...")
+    video_max_pixels: int = f(262_144, "... and at most this many (EasyR1's video recipes: 262144), and within the "
+                                       "prompt's token budget (data.max_prompt_length) over all its frames")
+    max_videos: int = f(1, "Prompts with more clips are dropped (counted, warned); also vLLM's limit_mm_per_prompt")
     on_bad_sample: str = f("error", "error (stop, naming file and field) or skip (drop, count, warn)")
 
 
@@ -621,6 +630,15 @@ def _check_run_and_data(cfg: Config) -> None:
                           "trainer.eval_every=0")
     if d.max_images < 0:
         raise ConfigError(f"data.max_images = {d.max_images}: must be >= 0 (0 = text-only prompts)")
+    if d.max_videos < 0:
+        raise ConfigError(f"data.max_videos = {d.max_videos}: must be >= 0")
+    if not (0 < d.video_fps <= 60) or not math.isfinite(d.video_fps):
+        raise ConfigError(f"data.video_fps = {d.video_fps}: frames per second of video, in (0, 60]")
+    if d.video_max_frames < 2:
+        raise ConfigError(f"data.video_max_frames = {d.video_max_frames}: at least 2 (Qwen-VL's temporal patch)")
+    if not (1 <= d.video_min_pixels <= d.video_max_pixels):
+        raise ConfigError(f"data.video_min_pixels = {d.video_min_pixels}, data.video_max_pixels = "
+                          f"{d.video_max_pixels}: need 1 <= min <= max")
     if d.min_pixels < 1 or d.max_pixels < 1:
         raise ConfigError(f"data.min_pixels = {d.min_pixels}, data.max_pixels = {d.max_pixels}: pixel budgets must "
                           "be >= 1 (Qwen-VL's defaults: 3136 and 12845056; this trainer's: see python -m "

@@ -13,6 +13,7 @@ from mm_gmpo.data.images import ImageFit, ImageStore
 from mm_gmpo.data.processing import EncodedPrompt, encode_prompts, load_processor
 from mm_gmpo.data.prompts import DataError, Prompt, limit_images
 from mm_gmpo.data.synthetic import COLORS, DIGITS, single_token_ids
+from mm_gmpo.data.videos import ClipStore, VideoFit
 from mm_gmpo.models import check_model_source, processor_source
 from mm_gmpo.rewards.custom import RewardFunction, probe, resolve_spec
 from mm_gmpo.rollout.layout import RolloutLayout, rollout_layout
@@ -52,21 +53,33 @@ class PromptSampler:
         self._order = self._shuffle()
 
 
-def load_prompts(cfg: Config, split: str, images: ImageStore | None = None) -> list[Prompt]:
-    """Train or validation prompts for the configured dataset; prompts with more than data.max_images images are
-    dropped with a counted warning. File images go through ``images`` (one per distinct file, fitted)."""
+def video_fit(cfg: Config, patch_size: int = 14) -> VideoFit:
+    """How the run samples and sizes clips (data.video_*); a clip's frames share the prompt's token budget
+    (data.max_prompt_length, 90% of it as qwen-vl-utils keeps room for the text)."""
+    d = cfg.data
+    return VideoFit(d.video_fps, d.video_max_frames, d.video_min_pixels, d.video_max_pixels, patch_size,
+                    total_pixels=int(0.9 * d.max_prompt_length * (2 * patch_size) ** 2))
+
+
+def load_prompts(cfg: Config, split: str, images: ImageStore | None = None, clips: ClipStore | None = None,
+                 ) -> list[Prompt]:
+    """Train or validation prompts for the configured dataset; prompts with more than data.max_images images
+    (data.max_videos clips) are dropped with a counted warning. File images go through ``images`` (one per distinct
+    file, fitted), clips through ``clips``."""
     d = cfg.data
     images = images if images is not None else ImageStore(ImageFit(d.min_pixels, d.max_pixels))
+    clips = clips if clips is not None else ClipStore(video_fit(cfg))
     source = d.train_source if split == "train" else d.val_source
     which = d.train_split if split == "train" else d.val_split
     if d.dataset == "files":
         from mm_gmpo.data.files import Columns, load_file_prompts
 
         source = d.train_files if split == "train" else d.val_files
-        prompts = load_file_prompts(source, columns=Columns(d.prompt_key, d.answer_key, d.image_key),
+        prompts = load_file_prompts(source, columns=Columns(d.prompt_key, d.answer_key, d.image_key, d.video_key),
                                     image_dir=d.image_dir or None, template=d.template,
                                     system_prompt=d.system_prompt or None, task=d.task, on_bad_sample=d.on_bad_sample,
-                                    default_split="train" if split == "train" else "test", images=images)
+                                    default_split="train" if split == "train" else "test", images=images,
+                                    clips=clips)
     elif d.dataset == "synthetic":
         from mm_gmpo.data.synthetic import synthetic_prompts
 
@@ -86,7 +99,7 @@ def load_prompts(cfg: Config, split: str, images: ImageStore | None = None) -> l
 
         ds = load_text_math(source or "math500", split=which, levels=d.levels or None, on_bad_sample=d.on_bad_sample)
         prompts = list(text_math_prompts(ds, template=d.template))
-    return limit_images(prompts, d.max_images, source or f"{d.dataset} [{split}]")
+    return limit_images(prompts, d.max_images, source or f"{d.dataset} [{split}]", d.max_videos)
 
 
 def reward_function(cfg: Config, probe_ground_truth: str) -> RewardFunction | None:
@@ -128,15 +141,18 @@ def prepare_inputs(cfg: Config, layout: RolloutLayout) -> Inputs:
     # images are kept at the size the processor will use, one per distinct file: memory bounded by the pictures
     patch = getattr(getattr(processor, "image_processor", None), "patch_size", 14)
     images = ImageStore(ImageFit(cfg.data.min_pixels, cfg.data.max_pixels, patch))
-    train_prompts = load_prompts(cfg, "train", images)
+    clips = ClipStore(video_fit(cfg, patch))
+    train_prompts = load_prompts(cfg, "train", images, clips)
     rf = reward_function(cfg, train_prompts[0].ground_truth)  # a user reward: loaded and probed before any model
     val_encoded: list[EncodedPrompt] = []
     if cfg.trainer.eval_every or cfg.trainer.val_before_train:
-        val = load_prompts(cfg, "val", images)[layout.dp_rank::layout.dp_size]  # each engine group answers its share
+        val = load_prompts(cfg, "val", images, clips)[layout.dp_rank::layout.dp_size]  # each engine group answers its share
         val_encoded, _ = encode_prompts(val, processor, max_prompt_length=cfg.data.max_prompt_length,
                                         min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
     if images.count and os.environ.get("RANK", "0") == "0":
         print(f"data: {len(train_prompts)} train prompts; images held: {images.summary()} (at the processor's size)")
+    if clips.count and os.environ.get("RANK", "0") == "0":
+        print(f"data: {clips.count} clips held, {clips.nbytes / 2**20:.1f} MiB (sampled, at the processor's size)")
     allowed = None
     builtin = {"synthetic": list(COLORS), "arithmetic": list(DIGITS)}.get(cfg.data.dataset, [])
     words = list(cfg.rollout.allowed_tokens) or builtin

@@ -8,8 +8,10 @@ Rows are read as they are; a column mapping says which field is which:
     image_key  (images)    one image or a list: a path (relative paths from ``image_dir``, else the data file's
                            folder), bytes, a ``{"bytes": ..}`` / ``{"path": ..}`` dict (HF Image feature) or a PIL
                            image; missing, null or [] means a text-only prompt
+    video_key  (videos)    one clip or a list: a video file (MP4/MOV, MKV/WebM, AVI), a folder of frame images, or
+                           a list of frame image paths; ``<video>`` marks where each goes (``mm_gmpo.data.videos``)
 
-Every image is decoded in full when the data is loaded, so a broken file is a :class:`DataError` naming the file,
+Every image and clip is decoded when the data is loaded, so a broken file is a :class:`DataError` naming the file,
 row and field now, not an exception in the middle of a training step. With ``on_bad_sample="skip"`` bad rows are
 dropped, counted and reported once.
 """
@@ -31,11 +33,11 @@ from mm_gmpo.data.images import ImageStore
 from mm_gmpo.data.processing import VISION_TOKENS
 from mm_gmpo.data.prompts import DataError, OnBadSample, Prompt, SkipReport, render_question
 from mm_gmpo.data.prompts import system_prompt as template_system_prompt
+from mm_gmpo.data.videos import ClipStore
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 IMAGE_PLACEHOLDER = "<image>"
-VIDEO_PLACEHOLDER = "<video>"  # EasyR1's; refused until clips are read
-VIDEO_KEY = "videos"  # EasyR1's video_key default
+VIDEO_PLACEHOLDER = "<video>"  # EasyR1's
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class Columns:
     prompt_key: str = "problem"
     answer_key: str = "answer"
     image_key: str = "images"
+    video_key: str = "videos"
 
 
 def parse_source(spec: str, default_split: str = "train") -> tuple[str, str | None]:
@@ -235,19 +238,24 @@ def _image_entries(value: Any) -> list[Any]:
     return [value]
 
 
-def interleave(text: str, n_images: int, where: str) -> list[dict[str, Any]]:
-    """User content for ``text`` with an image at each ``<image>`` placeholder (all images first if it has none)."""
-    parts = text.split(IMAGE_PLACEHOLDER)
-    if len(parts) == 1:
-        return [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": text}]
-    if len(parts) - 1 != n_images:
-        raise DataError(f"{where}: the prompt has {len(parts) - 1} {IMAGE_PLACEHOLDER} placeholder(s) but "
-                        f"{n_images} image(s); use one placeholder per image, or none (images then go first)")
+def interleave(text: str, n_images: int, where: str, n_videos: int = 0) -> list[dict[str, Any]]:
+    """User content for ``text`` with an image at each ``<image>`` placeholder and a clip at each ``<video>`` (a
+    kind with no placeholder in the text goes first: clips, then images, then the text)."""
+    parts = re.split(f"({re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)})", text)
     content: list[dict[str, Any]] = []
-    for k, part in enumerate(parts):
-        if k:
+    for marker, n, kind in ((VIDEO_PLACEHOLDER, n_videos, "video"), (IMAGE_PLACEHOLDER, n_images, "image")):
+        found = parts.count(marker)
+        if found and found != n:
+            raise DataError(f"{where}: the prompt has {found} {marker} placeholder(s) but {n} {kind}(s); use one "
+                            f"placeholder per {kind}, or none ({kind}s then go first)")
+        if not found:
+            content += [{"type": kind} for _ in range(n)]
+    for part in parts:
+        if part == IMAGE_PLACEHOLDER:
             content.append({"type": "image"})
-        if part.strip():
+        elif part == VIDEO_PLACEHOLDER:
+            content.append({"type": "video"})
+        elif part.strip():
             content.append({"type": "text", "text": part})
     return content
 
@@ -256,7 +264,7 @@ def interleave(text: str, n_images: int, where: str) -> list[dict[str, Any]]:
 
 
 def _row_prompt(where: str, row: Any, index: int, *, cols: Columns, base_dir: Path | None, template: str,
-                system_prompt: str | None, task: str, name: str, store: ImageStore) -> Prompt:
+                system_prompt: str | None, task: str, name: str, store: ImageStore, clips: ClipStore) -> Prompt:
     if isinstance(row, DataError):
         raise row
     if not isinstance(row, dict):
@@ -279,34 +287,35 @@ def _row_prompt(where: str, row: Any, index: int, *, cols: Columns, base_dir: Pa
     for tok in VISION_TOKENS:
         if tok in problem:
             raise DataError(f"{where}: field '{cols.prompt_key}' contains the special token {tok}; mark images with "
-                            f"{IMAGE_PLACEHOLDER}")
-    _refuse_video(row, problem, where, cols)
+                            f"{IMAGE_PLACEHOLDER} and clips with {VIDEO_PLACEHOLDER}")
     images = [open_image(e, where, cols.image_key, base_dir, store) for e in _image_entries(row.get(cols.image_key))]
+    videos = [clips.read(e, f"{where}: field '{cols.video_key}'", base_dir)
+              for e in _clip_entries(row.get(cols.video_key), where, cols.video_key)]
     rendered = render_question(template, problem)
-    content = interleave(rendered, len(images), where)
+    content = interleave(rendered, len(images), where, len(videos))
     system = template_system_prompt(template) if system_prompt is None else system_prompt
     messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
-    messages.append({"role": "user", "content": content if images else rendered})
+    messages.append({"role": "user", "content": content if images or videos else rendered})
     row_id = row.get("id")
     return Prompt(
         id=f"{name}/{row_id if isinstance(row_id, str | int) else index}", task=task, messages=messages,
-        images=images, ground_truth=str(answer).strip(), metadata={"source": where},
+        images=images, ground_truth=str(answer).strip(), metadata={"source": where}, videos=videos,
     )
 
 
-def _refuse_video(row: dict, problem: str, where: str, cols: Columns) -> None:
-    """Video clips are not read yet: a row that carries them (EasyR1's ``videos`` field) or marks one with
-    ``<video>`` is refused rather than trained with the clip silently dropped and the marker left as text."""
-    clips = row.get(VIDEO_KEY)
-    empty = clips is None or (hasattr(clips, "__len__") and len(clips) == 0)  # '', [] or an empty array
-    if not empty and cols.image_key != VIDEO_KEY:
-        raise DataError(f"{where}: field '{VIDEO_KEY}' holds video clips, which mm_gmpo does not read yet (pictures "
-                        f"only); extract frames into '{cols.image_key}', drop the field, or set "
-                        "data.on_bad_sample=skip to leave such rows out")
-    if VIDEO_PLACEHOLDER in problem:
-        raise DataError(f"{where}: field '{cols.prompt_key}' marks a video with {VIDEO_PLACEHOLDER}, which mm_gmpo "
-                        f"does not read yet (pictures only); use {IMAGE_PLACEHOLDER} with frames in "
-                        f"'{cols.image_key}'")
+def _clip_entries(value: Any, where: str, field: str) -> list[Any]:
+    """A row's clips: one entry (a path, a frame folder), a list of them, or a list of frame-path lists; missing,
+    null, '' or [] means none."""
+    if value is None or (hasattr(value, "__len__") and len(value) == 0):
+        return []
+    if isinstance(value, str):
+        return [value]
+    if hasattr(value, "tolist") and not isinstance(value, list):  # parquet gives arrays, of text or of arrays
+        value = value.tolist()
+    if isinstance(value, list | tuple):
+        return [v.tolist() if hasattr(v, "tolist") else v for v in value]
+    raise DataError(f"{where}: field '{field}' holds a {type(value).__name__}; give a video path, a folder of "
+                    "frames, or a list of them")
 
 
 def load_file_prompts(
@@ -320,6 +329,7 @@ def load_file_prompts(
     on_bad_sample: OnBadSample = "error",
     default_split: str = "train",
     images: ImageStore | None = None,
+    clips: ClipStore | None = None,
 ) -> list[Prompt]:
     """Prompts from a data file, folder or hub dataset (see the module docstring).
 
@@ -331,8 +341,10 @@ def load_file_prompts(
         task: the built-in reward task of these rows (math, geometry3k or exact).
         on_bad_sample: 'error' raises a DataError naming the file, row and field; 'skip' drops, counts, warns.
         images: where decoded images are kept (one per distinct file, fitted to the processor's budget).
+        clips: where decoded clips are kept (one per distinct file or folder, sampled and fitted).
     """
     store = images if images is not None else ImageStore()
+    clips = clips if clips is not None else ClipStore()
     rows, data_dir = read_rows(spec, default_split)
     base = Path(image_dir).expanduser() if image_dir else data_dir
     source, _ = parse_source(spec, default_split)
@@ -342,7 +354,7 @@ def load_file_prompts(
     for i, (where, row) in enumerate(rows):
         try:
             p = _row_prompt(where, row, i, cols=columns, base_dir=base, template=template,
-                            system_prompt=system_prompt, task=task, name=name, store=store)
+                            system_prompt=system_prompt, task=task, name=name, store=store, clips=clips)
         except DataError as e:
             if on_bad_sample == "error":
                 raise

@@ -91,21 +91,21 @@ def decode_image(data: bytes, where: str) -> Image.Image:
     return _decode(io.BytesIO(data), where)
 
 
-def _open_checked(path: Path, where: str):
+def _open_checked(path: Path, where: str, cap: int = MAX_FILE_BYTES, kind: str = "image"):
     """``path`` opened for reading, checked before it is opened: a regular file (no FIFO, socket or device, whose
     read could block), not empty (as /proc files report themselves), not over the size cap; opened non-blocking
     and checked again on the open descriptor (the file opened is the file checked)."""
     try:
-        _check_regular(os.stat(path), path, where)
+        _check_regular(os.stat(path), path, where, cap, kind)
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
     except FileNotFoundError:
-        raise DataError(f"{where}: image file {path} not found (relative paths start at data.image_dir, else at "
+        raise DataError(f"{where}: {kind} file {path} not found (relative paths start at data.image_dir, else at "
                         "the data file's folder)") from None
     except OSError as e:
         raise DataError(f"{where}: {path} cannot be read ({e.strerror or e})") from None
     f = os.fdopen(fd, "rb")
     try:
-        _check_regular(os.fstat(fd), path, where)
+        _check_regular(os.fstat(fd), path, where, cap, kind)
     except DataError:
         f.close()
         raise
@@ -133,14 +133,14 @@ def _named(where: str, path: Path) -> str:
     return where if str(path) in where else f"{where}: {path}"
 
 
-def _check_regular(st: os.stat_result, path: Path, where: str) -> None:
+def _check_regular(st: os.stat_result, path: Path, where: str, cap: int = MAX_FILE_BYTES, kind: str = "image") -> None:
     if not stat.S_ISREG(st.st_mode):
-        raise DataError(f"{_named(where, path)} is not a regular file; images are read from regular files only")
+        raise DataError(f"{_named(where, path)} is not a regular file; {kind}s are read from regular files only")
     if st.st_size == 0:
         raise DataError(f"{_named(where, path)} is empty (or a special file that reports no size); replace it")
-    if st.st_size > MAX_FILE_BYTES:
-        raise DataError(f"{where}: {path} has {st.st_size / 2**20:.0f} MiB, over the {MAX_FILE_BYTES >> 20} MiB "
-                        "cap for an image file; shrink it")
+    if st.st_size > cap:
+        raise DataError(f"{where}: {path} has {st.st_size / 2**20:.0f} MiB, over the {cap >> 20} MiB "
+                        f"cap for {kind} files; shrink it")
 
 
 class ImageStore:

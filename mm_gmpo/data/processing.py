@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from mm_gmpo.data.prompts import DataError, Prompt
+from mm_gmpo.data.videos import Clip
 from mm_gmpo.families import QWEN2_5_VL
 
 log = logging.getLogger(__name__)
@@ -53,15 +54,28 @@ class EncodedPrompt:
     pixel_values: torch.Tensor | None
     image_grid_thw: torch.Tensor | None
     image_keys: list[str] = field(default_factory=list)
+    videos: list[Clip] = field(default_factory=list)
+    pixel_values_videos: torch.Tensor | None = None
+    video_grid_thw: torch.Tensor | None = None
+    video_keys: list[str] = field(default_factory=list)
+    video_seconds: list[float] = field(default_factory=list)  # seconds per temporal patch (second_per_grid_ts)
 
     @property
     def n_images(self) -> int:
         return 0 if self.image_grid_thw is None else int(self.image_grid_thw.shape[0])
 
+    @property
+    def n_videos(self) -> int:
+        return 0 if self.video_grid_thw is None else int(self.video_grid_thw.shape[0])
+
+    @property
+    def n_video_tokens(self) -> int:
+        return 0 if self.video_grid_thw is None else int(self.video_grid_thw.prod(-1).sum()) // 4
+
     def for_training(self) -> EncodedPrompt:
-        """What another rank needs to train on this prompt: the pixels go along; the PIL images (the engine's) do
-        not."""
-        return replace(self, images=[], prompt=replace(self.prompt, images=[]))
+        """What another rank needs to train on this prompt: the pixels go along; the PIL images and clips (the
+        engine's) do not."""
+        return replace(self, images=[], videos=[], prompt=replace(self.prompt, images=[], videos=[]))
 
     @property
     def n_image_tokens(self) -> int:
@@ -126,12 +140,21 @@ def encode_prompt(
                     raise DataError(f"prompt {prompt.id}: text contains the special token {tok}; remove it from the data")
     if prompt.images and not hasattr(processor, "image_processor"):
         raise DataError(f"prompt {prompt.id} has images but the processor is a text tokenizer; use a VLM processor")
+    if prompt.videos and not hasattr(processor, "video_processor"):
+        raise DataError(f"prompt {prompt.id} has video clips but the processor reads no video; use a Qwen-VL "
+                        "processor")
+    n_clips = sum(1 for m in prompt.messages if isinstance(m["content"], list) for c in m["content"]
+                  if c.get("type") == "video")
+    if n_clips != len(prompt.videos):
+        raise DataError(f"prompt {prompt.id}: {n_clips} video placeholders but {len(prompt.videos)} clips")
 
     tok = _tokenizer(processor)
     if hasattr(processor, "image_processor"):
         text = processor.apply_chat_template(prompt.messages, add_generation_prompt=True, tokenize=False)
     else:
         text = tok.apply_chat_template(prompt.messages, add_generation_prompt=True, tokenize=False)
+    if prompt.videos:
+        return _encode_with_clips(prompt, processor, text, min_pixels, max_pixels)
     if not prompt.images:
         ids = tok(text, add_special_tokens=False)["input_ids"]
         return EncodedPrompt(prompt, text, [], list(ids), None, None)
@@ -154,6 +177,79 @@ def encode_prompt(
         )
     keys = [image_key(im) for im in images]
     return EncodedPrompt(prompt, text, images, ids.tolist(), out["pixel_values"], grid, keys)
+
+
+VIDEO_WRAPPER = "<|vision_start|><|video_pad|><|vision_end|>"  # what the chat templates write for a clip
+
+
+def video_placeholder(processor, clip: Clip, grid: torch.Tensor) -> str:
+    """The prompt text that stands for one clip: Qwen2-VL and Qwen2.5-VL, one ``<|video_pad|>`` per merged patch
+    inside the template's vision_start/end pair; Qwen3-VL, per temporal patch ``<t seconds>`` and that patch's
+    pads in their own vision_start/end pair, replacing the template's pair (the form of Qwen3-VL's released
+    processor, transformers 4.57, and of vLLM; transformers 5.x keeps the outer pair as well)."""
+    merge = getattr(processor.video_processor, "merge_size", 2)
+    per_frame = int(grid[1:].prod()) // (merge * merge)
+    if type(processor.video_processor).__name__.startswith("Qwen3VL"):
+        temporal = getattr(processor.video_processor, "temporal_patch_size", 2)
+        times = clip.timestamps(temporal)[:int(grid[0])]
+        return "".join(f"<{t:.1f} seconds><|vision_start|>{'<|video_pad|>' * per_frame}<|vision_end|>" for t in times)
+    return f"<|vision_start|>{'<|video_pad|>' * (per_frame * int(grid[0]))}<|vision_end|>"
+
+
+def encode_clip(processor, clip: Clip) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pixel_values_videos, video_grid_thw) of one clip: the family's video processor on the frames as they are
+    (sampled and sized when the clip was read: no resampling, no resize)."""
+    vp = processor.video_processor
+    kwargs = {"cap_pixels_per_frame": True} if "cap_pixels_per_frame" in getattr(vp, "valid_kwargs", {}).__annotations__ \
+        else {}
+    out = vp(videos=[clip.frames], do_resize=False, do_sample_frames=False, return_tensors="pt", **kwargs)
+    return out["pixel_values_videos"], out["video_grid_thw"]
+
+
+def _fill(text: str, marker: str, replacements: list[str]) -> str:
+    """``text`` with its k-th ``marker`` replaced by ``replacements[k]`` (their count was checked)."""
+    parts = text.split(marker)
+    return parts[0] + "".join(r + part for r, part in zip(replacements, parts[1:], strict=True))
+
+
+def _encode_with_clips(prompt: Prompt, processor, text: str, min_pixels: int, max_pixels: int) -> EncodedPrompt:
+    """A prompt with clips (and maybe pictures): the vision processors give the pixels and grids, and the prompt
+    ids are written here, one form for every installed transformers version (:func:`video_placeholder`); the
+    engine is given the same ids."""
+    tok = _tokenizer(processor)
+    vp = processor.video_processor
+    if text.count(VIDEO_WRAPPER) != len(prompt.videos):
+        raise DataError(f"prompt {prompt.id}: the chat template wrote {text.count(VIDEO_WRAPPER)} clip placeholders "
+                        f"for {len(prompt.videos)} clips; use the model family's own chat template")
+    pixels, grids = zip(*(encode_clip(processor, c) for c in prompt.videos), strict=True)
+    video_grid = torch.cat(grids)
+    text = _fill(text, VIDEO_WRAPPER, [video_placeholder(processor, c, g)
+                                       for c, g in zip(prompt.videos, video_grid, strict=True)])
+    images, pv, grid_img, keys = [], None, None, []
+    merge = getattr(vp, "merge_size", 2)
+    if prompt.images:
+        ip = processor.image_processor
+        images = [resize_image(im, min_pixels, max_pixels, getattr(ip, "patch_size", 14)) for im in prompt.images]
+        out = ip(images=images, do_resize=False, return_tensors="pt")
+        pv, grid_img = out["pixel_values"], out["image_grid_thw"]
+        if text.count("<|image_pad|>") != len(images):
+            raise DataError(f"prompt {prompt.id}: the chat template wrote {text.count('<|image_pad|>')} image "
+                            f"placeholders for {len(images)} images")
+        text = _fill(text, "<|image_pad|>", ["<|image_pad|>" * (int(g.prod()) // (merge * merge)) for g in grid_img])
+        keys = [image_key(im) for im in images]
+    ids = list(tok(text, add_special_tokens=False)["input_ids"])
+    per_frame = type(vp).__name__.startswith("Qwen3VL")  # Qwen3-VL: a run of pads per temporal patch
+    want_video = [n for g in video_grid for n in ([int(g[1:].prod()) // merge ** 2] * int(g[0]) if per_frame
+                                                  else [int(g.prod()) // merge ** 2])]
+    want_image = [] if grid_img is None else [int(g.prod()) // merge ** 2 for g in grid_img]
+    for kind, pad, want in (("image", "<|image_pad|>", want_image), ("video", "<|video_pad|>", want_video)):
+        found = _pad_runs(ids, tok.convert_tokens_to_ids(pad))
+        if found != want:
+            raise DataError(f"prompt {prompt.id}: {kind} token runs {found} in the text, but the vision encoder will "
+                            f"produce {want} features; check that the chat template and the {kind}s agree")
+    temporal = getattr(vp, "temporal_patch_size", 2)
+    return EncodedPrompt(prompt, text, images, ids, pv, grid_img, keys, list(prompt.videos), torch.cat(pixels),
+                         video_grid, [c.key for c in prompt.videos], [temporal / c.sample_fps for c in prompt.videos])
 
 
 def image_key(image: Image.Image) -> str:

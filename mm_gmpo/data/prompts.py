@@ -6,9 +6,12 @@ import functools
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from PIL import Image
+
+if TYPE_CHECKING:
+    from mm_gmpo.data.videos import Clip
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "templates"
 OnBadSample = Literal["error", "skip"]
@@ -23,7 +26,7 @@ class Prompt:
     """One problem, ready to render for a VLM or text LM.
 
     messages: chat messages; image positions are ``{"type": "image"}`` items in user content, in the order of
-        ``images``. ``ground_truth``/``choices``/``choice_values`` go to the reward unchanged; ``choices`` is None
+        ``images``, clip positions ``{"type": "video"}`` items, in the order of ``videos``. ``ground_truth``/``choices``/``choice_values`` go to the reward unchanged; ``choices`` is None
         when the prompt does not show them. ``metadata`` carries e.g. problem types for per-type eval tables.
     """
 
@@ -35,10 +38,15 @@ class Prompt:
     choices: list[str] | None = None
     choice_values: list[float | str] | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    videos: list[Clip] = field(default_factory=list)
 
     @property
     def n_images(self) -> int:
         return len(self.images)
+
+    @property
+    def n_videos(self) -> int:
+        return len(self.videos)
 
 
 @dataclass
@@ -119,12 +127,20 @@ def build_messages(text: str, n_images: int, template: str) -> list[dict[str, An
     return messages
 
 
-def limit_images(prompts: list[Prompt], max_images: int, source: str) -> list[Prompt]:
-    """Prompts with at most ``max_images`` images; the others are dropped with one counted warning."""
+def limit_images(prompts: list[Prompt], max_images: int, source: str, max_videos: int | None = None) -> list[Prompt]:
+    """Prompts with at most ``max_images`` images (and ``max_videos`` clips); the others are dropped with one
+    counted warning."""
     kept = [p for p in prompts if p.n_images <= max_images]
     if len(kept) < len(prompts):
         warnings.warn(f"{source}: dropped {len(prompts) - len(kept)} prompt(s) with more than data.max_images="
                       f"{max_images} images", stacklevel=2)
+    if max_videos is not None:
+        before = len(kept)
+        kept = [p for p in kept if p.n_videos <= max_videos]
+        if len(kept) < before:
+            warnings.warn(f"{source}: dropped {before - len(kept)} prompt(s) with more than data.max_videos="
+                          f"{max_videos} clips", stacklevel=2)
     if not kept:
-        raise DataError(f"{source}: data.max_images={max_images} drops every prompt; raise it")
+        raise DataError(f"{source}: data.max_images={max_images} / data.max_videos={max_videos} drop every prompt; "
+                        "raise them")
     return kept
