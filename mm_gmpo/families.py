@@ -58,6 +58,19 @@ class VisionFeatures:
 
         return VisionFeatures(pick(self.embeds), [pick(d) for d in self.deepstack])
 
+    @staticmethod
+    def interleave(a: VisionFeatures, a_rows: torch.Tensor, b: VisionFeatures, b_rows: torch.Tensor) -> VisionFeatures:
+        """Two sets of features (pictures', clips') merged into token order: ``a_rows`` / ``b_rows`` (bool, one per
+        vision token of the sequence) say which token is whose. The embeddings are not needed merged (each kind
+        replaces its own placeholders); the DeepStack features are, as the decoder adds them by position."""
+
+        def merge(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            out = x.new_zeros(a_rows.shape[0], x.shape[-1])
+            return out.index_put((a_rows.nonzero()[:, 0],), x).index_put((b_rows.nonzero()[:, 0],), y)
+
+        return VisionFeatures(merge(a.embeds, b.embeds), [merge(x, y) for x, y in zip(a.deepstack, b.deepstack,
+                                                                                       strict=True)])
+
     def total(self) -> torch.Tensor:
         """The sum of every value (a 0-weighted use of the whole tower, for the blank vision pass under FSDP)."""
         return self.embeds.sum() + sum((d.sum() for d in self.deepstack), torch.zeros((), device=self.embeds.device))

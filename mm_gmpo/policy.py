@@ -22,9 +22,50 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mm_gmpo.families import VisionFeatures, family_of
-from mm_gmpo.rollout.base import IMAGE_PAD_ID
+from mm_gmpo.rollout.base import IMAGE_PAD_ID, VIDEO_PAD_ID
 
 # ---------------------------------------------------------------- batches
+
+
+def _item_keys(grid: torch.Tensor | None, keys: list[int]) -> list[int]:
+    """The distinct picture (clip) of each image (video): ``keys``, or each its own."""
+    n = 0 if grid is None else int(grid.shape[0])
+    return keys or list(range(n))
+
+
+def _first_items(keys: list[int]) -> list[int]:
+    """For each distinct item, the first entry that shows it."""
+    first: dict[int, int] = {}
+    for j, k in enumerate(keys):
+        first.setdefault(k, j)
+    return [first[k] for k in range(len(first))]
+
+
+def _bounds(grid: torch.Tensor | None, keys: list[int]) -> list[int]:
+    """Distinct item k's patches are rows ``bounds[k]:bounds[k+1]`` of its pixel tensor (host ints)."""
+    bounds = [0]
+    if grid is not None:
+        sizes = grid.prod(-1).tolist()
+        for j in _first_items(_item_keys(grid, keys)):
+            bounds.append(bounds[-1] + sizes[j])
+    return bounds
+
+
+def _select_items(pixels, grid, per_sample: list[int], keys: list[int], idx: list[int]):
+    """The pictures (clips) of samples ``idx``: (pixels, grid, per_sample, keys, entry indices), each item once."""
+    per = [per_sample[i] for i in idx] if per_sample else []
+    if grid is None or not per_sample:
+        return None, None, per, [], []
+    start = [0]
+    for n in per_sample:
+        start.append(start[-1] + n)
+    entries = [j for i in idx for j in range(start[i], start[i + 1])]
+    if not entries:
+        return None, None, per, [], []
+    old = _item_keys(grid, keys)
+    slot: dict[int, int] = {}  # the parent's distinct item -> the sub-batch's
+    new_keys = [slot.setdefault(old[j], len(slot)) for j in entries]
+    return _gather_rows(pixels, _bounds(grid, keys), list(slot)), grid[entries], per, new_keys, entries
 
 
 @dataclass
@@ -36,7 +77,8 @@ class PolicyBatch:
     distinct picture image j is; ``pixel_values`` holds the patches of distinct pictures 0, 1, ... in that order
     (``patch_bounds``). The n samples of one prompt refer to one copy of its image, through ``select``,
     micro-batches and the transfer to the device, and the vision tower runs once per distinct picture in a
-    forward. Empty ``image_keys``: every image is its own picture.
+    forward. Empty ``image_keys``: every image is its own picture. Clips follow the same rules in the ``video``
+    fields, with ``video_seconds`` (seconds per temporal patch of each video: Qwen2.5-VL's ``second_per_grid_ts``).
     """
 
     input_ids: torch.Tensor  # (B, P + R) long
@@ -46,6 +88,11 @@ class PolicyBatch:
     image_grid_thw: torch.Tensor | None = None  # (n_images, 3)
     images_per_sample: list[int] = field(default_factory=list)
     image_keys: list[int] = field(default_factory=list)  # (n_images,) distinct picture of each image: 0, 1, ...
+    pixel_values_videos: torch.Tensor | None = None  # (patches of the distinct clips, C * T * p * p)
+    video_grid_thw: torch.Tensor | None = None  # (n_videos, 3)
+    videos_per_sample: list[int] = field(default_factory=list)
+    video_keys: list[int] = field(default_factory=list)
+    video_seconds: torch.Tensor | None = None  # (n_videos,) float
 
     @property
     def batch_size(self) -> int:
@@ -55,73 +102,64 @@ class PolicyBatch:
     def response_width(self) -> int:
         return self.response_mask.shape[1]
 
+    @property
+    def has_vision(self) -> bool:
+        return self.pixel_values is not None or self.pixel_values_videos is not None
+
     def n_tokens(self) -> int:
         return int(self.attention_mask.sum())
 
     def keys(self) -> list[int]:
         """The distinct picture of each image (``image_keys``, or each image its own)."""
-        n = 0 if self.image_grid_thw is None else int(self.image_grid_thw.shape[0])
-        return self.image_keys or list(range(n))
+        return _item_keys(self.image_grid_thw, self.image_keys)
 
     def distinct_images(self) -> list[int]:
         """For each distinct picture, the first image that shows it (its grid is that image's)."""
-        first: dict[int, int] = {}
-        for j, k in enumerate(self.keys()):
-            first.setdefault(k, j)
-        return [first[k] for k in range(len(first))]
+        return _first_items(self.keys())
 
     def patch_bounds(self) -> list[int]:
         """Distinct picture k's patches are rows ``bounds[k]:bounds[k+1]`` of pixel_values (host ints; [0] without
         images)."""
-        bounds = [0]
-        if self.image_grid_thw is not None:
-            sizes = self.image_grid_thw.prod(-1).tolist()
-            for j in self.distinct_images():
-                bounds.append(bounds[-1] + sizes[j])
-        return bounds
+        return _bounds(self.image_grid_thw, self.image_keys)
 
     def image_pixels(self) -> torch.Tensor | None:
         """pixel_values with a copy per image, in image order: the layout transformers' own forward and generate
         take (a reference to compare against; the policy never needs it)."""
-        if self.pixel_values is None:
-            return None
-        b = self.patch_bounds()
-        return torch.cat([self.pixel_values[b[k]:b[k + 1]] for k in self.keys()])
+        return _per_entry(self.pixel_values, self.image_grid_thw, self.image_keys)
+
+    def video_pixels(self) -> torch.Tensor | None:
+        """pixel_values_videos with a copy per video, in video order (transformers' layout)."""
+        return _per_entry(self.pixel_values_videos, self.video_grid_thw, self.video_keys)
 
     def pixel_bytes(self) -> tuple[int, int]:
-        """(bytes of pixel data this batch holds, bytes it would hold with a copy per sample's image)."""
-        if self.pixel_values is None:
-            return 0, 0
-        row = self.pixel_values.shape[-1] * self.pixel_values.element_size()
-        per_image = int(self.image_grid_thw.prod(-1).sum()) * row
-        return self.pixel_values.numel() * self.pixel_values.element_size(), per_image
+        """(bytes of pixel data this batch holds, bytes it would hold with a copy per sample's image or clip)."""
+        held = per_entry = 0
+        for pv, grid in ((self.pixel_values, self.image_grid_thw), (self.pixel_values_videos, self.video_grid_thw)):
+            if pv is not None:
+                row = pv.shape[-1] * pv.element_size()
+                held += pv.numel() * pv.element_size()
+                per_entry += int(grid.prod(-1).sum()) * row
+        return held, per_entry
 
     def pin_memory(self) -> PolicyBatch:
         """Pixel values in page-locked host memory (CUDA only): the micro-batches ``select`` cuts from them stay
         page-locked, so their transfers run asynchronously (``to`` copies non-blocking)."""
-        if self.pixel_values is None or self.pixel_values.is_pinned():
-            return self
-        return replace(self, pixel_values=self.pixel_values.pin_memory())
+        def pin(t):
+            return t if t is None or t.is_pinned() else t.pin_memory()
+
+        return replace(self, pixel_values=pin(self.pixel_values), pixel_values_videos=pin(self.pixel_values_videos))
 
     def select(self, idx: list[int]) -> PolicyBatch:
-        """The sub-batch of samples ``idx`` (vision inputs sliced to match, each picture once), trimmed of
+        """The sub-batch of samples ``idx`` (vision inputs sliced to match, each picture and clip once), trimmed of
         all-padding columns."""
         ids = torch.as_tensor(idx, dtype=torch.long)
-        pv = grid = None
-        per = [self.images_per_sample[i] for i in idx] if self.images_per_sample else []
-        keys: list[int] = []
-        if self.image_grid_thw is not None and self.images_per_sample:
-            img_start = [0]
-            for n in self.images_per_sample:
-                img_start.append(img_start[-1] + n)
-            img_idx = [j for i in idx for j in range(img_start[i], img_start[i + 1])]
-            if img_idx:
-                old_keys = self.keys()
-                slot: dict[int, int] = {}  # the parent's distinct picture -> the sub-batch's
-                keys = [slot.setdefault(old_keys[j], len(slot)) for j in img_idx]
-                grid = self.image_grid_thw[img_idx]
-                pv = _gather_rows(self.pixel_values, self.patch_bounds(), list(slot))
-        sub = PolicyBatch(self.input_ids[ids], self.attention_mask[ids], self.response_mask[ids], pv, grid, per, keys)
+        pv, grid, per, keys, _ = _select_items(self.pixel_values, self.image_grid_thw, self.images_per_sample,
+                                               self.image_keys, idx)
+        vpv, vgrid, vper, vkeys, entries = _select_items(self.pixel_values_videos, self.video_grid_thw,
+                                                         self.videos_per_sample, self.video_keys, idx)
+        seconds = self.video_seconds[entries] if vgrid is not None and self.video_seconds is not None else None
+        sub = PolicyBatch(self.input_ids[ids], self.attention_mask[ids], self.response_mask[ids], pv, grid, per, keys,
+                          vpv, vgrid, vper, vkeys, seconds)
         return sub.trim()
 
     def trim(self) -> PolicyBatch:
@@ -141,7 +179,15 @@ class PolicyBatch:
 
         return replace(self, input_ids=mv(self.input_ids), attention_mask=mv(self.attention_mask),
                        response_mask=mv(self.response_mask), pixel_values=mv(self.pixel_values),
-                       image_grid_thw=mv(self.image_grid_thw))
+                       image_grid_thw=mv(self.image_grid_thw), pixel_values_videos=mv(self.pixel_values_videos),
+                       video_grid_thw=mv(self.video_grid_thw), video_seconds=mv(self.video_seconds))
+
+
+def _per_entry(pixels: torch.Tensor | None, grid: torch.Tensor | None, keys: list[int]) -> torch.Tensor | None:
+    if pixels is None:
+        return None
+    b = _bounds(grid, keys)
+    return torch.cat([pixels[b[k]:b[k + 1]] for k in _item_keys(grid, keys)])
 
 
 def _gather_rows(src: torch.Tensor, bounds: list[int], parts: list[int]) -> torch.Tensor:
@@ -159,6 +205,30 @@ def _gather_rows(src: torch.Tensor, bounds: list[int], parts: list[int]) -> torc
     return out
 
 
+def _collate_items(pixel_values: list[torch.Tensor | None], grids: list[torch.Tensor | None],
+                   ids: list[Sequence[Hashable]] | None, what: str):
+    """(pixels, grid, per_sample, keys) of the samples' pictures (clips), each distinct one's patches once."""
+    per = [0 if g is None else int(g.shape[0]) for g in grids]
+    if ids is not None and [len(x) for x in ids] != per:
+        raise ValueError(f"{what} ids give {[len(x) for x in ids]} ids per sample, the grids {per}")
+    slot: dict[Hashable, int] = {}
+    parts: list[torch.Tensor] = []
+    keys: list[int] = []
+    for i, (x, g) in enumerate(zip(pixel_values, grids, strict=True)):
+        if x is None or g is None or per[i] == 0:
+            continue
+        sizes = g.prod(-1).tolist()
+        starts = [sum(sizes[:m]) for m in range(len(sizes))]
+        for m, n in enumerate(sizes):
+            key = ids[i][m] if ids is not None else (id(x), m)
+            if key not in slot:
+                slot[key] = len(slot)
+                parts.append(x[starts[m]:starts[m] + n])
+            keys.append(slot[key])
+    present = [g for g in grids if g is not None]
+    return (torch.cat(parts) if parts else None), (torch.cat(present) if present else None), per, keys
+
+
 def collate(
     prompt_ids: list[list[int]],
     response_ids: list[list[int]],
@@ -167,12 +237,17 @@ def collate(
     pixel_values: list[torch.Tensor | None] | None = None,
     image_grid_thw: list[torch.Tensor | None] | None = None,
     image_ids: list[Sequence[Hashable]] | None = None,
+    pixel_values_videos: list[torch.Tensor | None] | None = None,
+    video_grid_thw: list[torch.Tensor | None] | None = None,
+    video_ids: list[Sequence[Hashable]] | None = None,
+    video_seconds: list[Sequence[float]] | None = None,
 ) -> PolicyBatch:
     """Build a PolicyBatch: prompts left-padded, responses right-padded; each distinct picture's patches once.
 
     ``image_ids`` gives one id per image of each sample (``EncodedPrompt.image_keys``, content hashes: the same
     picture in two prompts, or twice in one, is held once and encoded once); without it, samples that pass the
-    same ``pixel_values`` tensor object (the n samples of one prompt) share their pictures.
+    same ``pixel_values`` tensor object (the n samples of one prompt) share their pictures. Clips likewise
+    (``video_ids``; ``video_seconds``: seconds per temporal patch of each clip).
     """
     B = len(prompt_ids)
     if len(response_ids) != B:
@@ -193,27 +268,18 @@ def collate(
     per: list[int] = []
     keys: list[int] = []
     if pixel_values is not None and image_grid_thw is not None:
-        per = [0 if g is None else int(g.shape[0]) for g in image_grid_thw]
-        if image_ids is not None and [len(x) for x in image_ids] != per:
-            raise ValueError(f"image_ids give {[len(x) for x in image_ids]} ids per sample, image_grid_thw "
-                             f"{per} images")
-        slot: dict[Hashable, int] = {}
-        parts: list[torch.Tensor] = []
-        for i, (x, g) in enumerate(zip(pixel_values, image_grid_thw, strict=True)):
-            if x is None or g is None or per[i] == 0:
-                continue
-            sizes = g.prod(-1).tolist()
-            starts = [sum(sizes[:m]) for m in range(len(sizes))]
-            for m, n in enumerate(sizes):
-                key = image_ids[i][m] if image_ids is not None else (id(x), m)
-                if key not in slot:
-                    slot[key] = len(slot)
-                    parts.append(x[starts[m]:starts[m] + n])
-                keys.append(slot[key])
-        grids = [g for g in image_grid_thw if g is not None]
-        pv = torch.cat(parts) if parts else None
-        grid = torch.cat(grids) if grids else None
-    return PolicyBatch(input_ids, attn, resp_mask, pv, grid, per, keys)
+        pv, grid, per, keys = _collate_items(pixel_values, image_grid_thw, image_ids, "image")
+    vpv = vgrid = seconds = None
+    vper: list[int] = []
+    vkeys: list[int] = []
+    if pixel_values_videos is not None and video_grid_thw is not None:
+        vpv, vgrid, vper, vkeys = _collate_items(pixel_values_videos, video_grid_thw, video_ids, "video")
+        if vgrid is not None:
+            flat = [float(x) for s in (video_seconds or []) for x in s]
+            if len(flat) != vgrid.shape[0]:
+                raise ValueError(f"{len(flat)} video_seconds for {vgrid.shape[0]} videos")
+            seconds = torch.tensor(flat, dtype=torch.float32)
+    return PolicyBatch(input_ids, attn, resp_mask, pv, grid, per, keys, vpv, vgrid, vper, vkeys, seconds)
 
 
 def split_by_token_budget(lengths: list[int], max_tokens: int) -> list[list[int]]:
@@ -358,26 +424,41 @@ class Policy(nn.Module):
         """The ``<|image_pad|>`` placeholder that stands for one vision feature in the prompt ids."""
         return getattr(self.model.config, "image_token_id", None) or IMAGE_PAD_ID
 
+    @property
+    def video_token_id(self) -> int:
+        """The ``<|video_pad|>`` placeholder that stands for one clip feature in the prompt ids."""
+        return getattr(self.model.config, "video_token_id", None) or VIDEO_PAD_ID
+
     def position_ids(self, batch: PolicyBatch) -> torch.Tensor:
         """(3, B, L) multimodal RoPE positions for a VLM (as the processor + model compute them), (B, L) otherwise."""
         attn = batch.attention_mask
         if not self.is_vlm:
             return (attn.long().cumsum(-1) - 1).clamp(min=0)
         ids = batch.input_ids.cpu()  # a per-sample Python loop: on the CPU it costs no device syncs
-        grid = None if batch.image_grid_thw is None else batch.image_grid_thw.cpu()
-        pos, _ = self.model.model.get_rope_index(ids, mm_token_type_ids=(ids == self.image_token_id).int(),
-                                                 image_grid_thw=grid, attention_mask=attn.cpu())
+        types = (ids == self.image_token_id).int() + 2 * (ids == self.video_token_id).int()  # text 0, image 1, video 2
+
+        def host(t):
+            return None if t is None else t.cpu()
+
+        pos, _ = self.model.model.get_rope_index(ids, mm_token_type_ids=types, image_grid_thw=host(batch.image_grid_thw),
+                                                 video_grid_thw=host(batch.video_grid_thw),
+                                                 second_per_grid_ts=host(batch.video_seconds), attention_mask=attn.cpu())
         return pos.to(batch.input_ids.device)
 
     def image_features(self, batch: PolicyBatch) -> VisionFeatures:
         """Vision features (image tokens, hidden) of every image in batch order: the vision tower runs once over
         the batch's distinct pictures (``pixel_values``), and the images that show the same picture (the n
         samples of a prompt) share its features (and DeepStack features), forward and backward."""
-        distinct = batch.distinct_images()
-        keys = batch.keys()
-        grid = batch.image_grid_thw
+        return self._features(batch.pixel_values, batch.image_grid_thw, batch.image_keys)
+
+    def video_features(self, batch: PolicyBatch) -> VisionFeatures:
+        """The same for clips: the tower runs once per distinct clip, shared by the prompts that show it."""
+        return self._features(batch.pixel_values_videos, batch.video_grid_thw, batch.video_keys)
+
+    def _features(self, pv: torch.Tensor, grid: torch.Tensor, item_keys: list[int]) -> VisionFeatures:
+        keys = _item_keys(grid, item_keys)
+        distinct = _first_items(keys)
         visual = self.model.model.visual
-        pv = batch.pixel_values
         feats = self.family.encode(visual, pv, grid if len(distinct) == len(keys) else grid[distinct])
         self.vision_patches += int(pv.shape[0])
         row = pv.shape[-1] * pv.element_size()
@@ -399,21 +480,30 @@ class Policy(nn.Module):
         return self.family.encode(visual, torch.zeros(merge * merge, dim, device=device), grid)
 
     def input_embeds(self, ids: torch.Tensor, batch: PolicyBatch) -> tuple[torch.Tensor, dict]:
-        """Token embeddings of ``ids`` with each image's placeholder tokens replaced by its vision features, and
-        what else the family's decoder takes (Qwen3-VL: DeepStack features and where the image tokens are)."""
+        """Token embeddings of ``ids`` with each image's and clip's placeholder tokens replaced by its vision
+        features, and what else the family's decoder takes (Qwen3-VL: DeepStack features and where the vision
+        tokens are)."""
         embeds = self.model.model.get_input_embeddings()(ids)
-        if batch.pixel_values is None:
+        if not batch.has_vision:
             if self.always_run_vision and self.is_vlm:
                 embeds = embeds + 0.0 * self.blank_vision_features().total().to(embeds.dtype)
             return embeds, {}
-        feats = self.image_features(batch)
-        is_image = ids == self.image_token_id
-        if int(is_image.sum()) != feats.embeds.shape[0]:
-            raise ValueError(f"{int(is_image.sum())} image tokens in the batch but {feats.embeds.shape[0]} image "
-                             "features: the prompts and image_grid_thw disagree (encode them with one processor)")
-        mask = is_image[..., None].expand_as(embeds)
-        embeds = embeds.masked_scatter(mask, feats.embeds.to(embeds.device, embeds.dtype))
-        return embeds, self.family.decoder_kwargs(is_image, feats)
+        parts = []
+        if batch.pixel_values is not None:
+            parts.append((ids == self.image_token_id, self.image_features(batch), "image"))
+        if batch.pixel_values_videos is not None:
+            parts.append((ids == self.video_token_id, self.video_features(batch), "video"))
+        for mask, feats, kind in parts:
+            if int(mask.sum()) != feats.embeds.shape[0]:
+                raise ValueError(f"{int(mask.sum())} {kind} tokens in the batch but {feats.embeds.shape[0]} {kind} "
+                                 f"features: the prompts and {kind}_grid_thw disagree (encode them with one processor)")
+            embeds = embeds.masked_scatter(mask[..., None].expand_as(embeds), feats.embeds.to(embeds.device, embeds.dtype))
+        if len(parts) == 1:
+            return embeds, self.family.decoder_kwargs(parts[0][0], parts[0][1])
+        (img_mask, img, _), (vid_mask, vid, _) = parts
+        visual_mask = img_mask | vid_mask
+        return embeds, self.family.decoder_kwargs(visual_mask, VisionFeatures.interleave(
+            img, img_mask[visual_mask], vid, vid_mask[visual_mask]))
 
     def decoder(self) -> nn.Module:
         """The language model (decoder layers and final norm, no head)."""

@@ -200,8 +200,9 @@ def encode_clip(processor, clip: Clip) -> tuple[torch.Tensor, torch.Tensor]:
     """(pixel_values_videos, video_grid_thw) of one clip: the family's video processor on the frames as they are
     (sampled and sized when the clip was read: no resampling, no resize)."""
     vp = processor.video_processor
-    kwargs = {"cap_pixels_per_frame": True} if "cap_pixels_per_frame" in getattr(vp, "valid_kwargs", {}).__annotations__ \
-        else {}
+    # transformers 5.17-5.21 warn that their resize skips qwen-vl-utils' per-frame cap: frames here are not resized
+    accepted = getattr(getattr(vp, "valid_kwargs", None), "__annotations__", {})
+    kwargs = {"cap_pixels_per_frame": True} if "cap_pixels_per_frame" in accepted else {}
     out = vp(videos=[clip.frames], do_resize=False, do_sample_frames=False, return_tensors="pt", **kwargs)
     return out["pixel_values_videos"], out["video_grid_thw"]
 

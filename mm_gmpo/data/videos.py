@@ -94,8 +94,7 @@ class Clip:
 
     def metadata(self) -> dict[str, Any]:
         """What Qwen3-VL's processors (transformers', vLLM's) read the timestamps from."""
-        return {"fps": self.fps, "frames_indices": list(self.indices), "total_num_frames": max(self.indices) + 1,
-                "do_sample_frames": False}
+        return {"fps": self.fps, "frames_indices": list(self.indices), "total_num_frames": max(self.indices) + 1}
 
     def timestamps(self, temporal_patch: int = 2) -> list[float]:
         """Seconds at the middle of each temporal patch (Qwen3-VL writes ``<t seconds>`` before each): the rule of

