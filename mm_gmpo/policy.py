@@ -278,7 +278,7 @@ def collate(
             flat = [float(x) for s in (video_seconds or []) for x in s]
             if len(flat) != vgrid.shape[0]:
                 raise ValueError(f"{len(flat)} video_seconds for {vgrid.shape[0]} videos")
-            seconds = torch.tensor(flat, dtype=torch.float32)
+            seconds = torch.tensor(flat, dtype=torch.float64)
     return PolicyBatch(input_ids, attn, resp_mask, pv, grid, per, keys, vpv, vgrid, vper, vkeys, seconds)
 
 

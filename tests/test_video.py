@@ -132,3 +132,87 @@ def test_logprobs_equal_the_models_own_forward_with_a_clip_and_a_picture(family)
     with torch.no_grad():
         lp, _ = Policy(model)(batch_of([enc], [resp]))
     torch.testing.assert_close(lp[0].double(), ref, rtol=1e-6, atol=1e-6)
+
+
+def mixed_batch(processor, seed: int = 0):
+    """A clip prompt, a prompt with a clip and 2 pictures, a text-only prompt, a 2-picture prompt, the clip again."""
+    fit = fit_for(processor)
+    clip = clip_from_frames(frames(seed=seed), fit, fps=2.0)
+    other = clip_from_frames(frames(n=6, h=60, w=60, seed=seed + 1), fit, fps=3.0)
+    pics = pictures(2, seed)
+    encs = [encode_prompt(video_prompt(c, p, i), processor, **PIX)
+            for i, (c, p) in enumerate([([clip], []), ([other], pics), ([], []), ([], pics), ([clip], [])])]
+    return encs, responses(len(encs), seed)
+
+
+@pytest.mark.parametrize(("family", "with_grad"), [(f, g) for f in ["tiny-random", "tiny-random-qwen3-vl"]
+                                                   for g in (True, False)])
+def test_mixed_batch_packed_equals_padded_and_each_alone(family, with_grad):
+    processor = load_processor(processor_source(family))
+    model = tiny(family)
+    encs, resp = mixed_batch(processor, seed=3)
+    b = batch_of(encs, resp)
+    assert b.videos_per_sample == [1, 1, 0, 0, 1] and b.images_per_sample == [0, 2, 0, 2, 0]
+    assert b.video_keys == [0, 1, 0]  # the clip of prompts 0 and 4 is held once
+    w = torch.randn(b.response_mask.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    outs = []
+    for packed in (False, True):
+        model.zero_grad()
+        policy = Policy(model, chunk_size=7, packed=packed)
+        with torch.set_grad_enabled(with_grad):
+            lp, _ = policy(b)
+            if with_grad:
+                (lp.double() * w).sum().backward()
+        outs.append((lp.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (lp0, g0), (lp1, g1) = outs
+    torch.testing.assert_close(lp1, lp0, rtol=0, atol=1e-6)
+    if with_grad:
+        assert any("visual" in n for n in g0) and set(g0) == set(g1)
+        for n in g0:
+            torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-7)
+    else:
+        with torch.no_grad():
+            for i, (e, r) in enumerate(zip(encs, resp, strict=True)):
+                alone, _ = Policy(model)(batch_of([e], [r]))
+                torch.testing.assert_close(lp0[i, :len(r)], alone[0], rtol=0, atol=1e-6)
+                if e.n_videos:
+                    torch.testing.assert_close(alone[0].double(), own_forward(model, e, r), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["tiny-random", "tiny-random-qwen3-vl"])
+def test_a_clip_shared_by_prompts_is_encoded_once_with_the_same_logprobs_and_gradients(family):
+    processor = load_processor(processor_source(family))
+    clip = clip_from_frames(frames(seed=5), fit_for(processor))
+    encs = [encode_prompt(video_prompt([clip], [], i), processor, **PIX) for i in range(3)]
+    resp = responses(3, seed=6)
+    shared = batch_of(encs, resp)
+    copies = collate([e.input_ids for e in encs], resp, pad_id=PAD,
+                     pixel_values_videos=[e.pixel_values_videos.double().clone() for e in encs],
+                     video_grid_thw=[e.video_grid_thw for e in encs], video_seconds=[e.video_seconds for e in encs])
+    assert shared.video_keys == [0, 0, 0] and copies.video_keys == [0, 1, 2]
+    assert shared.pixel_values_videos.shape[0] * 3 == copies.pixel_values_videos.shape[0]
+    model = tiny(family)
+    outs = []
+    for batch in (copies, shared):
+        model.zero_grad()
+        policy = Policy(model, packed=True)
+        lp, _ = policy(batch)
+        lp.sum().backward()
+        outs.append((lp.detach(), policy.vision_patches, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (lp0, n0, g0), (lp1, n1, g1) = outs
+    assert n0 == 3 * n1 == 3 * int(encs[0].video_grid_thw.prod())
+    torch.testing.assert_close(lp1, lp0, rtol=0, atol=1e-6)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-7)
+
+
+def test_select_keeps_each_samples_clips_and_seconds():
+    processor = load_processor(processor_source("tiny-random"))
+    encs, resp = mixed_batch(processor)
+    b = batch_of(encs, resp)
+    sub = b.select([1, 4])
+    assert sub.videos_per_sample == [1, 1] and sub.video_keys == [0, 1]
+    assert sub.video_seconds.tolist() == [encs[1].video_seconds[0], encs[4].video_seconds[0]] == [2 / 3, 1.0]
+    assert torch.equal(sub.pixel_values_videos, torch.cat([encs[1].pixel_values_videos, encs[4].pixel_values_videos]))
+    only_text = b.select([2])
+    assert only_text.pixel_values_videos is None and only_text.video_grid_thw is None and not only_text.has_vision
