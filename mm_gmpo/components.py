@@ -183,15 +183,18 @@ def build_components(cfg: Config, info: distributed.DistInfo, total_steps: int,
     return Components(cfg, info.device, policy, optimizer, scheduler, loss, kl, allowed, torch_dtype(cfg.model.dtype))
 
 
-def make_trainer_engine(cfg: Config, processor, info: distributed.DistInfo, layout: RolloutLayout):
+def make_trainer_engine(cfg: Config, processor, info: distributed.DistInfo, layout: RolloutLayout,
+                        clips: bool = False):
     """This rank's colocated rollout engine (the ranks of one tensor-parallel engine seeded alike). Its initial
-    weights do not matter: the weight sync runs first."""
+    weights do not matter: the weight sync runs first. ``clips``: the data has video clips (else vLLM is told to
+    expect none, and does not profile video at start-up)."""
     r, d = cfg.rollout, cfg.data
     vllm = {} if r.backend != "vllm" else dict(
         gpu_memory_utilization=r.gpu_memory_utilization, tensor_parallel_size=r.tensor_parallel_size,
         enforce_eager=r.enforce_eager, enable_sleep_mode=r.enable_sleep_mode, sleep_level=r.sleep_level,
         load_format="dummy", max_model_len=d.max_prompt_length + r.max_tokens, min_pixels=d.min_pixels,
-        max_pixels=d.max_pixels, max_images_per_prompt=d.max_images)
+        max_pixels=d.max_pixels, max_images_per_prompt=d.max_images,
+        max_videos_per_prompt=d.max_videos if clips else 0)
     seed = cfg.trainer.seed + layout.dp_rank if r.backend == "vllm" else cfg.trainer.seed
     return make_engine(r.backend, cfg.model.path, processor=processor, dtype=torch_dtype(cfg.model.dtype),
                        device=info.device, seed=seed, batch_size=max(16, r.n * 4), progress=info.is_main,

@@ -25,6 +25,7 @@ with the rest of their decoder layer; full fine-tuning trains them, LoRA adapts 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,6 +110,46 @@ class Family:
         if not self.deepstack or features is None or not features.deepstack:
             return {}
         return {"visual_pos_masks": visual_mask, "deepstack_visual_embeds": features.deepstack}
+
+    def rope_index(self, model: nn.Module, input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor,
+                   image_grid_thw: torch.Tensor | None = None, video_grid_thw: torch.Tensor | None = None,
+                   second_per_grid_ts: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                   **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """(3, B, L) M-RoPE positions and (B, 1) deltas, as transformers' ``get_rope_index`` (same arguments), by
+        the rule the released models and vLLM use: the text after a picture or clip continues from its largest
+        position + 1. transformers 5.x continues from its start + its larger side, which is the same for pictures
+        and Qwen3-VL's one-frame clip groups, but not for a Qwen2-VL / Qwen2.5-VL clip whose time positions run past
+        its sides (4 temporal patches at 2 fps reach 6 in a 2x3 grid): there transformers' own forward would score
+        prompts the engine never saw. ``model``: the inner model (``get_vision_position_ids``, ``config``)."""
+        if self.deepstack or video_grid_thw is None:  # transformers' rule is the released one here
+            # the class's method: an HF engine's model has this function bound in its place
+            return type(model).get_rope_index(model, input_ids, mm_token_type_ids=mm_token_type_ids,
+                                              image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw,
+                                              second_per_grid_ts=second_per_grid_ts, attention_mask=attention_mask)
+        vision = model.config.vision_config
+        merge, per_second = vision.spatial_merge_size, getattr(vision, "tokens_per_second", None)
+        grids = {1: iter(image_grid_thw if image_grid_thw is not None else []), 2: iter(video_grid_thw)}
+        seconds = iter(second_per_grid_ts.tolist() if second_per_grid_ts is not None else [])
+        pos = torch.zeros(3, *input_ids.shape, dtype=torch.long, device=input_ids.device)
+        deltas = []
+        for b in range(input_ids.shape[0]):
+            keep = attention_mask[b].bool() if attention_mask is not None else torch.ones_like(input_ids[b], dtype=torch.bool)
+            at, parts = 0, []
+            for kind, run in itertools.groupby(mm_token_type_ids[b][keep].tolist()):
+                n = len(list(run))
+                if kind == 0:
+                    parts.append(torch.arange(n, device=input_ids.device).expand(3, -1) + at)
+                    at += n
+                    continue
+                interval = per_second * next(seconds) if kind == 2 and per_second else 1.0
+                block = model.get_vision_position_ids(at, next(grids[kind]), 1, merge, interval,
+                                                      device=input_ids.device)
+                parts.append(block)
+                at = int(block.max()) + 1
+            row = torch.cat(parts, 1)
+            pos[:, b, keep] = row
+            deltas.append(int(row.max()) + 1 - int(keep.sum()))
+        return pos, torch.tensor(deltas, device=input_ids.device)[:, None]
 
     def vision_block_width(self, vision_config) -> int:
         """Hidden size inside a vision block (Qwen2-VL calls it embed_dim; its hidden_size is the output's)."""

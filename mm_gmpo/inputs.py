@@ -125,6 +125,11 @@ class Inputs:
     val_encoded: list[EncodedPrompt]  # this engine group's share of the validation prompts
     allowed: tuple[int, ...] | None  # restricted sampling: the built-in tasks' answers, or rollout.allowed_tokens
 
+    @property
+    def has_clips(self) -> bool:
+        """Whether any train or validation prompt shows a video clip."""
+        return any(p.videos for p in self.train_prompts) or any(e.videos for e in self.val_encoded)
+
 
 def prepare_inputs(cfg: Config, layout: RolloutLayout) -> Inputs:
     """Load and check every input (model or processor source, train and validation data, the reward function's

@@ -440,9 +440,9 @@ class Policy(nn.Module):
         def host(t):
             return None if t is None else t.cpu()
 
-        pos, _ = self.model.model.get_rope_index(ids, mm_token_type_ids=types, image_grid_thw=host(batch.image_grid_thw),
-                                                 video_grid_thw=host(batch.video_grid_thw),
-                                                 second_per_grid_ts=host(batch.video_seconds), attention_mask=attn.cpu())
+        pos, _ = self.family.rope_index(self.model.model, ids, types, image_grid_thw=host(batch.image_grid_thw),
+                                        video_grid_thw=host(batch.video_grid_thw),
+                                        second_per_grid_ts=host(batch.video_seconds), attention_mask=attn.cpu())
         return pos.to(batch.input_ids.device)
 
     def image_features(self, batch: PolicyBatch) -> VisionFeatures:

@@ -81,7 +81,7 @@ def train(cfg: Config) -> dict[str, float]:
     parts = build_components(cfg, info, total_steps, inputs.allowed)
     offloader = Offloader(t, parts.policy, parts.optimizer, parts.kl and parts.kl.model, info.device)
     offloader.park()  # the engine is created (and sizes its KV cache) without the trainer's offloaded state
-    engine = make_trainer_engine(cfg, inputs.processor, info, layout)
+    engine = make_trainer_engine(cfg, inputs.processor, info, layout, clips=inputs.has_clips)
     pool_s = start_workers(t.reward_workers, inputs.rf)  # warm scoring processes now, not inside step 1
     if info.is_main and pool_s:
         print(f"reward workers: {t.reward_workers} started in {pool_s:.1f} s")

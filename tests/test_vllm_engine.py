@@ -14,7 +14,7 @@ import torch
 
 from mm_gmpo.data.processing import encode_prompts, load_processor
 from mm_gmpo.data.synthetic import synthetic_prompts
-from mm_gmpo.rollout.base import IMAGE_PAD_ID, SamplingParams
+from mm_gmpo.rollout.base import IMAGE_PAD_ID, VIDEO_PAD_ID, SamplingParams
 from mm_gmpo.rollout.vllm_engine import EOS_IDS, collapse_image_pads, engine_request, vllm_sampling_kwargs
 
 
@@ -44,7 +44,7 @@ def test_sampling_translation():
     kw = vllm_sampling_kwargs(SamplingParams(n=5, temperature=0.7, top_p=0.9, max_tokens=33, seed=4))
     assert kw["n"] == 5 and kw["temperature"] == 0.7 and kw["top_p"] == 0.9 and kw["max_tokens"] == 33
     assert "seed" not in kw and kw["logprobs"] == 0 and set(EOS_IDS) <= set(kw["stop_token_ids"])
-    assert kw["logit_bias"] == {IMAGE_PAD_ID: -100.0} and "allowed_token_ids" not in kw
+    assert kw["logit_bias"] == {IMAGE_PAD_ID: -100.0, VIDEO_PAD_ID: -100.0} and "allowed_token_ids" not in kw
     kw = vllm_sampling_kwargs(SamplingParams(n=2, allowed_token_ids=(9, 3, 9)))
     assert kw["allowed_token_ids"] == [3, 9] and "logit_bias" not in kw
 
@@ -444,3 +444,65 @@ def test_vllm_logprobs_match_the_trainer_after_sync_on_fresh_and_seen_images(tmp
     tol = 2e-3 if dtype == "float32" else max(0.02, 1.5 * noise)
     assert after_seen < tol and after_fresh < tol and after_two < tol
     assert before > 5 * max(after_seen, after_fresh)
+
+
+# ---------------------------------------------------------------- clips on the real engine
+
+
+def video_parity(family: str, folder: str) -> dict:
+    """A tiny model of ``family`` on a fresh real engine with clips allowed: prompts with a clip, a clip and a
+    picture, and text only. The engine's prompt ids must equal the trainer's (checked inside generate, and here);
+    returns the max log-prob gap before and after a sync."""
+    from test_video import frames, video_prompt
+
+    from mm_gmpo.data.processing import encode_prompt
+    from mm_gmpo.data.synthetic import synthetic_prompts
+    from mm_gmpo.data.videos import VideoFit, clip_from_frames
+    from mm_gmpo.models import build_model, random_model_config, write_model_folder
+    from mm_gmpo.policy import Policy
+    from mm_gmpo.rollout.vllm_engine import VLLMEngine
+    from mm_gmpo.weight_sync import sync_weights
+
+    cfg = random_model_config(family)
+    write_model_folder(folder, cfg)
+    proc = load_processor(folder)
+    fit = VideoFit(min_pixels=3136, max_pixels=8000, patch_size=proc.image_processor.patch_size)
+    clip = clip_from_frames(frames(seed=1), fit, fps=2.0)
+    other = clip_from_frames(frames(n=6, h=60, w=60, seed=2), fit, fps=3.0)
+    picture = synthetic_prompts(1, seed=4)[0].images
+    prompts = [encode_prompt(video_prompt(c, p, i), proc, min_pixels=MIN_PX, max_pixels=MAX_PX)
+               for i, (c, p) in enumerate([([clip], []), ([other], picture), ([], [])])]
+    engine = VLLMEngine(folder, dtype="float32", max_model_len=1024, min_pixels=MIN_PX, max_pixels=MAX_PX,
+                        max_images_per_prompt=1, max_videos_per_prompt=1)
+    policy = Policy(build_model(folder, random_init=True, config=cfg, dtype=torch.float32, seed=0,
+                                attn_implementation="sdpa"))
+    sampling = SamplingParams(n=2, temperature=1.0, max_tokens=8, seed=3)
+    outs = engine.llm.generate([engine_request(p) for p in prompts], use_tqdm=False)
+    same_ids = [list(o.prompt_token_ids) == p.input_ids for o, p in zip(outs, prompts, strict=True)]
+    before = max_gap(engine, policy, prompts, sampling)
+    sync_weights(policy, engine)
+    return {"same_ids": same_ids, "video_tokens": [p.n_video_tokens for p in prompts], "before": before,
+            "after": max_gap(engine, policy, prompts, sampling)}
+
+
+@pytest.mark.vllm
+@no_vllm
+@pytest.mark.parametrize("family", ["tiny-random", "tiny-random-qwen3-vl"])
+def test_clips_generate_with_the_trainers_ids_and_score_like_the_trainer_after_a_sync(tmp_path, family):
+    """Qwen2.5-VL (second_per_grid_ts) and Qwen3-VL (timestamps in the text; vLLM writes the released processor's
+    form, as the trainer does) on the real engine, each in a process of its own."""
+    import json
+    import subprocess
+    import sys
+
+    code = (f"import json, test_vllm_engine as t; print('RESULT', json.dumps(t.video_parity({family!r}, "
+            f"{str(tmp_path / 'model')!r})))")
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "PYTHONPATH": str(Path(__file__).parent)}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env,
+                       cwd=Path(__file__).parents[1])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    res = json.loads(r.stdout.split("RESULT ", 1)[1])
+    print(f"\n{family} clips, fp32 max |logp_vllm - logp_trainer|: before sync {res['before']:.3g}, after "
+          f"{res['after']:.3g}; video tokens {res['video_tokens']}")
+    assert res["same_ids"] == [True, True, True] and res["video_tokens"][0] > 0
+    assert res["before"] > 0.1 and 0 < res["after"] < PARITY_FP32

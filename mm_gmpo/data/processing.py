@@ -59,6 +59,7 @@ class EncodedPrompt:
     video_grid_thw: torch.Tensor | None = None
     video_keys: list[str] = field(default_factory=list)
     video_seconds: list[float] = field(default_factory=list)  # seconds per temporal patch (second_per_grid_ts)
+    engine_ids: list[int] = field(default_factory=list)  # with clips: the ids as the template wrote them (vLLM's)
 
     @property
     def n_images(self) -> int:
@@ -224,6 +225,7 @@ def _encode_with_clips(prompt: Prompt, processor, text: str, min_pixels: int, ma
                         f"for {len(prompt.videos)} clips; use the model family's own chat template")
     pixels, grids = zip(*(encode_clip(processor, c) for c in prompt.videos), strict=True)
     video_grid = torch.cat(grids)
+    engine_ids = list(tok(text, add_special_tokens=False)["input_ids"])
     text = _fill(text, VIDEO_WRAPPER, [video_placeholder(processor, c, g)
                                        for c, g in zip(prompt.videos, video_grid, strict=True)])
     images, pv, grid_img, keys = [], None, None, []
@@ -250,7 +252,8 @@ def _encode_with_clips(prompt: Prompt, processor, text: str, min_pixels: int, ma
                             f"produce {want} features; check that the chat template and the {kind}s agree")
     temporal = getattr(vp, "temporal_patch_size", 2)
     return EncodedPrompt(prompt, text, images, ids, pv, grid_img, keys, list(prompt.videos), torch.cat(pixels),
-                         video_grid, [c.key for c in prompt.videos], [temporal / c.sample_fps for c in prompt.videos])
+                         video_grid, [c.key for c in prompt.videos], [temporal / c.sample_fps for c in prompt.videos],
+                         engine_ids)
 
 
 def image_key(image: Image.Image) -> str:

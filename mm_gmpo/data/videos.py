@@ -69,13 +69,12 @@ class VideoFit:
 @dataclass(eq=False)
 class Clip:
     """A clip as the model sees it: ``frames`` (T, 3, H, W) uint8 at the processor's size, T even; ``indices`` of
-    those frames in the source, whose frame rate is ``fps`` (index / fps = the frame's time in seconds);
-    ``sample_fps`` frames per second of video kept (Qwen2.5-VL's ``second_per_grid_ts`` is 2 / sample_fps)."""
+    those frames in the source of ``total_frames`` frames at ``fps`` (index / fps = the frame's time in seconds)."""
 
     frames: torch.Tensor
     fps: float
     indices: tuple[int, ...]
-    sample_fps: float
+    total_frames: int
     key: str = ""
 
     def __post_init__(self):
@@ -92,9 +91,16 @@ class Clip:
     def nbytes(self) -> int:
         return self.frames.numel()
 
+    @property
+    def sample_fps(self) -> float:
+        """Frames kept per second of video (qwen-vl-utils' and transformers' ``sampled_fps``); Qwen2.5-VL's
+        ``second_per_grid_ts`` is temporal patch / sample_fps."""
+        return len(self.indices) / self.total_frames * self.fps
+
     def metadata(self) -> dict[str, Any]:
-        """What Qwen3-VL's processors (transformers', vLLM's) read the timestamps from."""
-        return {"fps": self.fps, "frames_indices": list(self.indices), "total_num_frames": max(self.indices) + 1}
+        """transformers' ``VideoMetadata`` of the clip: what the processors (transformers', vLLM's) read Qwen3-VL's
+        timestamps and Qwen2.5-VL's seconds per temporal patch from."""
+        return {"fps": self.fps, "frames_indices": list(self.indices), "total_num_frames": self.total_frames}
 
     def timestamps(self, temporal_patch: int = 2) -> list[float]:
         """Seconds at the middle of each temporal patch (Qwen3-VL writes ``<t seconds>`` before each): the rule of
@@ -138,7 +144,7 @@ def clip_from_frames(frames: torch.Tensor, fit: VideoFit, where: str = "clip",
         idx = torch.linspace(0, len(kept) - 1, n).round().long().tolist()
         kept = [kept[i] for i in idx]
     rate = float(fps or fit.fps)
-    return Clip(fit_frames(torch.stack(kept), fit), rate, tuple(range(len(kept))), rate)
+    return Clip(fit_frames(torch.stack(kept), fit), rate, tuple(range(len(kept))), len(kept))
 
 
 def _natural(name: str) -> list:
@@ -250,8 +256,7 @@ def _decode(container, fit: VideoFit, named: str) -> Clip:
                         f"the {len(wanted)} the clip needs; truncated or corrupt?); re-encode or drop it")
     frames = _even(frames, named)
     indices = indices + [indices[-1]] * (len(frames) - len(indices))
-    sample_fps = len(frames) / total * fps
-    return Clip(fit_frames(torch.stack(frames), fit), fps, tuple(indices), sample_fps)
+    return Clip(fit_frames(torch.stack(frames), fit), fps, tuple(indices), total)
 
 
 class ClipStore:

@@ -167,12 +167,19 @@ def share_groups(counts: list[int], per_rank: int) -> tuple[list[list[tuple[int,
     return share, free
 
 
+def vision_inputs(encs: list[EncodedPrompt]) -> dict:
+    """``collate``'s vision arguments for samples of these prompts (each distinct picture and clip held once)."""
+    return {"pixel_values": [e.pixel_values for e in encs], "image_grid_thw": [e.image_grid_thw for e in encs],
+            "image_ids": [e.image_keys for e in encs],
+            "pixel_values_videos": [e.pixel_values_videos for e in encs],
+            "video_grid_thw": [e.video_grid_thw for e in encs], "video_ids": [e.video_keys for e in encs],
+            "video_seconds": [e.video_seconds for e in encs]}
+
+
 def to_batch(prompts: list[EncodedPrompt], rollouts: list[Rollout], pad_id: int) -> tuple[PolicyBatch, torch.Tensor]:
     """The trainer's batch of ``rollouts`` (their prompt_index into ``prompts``) and the sampler's log-probs."""
     batch = collate([r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts], pad_id=pad_id,
-                    pixel_values=[prompts[r.prompt_index].pixel_values for r in rollouts],
-                    image_grid_thw=[prompts[r.prompt_index].image_grid_thw for r in rollouts],
-                    image_ids=[prompts[r.prompt_index].image_keys for r in rollouts])
+                    **vision_inputs([prompts[r.prompt_index] for r in rollouts]))
     sampler_lp = torch.zeros(batch.response_mask.shape)
     for i, r in enumerate(rollouts):
         if r.logprobs:

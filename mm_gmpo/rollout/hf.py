@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterable
 
@@ -10,8 +11,10 @@ from torch import nn
 from tqdm import tqdm
 
 from mm_gmpo.data.processing import EncodedPrompt
+from mm_gmpo.families import family_of
 from mm_gmpo.policy import collate
-from mm_gmpo.rollout.base import IMAGE_PAD_ID, Rollout, SamplingParams
+from mm_gmpo.rollout.base import IMAGE_PAD_ID, VIDEO_PAD_ID, Rollout, SamplingParams
+from mm_gmpo.rollout.batch import vision_inputs
 
 
 class HFEngine:
@@ -32,6 +35,9 @@ class HFEngine:
         self.eos_ids |= {tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")}
         self.eos_ids.discard(None)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 151643
+        family = family_of(model.config)
+        if family is not None:  # clips: the released models' M-RoPE rule, as the trainer and vLLM (Family.rope_index)
+            model.model.get_rope_index = functools.partial(family.rope_index, model.model)
 
     @torch.no_grad()
     def generate(self, prompts: list[EncodedPrompt], sampling: SamplingParams) -> list[Rollout]:
@@ -47,14 +53,22 @@ class HFEngine:
             encs = [prompts[i] for i, _ in chunk]
             t0 = time.perf_counter()
             batch = collate([e.input_ids for e in encs], [[] for _ in encs], pad_id=self.pad_id,
-                            pixel_values=[e.pixel_values for e in encs], image_grid_thw=[e.image_grid_thw for e in encs])
+                            **vision_inputs(encs))
             P = batch.input_ids.shape[1] - batch.response_width
             kwargs = {}
-            if batch.pixel_values is not None:
-                # mm_token_type_ids marks image tokens; without it transformers gives them 1-D RoPE positions
-                kwargs = {"pixel_values": batch.image_pixels().to(self.device),  # transformers: a copy per image
-                          "image_grid_thw": batch.image_grid_thw.to(self.device),
-                          "mm_token_type_ids": (batch.input_ids[:, :P] == IMAGE_PAD_ID).int().to(self.device)}
+            if batch.has_vision:
+                # mm_token_type_ids marks image (1) and video (2) tokens; without it transformers gives them 1-D RoPE
+                prompt_ids = batch.input_ids[:, :P]
+                kwargs = {"mm_token_type_ids": ((prompt_ids == IMAGE_PAD_ID).int()
+                                                + 2 * (prompt_ids == VIDEO_PAD_ID).int()).to(self.device)}
+            if batch.pixel_values is not None:  # transformers: a copy per image
+                kwargs |= {"pixel_values": batch.image_pixels().to(self.device),
+                           "image_grid_thw": batch.image_grid_thw.to(self.device)}
+            if batch.pixel_values_videos is not None:
+                kwargs |= {"pixel_values_videos": batch.video_pixels().to(self.device),
+                           "video_grid_thw": batch.video_grid_thw.to(self.device)}
+                if getattr(self.model.config, "model_type", "") == "qwen2_5_vl":
+                    kwargs["second_per_grid_ts"] = batch.video_seconds.to(self.device)
             greedy = sampling.temperature <= 0
             if sampling.allowed_token_ids:
                 allowed = sorted(set(sampling.allowed_token_ids))  # exactly these (as vLLM's allowed_token_ids)
@@ -69,7 +83,7 @@ class HFEngine:
                 max_new_tokens=sampling.max_tokens,
                 eos_token_id=None if sampling.ignore_eos else sorted(self.eos_ids),
                 pad_token_id=self.pad_id,
-                suppress_tokens=[IMAGE_PAD_ID],
+                suppress_tokens=[IMAGE_PAD_ID, VIDEO_PAD_ID],
                 output_scores=True,
                 return_dict_in_generate=True,
                 **kwargs,

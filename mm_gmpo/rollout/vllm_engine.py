@@ -54,7 +54,7 @@ import torch
 
 from mm_gmpo.data.processing import EncodedPrompt
 from mm_gmpo.families import vllm_weights
-from mm_gmpo.rollout.base import IMAGE_PAD_ID, Rollout, SamplingParams
+from mm_gmpo.rollout.base import IMAGE_PAD_ID, VIDEO_PAD_ID, Rollout, SamplingParams
 
 EOS_IDS = (151645, 151643)  # <|im_end|>, <|endoftext|>
 
@@ -70,7 +70,18 @@ def collapse_image_pads(ids: list[int]) -> list[int]:
 
 
 def engine_request(p: EncodedPrompt) -> dict:
-    """The vLLM request for one encoded prompt (a ``TokensPrompt``-shaped dict)."""
+    """The vLLM request for one encoded prompt (a ``TokensPrompt``-shaped dict). A prompt with clips goes as the
+    chat template wrote it (``engine_ids``: one placeholder per picture and clip), its clips as the frames already
+    sampled and sized, with their source indices and frame rate (Qwen3-VL's timestamps); vLLM's expansion of it must
+    give the trainer's ids (checked after each generate)."""
+    if getattr(p, "videos", None):
+        data: dict = {"video": [(c.frames.permute(0, 2, 3, 1).numpy(), c.metadata() | {"do_sample_frames": False})
+                                for c in p.videos]}
+        if p.images:
+            data["image"] = list(p.images)
+        return {"prompt_token_ids": list(p.engine_ids), "multi_modal_data": data,
+                "mm_processor_kwargs": {"do_resize": False, "do_sample_frames": False,
+                                        "video_metadata": [c.metadata() for c in p.videos]}}
     if not p.images:
         return {"prompt_token_ids": list(p.input_ids)}
     return {"prompt_token_ids": collapse_image_pads(p.input_ids), "multi_modal_data": {"image": list(p.images)}}
@@ -127,7 +138,7 @@ def vllm_sampling_kwargs(sampling: SamplingParams, eos_ids: Iterable[int] = EOS_
     if sampling.allowed_token_ids:
         kw["allowed_token_ids"] = sorted(set(sampling.allowed_token_ids))
     else:
-        kw["logit_bias"] = {IMAGE_PAD_ID: -100.0}  # never sample an image placeholder
+        kw["logit_bias"] = {IMAGE_PAD_ID: -100.0, VIDEO_PAD_ID: -100.0}  # never sample a vision placeholder
     return kw
 
 
@@ -191,6 +202,7 @@ class VLLMEngine:
         min_pixels: int | None = None,
         max_pixels: int | None = None,
         max_images_per_prompt: int = 1,
+        max_videos_per_prompt: int = 0,
         sleep_level: int = 2,
         progress: bool = False,
     ):
@@ -236,8 +248,9 @@ class VLLMEngine:
             seed=seed,
             enable_prefix_caching=True,
             logprobs_mode="processed_logprobs",
-            # no videos: without "video": 0 vLLM also sizes its profiling run for a video per prompt
-            limit_mm_per_prompt={"image": max_images_per_prompt, "video": 0},
+            # clips only when the data has them: without "video": 0 vLLM also sizes its start-up profiling run for
+            # a video per prompt
+            limit_mm_per_prompt={"image": max_images_per_prompt, "video": max_videos_per_prompt},
             mm_processor_kwargs=mm_kwargs or None,
             **kwargs,
         )
@@ -261,7 +274,8 @@ class VLLMEngine:
             if list(out.prompt_token_ids) != list(p.input_ids):
                 raise RuntimeError(
                     f"prompt {p.prompt.id}: vLLM expanded the prompt to {len(out.prompt_token_ids)} tokens, the "
-                    f"trainer has {len(p.input_ids)}; the image sizes differ (pass the same min/max pixels to both)")
+                    f"trainer has {len(p.input_ids)}; the image or clip sizes differ (pass the same min/max pixels to "
+                    "both), or this vLLM writes a clip's placeholders in another form (README 'Video prompts')")
             for s, c in enumerate(out.outputs):
                 ids = list(c.token_ids)
                 text = c.text if decode is None else decode(ids, skip_special_tokens=True)
