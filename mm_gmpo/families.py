@@ -120,7 +120,7 @@ class Family:
         position + 1. transformers 5.x continues from its start + its larger side, which is the same for pictures
         and Qwen3-VL's one-frame clip groups, but not for a Qwen2-VL / Qwen2.5-VL clip whose time positions run past
         its sides (4 temporal patches at 2 fps reach 6 in a 2x3 grid): there transformers' own forward would score
-        prompts the engine never saw. ``model``: the inner model (``get_vision_position_ids``, ``config``)."""
+        prompts the engine never saw. ``model``: the inner model (its ``config``; transformers' ``get_rope_index``)."""
         if self.deepstack or video_grid_thw is None:  # transformers' rule is the released one here
             # the class's method: an HF engine's model has this function bound in its place
             return type(model).get_rope_index(model, input_ids, mm_token_type_ids=mm_token_type_ids,
@@ -142,8 +142,7 @@ class Family:
                     at += n
                     continue
                 interval = per_second * next(seconds) if kind == 2 and per_second else 1.0
-                block = model.get_vision_position_ids(at, next(grids[kind]), 1, merge, interval,
-                                                      device=input_ids.device)
+                block = vision_positions(at, next(grids[kind]), merge, interval, input_ids.device)
                 parts.append(block)
                 at = int(block.max()) + 1
             row = torch.cat(parts, 1)
@@ -154,6 +153,16 @@ class Family:
     def vision_block_width(self, vision_config) -> int:
         """Hidden size inside a vision block (Qwen2-VL calls it embed_dim; its hidden_size is the output's)."""
         return getattr(vision_config, "embed_dim", None) or vision_config.hidden_size
+
+
+def vision_positions(start: int, grid: torch.Tensor, merge: int, interval: float, device=None) -> torch.Tensor:
+    """(3, t*h*w) positions of a picture's or clip's tokens starting at ``start``: time index x ``interval``
+    (Qwen2.5-VL: tokens per second x seconds per temporal patch), truncated after the product (as vLLM), and the
+    merged row and column indices."""
+    t, h, w = int(grid[0]), int(grid[1]) // merge, int(grid[2]) // merge
+    tt = (torch.arange(t, dtype=torch.float64, device=device) * interval).long()
+    hh, ww = torch.arange(h, device=device), torch.arange(w, device=device)
+    return torch.stack(torch.meshgrid(tt, hh, ww, indexing="ij")).reshape(3, -1) + start
 
 
 def _tiny_vl(family: str, file: str, *, text: dict, vision: dict):

@@ -15,7 +15,7 @@ from mm_gmpo.data.files import Columns, load_file_prompts
 from mm_gmpo.data.processing import encode_prompt, load_processor
 from mm_gmpo.data.prompts import DataError, Prompt
 from mm_gmpo.data.synthetic import COLORS, SHAPES, draw
-from mm_gmpo.data.videos import ClipStore, VideoFit, clip_from_frames, read_video_file, write_video
+from mm_gmpo.data.videos import ClipStore, VideoFit, clip_from_frames, read_video_file
 from mm_gmpo.models import build_model, processor_source, random_model_config
 from mm_gmpo.policy import Policy, collate
 
@@ -271,3 +271,141 @@ def test_hf_engine_after_sync_samples_what_the_trainer_scores_on_clips(family):
     with torch.no_grad():
         lp, _ = Policy(trainer)(batch)
     torch.testing.assert_close(lp * batch.response_mask, sampler_lp, rtol=0, atol=2e-5)
+
+
+# ---------------------------------------------------------------- clips from data files
+
+
+def mp4(path: Path, n: int = 20, fps: int = 4, faststart: bool = False) -> Path:
+    """A small MPEG-4 file of ``n`` random frames (60x90)."""
+    import av
+
+    with av.open(str(path), mode="w", format="mp4", options={"movflags": "faststart"} if faststart else {}) as out:
+        s = out.add_stream("mpeg4", rate=fps)
+        s.width, s.height, s.pix_fmt = 90, 60, "yuv420p"
+        for f in frames(n, 60, 90):
+            for packet in s.encode(av.VideoFrame.from_ndarray(f.permute(1, 2, 0).contiguous().numpy(), format="rgb24")):
+                out.mux(packet)
+        for packet in s.encode():
+            out.mux(packet)
+    return path
+
+
+def rows_file(tmp_path: Path, rows: list[dict]) -> str:
+    f = tmp_path / "data.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return str(f)
+
+
+def load(spec: str, **kw):
+    return load_file_prompts(spec, columns=Columns(), template="plain", task="exact", **kw)
+
+
+def test_a_video_file_is_sampled_as_qwen_vl_utils_samples_it(tmp_path):
+    """20 frames at 4 fps (5 s) at data.video_fps 2: qwen-vl-utils' smart_nframes gives 10 frames at evenly spaced
+    indices; only those are decoded, resized by its rule (sides a multiple of 28)."""
+    from qwen_vl_utils.vision_process import smart_nframes
+
+    clip = read_video_file(mp4(tmp_path / "a.mp4"), VideoFit(), "row 1")
+    n = smart_nframes({"fps": 2.0, "max_frames": 20}, total_frames=20, video_fps=4.0)
+    assert n == 10 == clip.n_frames
+    assert list(clip.indices) == torch.linspace(0, 19, 10).round().long().tolist()
+    assert clip.fps == 4.0 and clip.sample_fps == 2.0 and clip.total_frames == 20
+    assert clip.frames.dtype == torch.uint8 and tuple(clip.frames.shape[1:]) == (3, 56, 84)
+    capped = read_video_file(tmp_path / "a.mp4", VideoFit(max_frames=4), "row 1")
+    assert capped.n_frames == 4 and capped.indices == (0, 6, 13, 19)
+
+
+def test_easyr1_rows_with_videos_load_as_files_folders_and_frame_lists(tmp_path):
+    mp4(tmp_path / "clip.mp4")
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    from PIL import Image
+
+    for i in (1, 2, 10):  # natural order: frame_2 before frame_10
+        Image.new("RGB", (84, 56), (20 * i, 0, 0)).save(folder / f"frame_{i}.png")
+    rows = [{"problem": "<video> Which way?", "answer": "left", "videos": ["clip.mp4"]},
+            {"problem": "What happens in <video>?", "answer": "up", "videos": "frames"},
+            {"problem": "Compare <video> and <image>.", "answer": "down", "images": ["frames/frame_1.png"],
+             "videos": [["frames/frame_1.png", "frames/frame_2.png"]]},
+            {"problem": "No clip here.", "answer": "right", "videos": []}]
+    store = ClipStore()
+    prompts = load(rows_file(tmp_path, rows), clips=store)
+    assert [p.n_videos for p in prompts] == [1, 1, 1, 0] and prompts[2].n_images == 1
+    assert prompts[0].messages[-1]["content"][0] == {"type": "video"}
+    assert [c["type"] for c in prompts[2].messages[-1]["content"]] == ["text", "video", "text", "image", "text"]
+    folder_clip = prompts[1].videos[0]
+    assert folder_clip.n_frames == 4 and folder_clip.frames[:, 0, 0, 0].tolist() == [20, 40, 200, 200]  # padded even
+    assert store.count == 3
+    again = load(rows_file(tmp_path, rows[:1] * 3), clips=store)
+    assert all(p.videos[0] is prompts[0].videos[0] for p in again)  # one decode per distinct file
+
+
+BAD_VIDEO = {
+    "truncated": (lambda p: p.write_bytes(mp4(p, faststart=True).read_bytes()[:18000]), "ends early"),
+    "corrupt": (lambda p: p.write_bytes(mp4(p).read_bytes()[:40] + bytes(range(256)) * 40), "cannot be decoded"),
+    "empty": (lambda p: p.write_bytes(b""), "is empty"),
+    "not a video": (lambda p: p.write_text("just some text, not a video"), "not a video container"),
+    "missing": (lambda p: None, "not found"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_VIDEO))
+def test_a_bad_video_file_is_a_data_error_naming_file_row_and_field(tmp_path, case):
+    make, says = BAD_VIDEO[case]
+    make(tmp_path / "bad.mp4")
+    rows = [{"problem": "<video> ok?", "answer": "a", "videos": "bad.mp4"}]
+    spec = rows_file(tmp_path, [{"problem": "fine", "answer": "b"}, *rows])
+    with pytest.raises(DataError) as e:
+        load(spec)
+    msg = str(e.value)
+    assert says in msg and "data.jsonl" in msg and "line 2" in msg and "field 'videos'" in msg
+    with pytest.warns(UserWarning, match="skipped 1 bad sample"):
+        kept = load(spec, on_bad_sample="skip")
+    assert [p.ground_truth for p in kept] == ["b"]
+
+
+def test_zero_frames_an_unknown_codec_and_the_memory_cap(tmp_path, monkeypatch):
+    import av
+
+    zero = tmp_path / "zero.mkv"
+    with av.open(str(zero), mode="w", format="matroska") as out:
+        s = out.add_stream("mpeg4", rate=4)
+        s.width, s.height, s.pix_fmt = 90, 60, "yuv420p"
+        out.start_encoding()
+    with pytest.raises(DataError, match="zero frames"):
+        read_video_file(zero, VideoFit(), "row 1: field 'videos'")
+    avi = tmp_path / "c.avi"
+    with av.open(str(avi), mode="w", format="avi") as out:
+        s = out.add_stream("mpeg4", rate=4)
+        s.width, s.height, s.pix_fmt = 90, 60, "yuv420p"
+        for f in frames(4, 60, 90):
+            for packet in s.encode(av.VideoFrame.from_ndarray(f.permute(1, 2, 0).contiguous().numpy(),
+                                                              format="rgb24")):
+                out.mux(packet)
+        for packet in s.encode():
+            out.mux(packet)
+    assert read_video_file(avi, VideoFit(), "r").n_frames == 4  # qwen-vl-utils keeps at least 4
+    avi.write_bytes(avi.read_bytes().replace(b"FMP4", b"QQQQ"))  # a codec tag no decoder knows
+    with pytest.raises(DataError, match="codec is not one this FFmpeg decodes"):
+        read_video_file(avi, VideoFit(), "row 2")
+    import mm_gmpo.data.videos as videos
+
+    monkeypatch.setattr(videos, "MAX_CLIP_BYTES", 10 * 60 * 90 * 3 - 1)  # one byte short of 10 frames
+    with pytest.raises(DataError, match=r"over the .* cap; lower data\.video_max_frames"):
+        read_video_file(mp4(tmp_path / "a.mp4"), VideoFit(), "row 3")
+    assert read_video_file(tmp_path / "a.mp4", VideoFit(max_frames=8), "row 3").n_frames == 8
+
+
+def test_bad_clip_entries_in_rows(tmp_path):
+    (tmp_path / "empty_folder").mkdir()
+    mp4(tmp_path / "clip.mp4")
+    cases = [({"problem": "<video>", "answer": "a", "videos": "empty_folder"}, "holds no frame images"),
+             ({"problem": "<video> and <video>", "answer": "a", "videos": ["clip.mp4"]},
+              "2 <video> placeholder(s) but 1 video(s)"),
+             ({"problem": "<video>", "answer": "a", "videos": 5}, "holds a int"),
+             ({"problem": "<video>", "answer": "a", "videos": [[]]}, "empty list of frames"),
+             ({"problem": "x <|video_pad|>", "answer": "a"}, "special token <|video_pad|>")]
+    for row, says in cases:
+        with pytest.raises(DataError, match=says.replace("(", r"\(").replace(")", r"\)").replace("|", r"\|")):
+            load(rows_file(tmp_path, [row]))

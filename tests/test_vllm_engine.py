@@ -477,7 +477,7 @@ def video_parity(family: str, folder: str) -> dict:
     policy = Policy(build_model(folder, random_init=True, config=cfg, dtype=torch.float32, seed=0,
                                 attn_implementation="sdpa"))
     sampling = SamplingParams(n=2, temperature=1.0, max_tokens=8, seed=3)
-    outs = engine.llm.generate([engine_request(p) for p in prompts], use_tqdm=False)
+    outs = engine.llm.generate([engine_request(p, engine.metadata_as_kwarg) for p in prompts], use_tqdm=False)
     same_ids = [list(o.prompt_token_ids) == p.input_ids for o, p in zip(outs, prompts, strict=True)]
     before = max_gap(engine, policy, prompts, sampling)
     sync_weights(policy, engine)

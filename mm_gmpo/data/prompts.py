@@ -115,15 +115,17 @@ def system_prompt(template: str) -> str | None:
     return path.read_text().strip() if path.exists() else None
 
 
-def build_messages(text: str, n_images: int, template: str) -> list[dict[str, Any]]:
-    """Chat messages: optional system prompt, then one user turn with the images first and the text after."""
-    content: list[dict[str, Any]] = [{"type": "image"} for _ in range(n_images)]
+def build_messages(text: str, n_images: int, template: str, n_videos: int = 0) -> list[dict[str, Any]]:
+    """Chat messages: optional system prompt, then one user turn with the clips and images first and the text
+    after."""
+    content: list[dict[str, Any]] = [{"type": "video"} for _ in range(n_videos)]
+    content += [{"type": "image"} for _ in range(n_images)]
     content.append({"type": "text", "text": text})
     messages: list[dict[str, Any]] = []
     sys = system_prompt(template)
     if sys:
         messages.append({"role": "system", "content": sys})
-    messages.append({"role": "user", "content": content if n_images else text})
+    messages.append({"role": "user", "content": content if n_images or n_videos else text})
     return messages
 
 

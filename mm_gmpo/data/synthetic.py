@@ -20,10 +20,14 @@ QUESTION = "What color is the shape? Answer with one word: red, green, blue or y
 
 
 def draw(color: str, shape: str, rng: random.Random, size: int = 56) -> Image.Image:
+    r = rng.randint(size // 4, size // 2 - 2)
+    return draw_at(color, shape, rng.randint(r, size - r), rng.randint(r, size - r), r, size)
+
+
+def draw_at(color: str, shape: str, cx: int, cy: int, r: int, size: int = 56) -> Image.Image:
+    """A white ``size`` x ``size`` canvas with the shape of radius ``r`` centred at (cx, cy)."""
     img = Image.new("RGB", (size, size), (255, 255, 255))
     d = ImageDraw.Draw(img)
-    r = rng.randint(size // 4, size // 2 - 2)
-    cx, cy = rng.randint(r, size - r), rng.randint(r, size - r)
     fill = COLORS[color]
     if shape == "circle":
         d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
@@ -46,6 +50,50 @@ def synthetic_prompts(n: int, seed: int = 0, split: str = "train") -> list[Promp
             id=f"synthetic/{split}/{i}", task="exact", messages=build_messages(QUESTION, 1, "plain"),
             images=[draw(color, shape, rng)], ground_truth=color, metadata={"shape": shape},
         ))
+    rng.shuffle(out)
+    return out
+
+
+# ---------------------------------------------------------------- the built-in video task
+
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+MOTION_QUESTION = "Which way does the shape move? Answer with one word: left, right, up or down."
+
+
+def moving_shape(direction: str, rng: random.Random, n_frames: int = 4, size: int = 56, step: int = 10):
+    """(n_frames, 3, size, size) uint8 frames of one shape (random colour, kind and start) moving ``step`` pixels
+    per frame towards ``direction``."""
+    import numpy as np
+    import torch
+
+    dx, dy = DIRECTIONS[direction]
+    r, span = 7, step * (n_frames - 1)
+
+    def start(d: int) -> int:
+        return rng.randint(r + span, size - r) if d < 0 else rng.randint(r, size - r - span) if d > 0 else \
+            rng.randint(r, size - r)
+
+    x, y = start(dx), start(dy)
+    color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
+    pictures = [np.asarray(draw_at(color, shape, x + dx * step * k, y + dy * step * k, r, size))
+                for k in range(n_frames)]
+    return torch.from_numpy(np.stack(pictures)).permute(0, 3, 1, 2).contiguous()
+
+
+def motion_prompts(n: int, fit, seed: int = 0, split: str = "train") -> list[Prompt]:
+    """The built-in video task: n prompts "Which way does the shape move?" on 4-frame clips made here (``fit``:
+    the run's ``VideoFit``), directions balanced; the answer is the direction word (one token each; rollouts
+    restrict sampling to the four, chance 0.25). Deterministic in (seed, split)."""
+    from mm_gmpo.data.videos import clip_from_frames
+
+    rng = random.Random(f"motion-{seed}-{split}")
+    out = []
+    for i in range(n):
+        direction = list(DIRECTIONS)[i % len(DIRECTIONS)]
+        clip = clip_from_frames(moving_shape(direction, rng), fit, f"motion/{split}/{i}")
+        out.append(Prompt(id=f"motion/{split}/{i}", task="exact", messages=build_messages(MOTION_QUESTION, 0, "plain",
+                                                                                            n_videos=1),
+                          images=[], ground_truth=direction, videos=[clip]))
     rng.shuffle(out)
     return out
 

@@ -207,6 +207,9 @@ def read_video_file(path: Path, fit: VideoFit, where: str) -> Clip:
         try:
             with av.open(f, mode="r", format=fmt, metadata_errors="ignore") as container:
                 return _decode(container, fit, named)
+        except av.error.EOFError:
+            raise DataError(f"{named} ends before its first frame (zero frames, or truncated); re-encode or drop "
+                            "it") from None
         except av.FFmpegError as e:
             raise DataError(f"{named} cannot be decoded as video ({type(e).__name__}: {e}); re-encode it (e.g. "
                             "H.264 in MP4) or give a folder of frame images") from None
@@ -228,9 +231,9 @@ def _decode(container, fit: VideoFit, named: str) -> Clip:
     total = int(stream.frames or 0)
     if total <= 0:  # no count in the header (Matroska/WebM): count the packets, no decoding
         total = sum(1 for p in container.demux(stream) if p.size)
+        if total <= 0:
+            raise DataError(f"{named} has zero frames")
         container.seek(0)
-    if total <= 0:
-        raise DataError(f"{named} has zero frames")
     n = fit.n_frames(total, fps) if total >= FRAME_FACTOR else 1
     wanted = Counter(torch.linspace(0, total - 1, n).round().long().tolist())
     need = n * width * height * 3
@@ -319,22 +322,4 @@ class ClipStore:
     @property
     def nbytes(self) -> int:
         return sum(c.nbytes for c in self._clips.values())
-
-
-def write_video(path: Path, frames: torch.Tensor, fps: int = 4, codec: str = "mpeg4") -> Path:
-    """Write (T, 3, H, W) uint8 frames as an MP4 file (for tests and the built-in video task's examples)."""
-    import av
-
-    path = Path(path)
-    with av.open(str(path), mode="w", format="mp4") as out:
-        stream = out.add_stream(codec, rate=fps)
-        stream.width, stream.height = int(frames.shape[3]), int(frames.shape[2])
-        stream.pix_fmt = "yuv420p"
-        for f in frames:
-            frame = av.VideoFrame.from_ndarray(f.permute(1, 2, 0).contiguous().numpy(), format="rgb24")
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    return path
 

@@ -69,19 +69,22 @@ def collapse_image_pads(ids: list[int]) -> list[int]:
     return out
 
 
-def engine_request(p: EncodedPrompt) -> dict:
+def engine_request(p: EncodedPrompt, metadata_as_kwarg: bool = False) -> dict:
     """The vLLM request for one encoded prompt (a ``TokensPrompt``-shaped dict). A prompt with clips goes as the
     chat template wrote it (``engine_ids``: one placeholder per picture and clip), its clips as the frames already
-    sampled and sized, with their source indices and frame rate (Qwen3-VL's timestamps); vLLM's expansion of it must
-    give the trainer's ids (checked after each generate)."""
+    sampled and sized (no resize, no resampling), each with its metadata: source indices and frame rate, which give
+    Qwen3-VL's timestamps and Qwen2.5-VL's seconds per temporal patch. vLLM's parser keeps the metadata for Qwen3-VL
+    only; for Qwen2-VL / Qwen2.5-VL (``metadata_as_kwarg``) it goes to the processor as a keyword. vLLM's expansion
+    must give the trainer's ids (checked after each generate)."""
     if getattr(p, "videos", None):
         data: dict = {"video": [(c.frames.permute(0, 2, 3, 1).numpy(), c.metadata() | {"do_sample_frames": False})
                                 for c in p.videos]}
         if p.images:
             data["image"] = list(p.images)
-        return {"prompt_token_ids": list(p.engine_ids), "multi_modal_data": data,
-                "mm_processor_kwargs": {"do_resize": False, "do_sample_frames": False,
-                                        "video_metadata": [c.metadata() for c in p.videos]}}
+        kwargs: dict = {"do_resize": False, "do_sample_frames": False}
+        if metadata_as_kwarg:
+            kwargs["video_metadata"] = [c.metadata() for c in p.videos]
+        return {"prompt_token_ids": list(p.engine_ids), "multi_modal_data": data, "mm_processor_kwargs": kwargs}
     if not p.images:
         return {"prompt_token_ids": list(p.input_ids)}
     return {"prompt_token_ids": collapse_image_pads(p.input_ids), "multi_modal_data": {"image": list(p.images)}}
@@ -255,6 +258,8 @@ class VLLMEngine:
             **kwargs,
         )
         self.sleeping = False
+        model_type = getattr(self.llm.llm_engine.model_config.hf_config, "model_type", "")
+        self.metadata_as_kwarg = model_type in ("qwen2_vl", "qwen2_5_vl")
 
     # ------------------------------------------------------------ generate
 
@@ -265,7 +270,8 @@ class VLLMEngine:
         kwargs = vllm_sampling_kwargs(sampling) | fast_output_kwargs(getattr(VSamplingParams, "__struct_fields__", ()))
         t0 = time.perf_counter()
         with seeded(sampling.seed):
-            outputs = self.llm.generate([engine_request(p) for p in prompts], VSamplingParams(**kwargs),
+            outputs = self.llm.generate([engine_request(p, self.metadata_as_kwarg) for p in prompts],
+                                        VSamplingParams(**kwargs),
                                         use_tqdm=self.progress and sampling.max_tokens >= 256)
         dt = time.perf_counter() - t0
         decode = None if kwargs.get("detokenize", True) else self.llm.get_tokenizer().decode
