@@ -110,22 +110,35 @@ def optimizer_bytes(numels: list[int], name: str) -> float:
     return float(total)
 
 
-def default_patches_per_token(cfg: Config, patch_size: int = 14) -> float:
-    """Vision patches per trained token, for images at data.min_pixels (Geometry3K diagrams are upscaled to it):
-    one image's patches shared by the n samples of its prompt, over a sample of prompt + half the response."""
-    patches = cfg.data.min_pixels / (patch_size * patch_size)
-    sample_tokens = patches / 4 + 128 + cfg.rollout.max_tokens / 2
-    return patches / cfg.rollout.n / sample_tokens
+def clip_patches(cfg: Config, patch_size: int = 14) -> float:
+    """Vision patches of one clip at its largest: data.video_max_frames frames at data.video_max_pixels, or fewer
+    pixels when the prompt's token budget (90% of data.max_prompt_length) is the tighter (the loader's rule)."""
+    d = cfg.data
+    frames = d.video_max_frames
+    factor = 2 * patch_size
+    per_frame = max(min(d.video_max_pixels, 0.9 * d.max_prompt_length * factor ** 2 / frames * 2), d.video_min_pixels)
+    return frames * per_frame / (patch_size * patch_size)
+
+
+def default_patches_per_token(cfg: Config, patch_size: int = 14, clips: int = 0) -> float:
+    """Vision patches per trained token, for images at data.min_pixels (Geometry3K diagrams are upscaled to it)
+    and ``clips`` clips per prompt at their largest (:func:`clip_patches`): one prompt's patches shared by its n
+    samples, over a sample of prompt + half the response (a clip's tokens are its patches / 8: 2x2 merged, 2 frames
+    per patch)."""
+    pictures = cfg.data.min_pixels / (patch_size * patch_size) if cfg.data.max_images else 0.0
+    video = clips * clip_patches(cfg, patch_size)
+    sample_tokens = pictures / 4 + video / 8 + 128 + cfg.rollout.max_tokens / 2
+    return (pictures + video) / cfg.rollout.n / sample_tokens
 
 
 def plan(cfg: Config, gpus: int, gpu_gib: float, *, patches_per_token: float | None = None,
-         unit_bytes: tuple[float, float] | None = None, counts: Counts | None = None) -> dict:
+         unit_bytes: tuple[float, float] | None = None, counts: Counts | None = None, clips: int = 0) -> dict:
     """Bytes per GPU of each part, for the update and the rollout phase, and the verdict (see module doc)."""
     c = counts or count(cfg)
     hf_cfg = hf_config(cfg)
     text_b, vis_b = unit_bytes or per_unit_bytes(hf_cfg, sample=128)
     offload = cfg.trainer.cpu_offload
-    ppt = default_patches_per_token(cfg, hf_cfg.vision_config.patch_size) if patches_per_token is None else \
+    ppt = default_patches_per_token(cfg, hf_cfg.vision_config.patch_size, clips) if patches_per_token is None else \
         patches_per_token
     vh = family_of(hf_cfg).vision_block_width(hf_cfg.vision_config)
 
@@ -220,11 +233,15 @@ def main() -> None:
     ap.add_argument("--gpus", type=int, default=8, help="ranks (GPUs) the model is sharded over")
     ap.add_argument("--gpu-gib", type=float, default=80.0, help="memory of one GPU (H100 80, H200 141)")
     ap.add_argument("--patches-per-token", type=float, default=None,
-                    help="vision patches per trained token (default: estimated from data.min_pixels and rollout.n)")
+                    help="vision patches per trained token (default: estimated from data.min_pixels, the clips and "
+                    "rollout.n)")
+    ap.add_argument("--clips-per-prompt", type=int, default=0,
+                    help="video clips per prompt, counted at their largest (data.video_max_frames frames within "
+                    "data.video_max_pixels and the prompt's token budget)")
     ap.add_argument("overrides", nargs="*", help="key.sub=value, as for train_mm.py")
     args = ap.parse_args()
     cfg = load_config(args.config, args.overrides)
-    p = plan(cfg, args.gpus, args.gpu_gib, patches_per_token=args.patches_per_token)
+    p = plan(cfg, args.gpus, args.gpu_gib, patches_per_token=args.patches_per_token, clips=args.clips_per_prompt)
     print(render(p, args.gpus, args.gpu_gib, f"{Path(args.config).stem} {' '.join(args.overrides)}".strip()))
 
 

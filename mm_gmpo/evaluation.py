@@ -256,7 +256,8 @@ def evaluate(
 
 
 def make_engine(backend: str, model: str, *, device: str | None = None, batch_size: int = 16, dtype: str = "auto",
-                min_pixels: int | None = None, max_pixels: int | None = None, max_model_len: int | None = None):
+                min_pixels: int | None = None, max_pixels: int | None = None, max_model_len: int | None = None,
+                max_images: int = 1, max_videos: int = 0):
     """(engine, processor) for the evaluation commands: ``rollout.factory.make_engine`` with a model's own weights
     (vLLM loads them; a random-weight model is for --backend hf, plumbing and speed only)."""
     from mm_gmpo.data.processing import load_processor
@@ -273,7 +274,8 @@ def make_engine(backend: str, model: str, *, device: str | None = None, batch_si
         engine = factory_make_engine("vllm", model, processor=processor, dtype=dtype if dtype == "auto" else
                                      torch_dtype(dtype), load_format="auto", enable_sleep_mode=False,
                                      gpu_memory_utilization=0.85, min_pixels=min_pixels, max_pixels=max_pixels,
-                                     max_model_len=max_model_len)
+                                     max_model_len=max_model_len, max_images_per_prompt=max_images,
+                                     max_videos_per_prompt=max_videos)
     else:
         engine = factory_make_engine(backend, model, processor=processor, dtype=dtype,
                                      device=torch.device(device) if device else None, batch_size=batch_size)
@@ -362,7 +364,9 @@ def run_cli(args, prompts: list[Prompt], dataset: str, *, min_pixels: int, max_p
     print(f"evaluating {len(prompts)} problems of {dataset} with {args.model} ({args.backend}) into {out}; "
           f"typical time per problem: {SECONDS_PER_PROBLEM[args.backend]}")
     engine, proc = make_engine(args.backend, args.model, device=args.device, batch_size=args.batch_size,
-                               min_pixels=min_pixels, max_pixels=max_pixels, max_model_len=None)
+                               min_pixels=min_pixels, max_pixels=max_pixels, max_model_len=None,
+                               max_images=max(1, max((p.n_images for p in prompts), default=1)),
+                               max_videos=max((p.n_videos for p in prompts), default=0))
     try:
         report = evaluate(prompts, engine, proc, out, dataset=dataset, sampling=sampling,
                           batch_size=args.batch_size, min_pixels=min_pixels, max_pixels=max_pixels,

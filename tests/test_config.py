@@ -12,7 +12,7 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_parses_and_validates(path):
     cfg = load_config(path)
-    cpu_sized = path.name in ("tiny.yaml", "tiny_math.yaml", "geo3k_smoke.yaml", "colors_own_data.yaml")
+    cpu_sized = path.name in ("tiny.yaml", "tiny_math.yaml", "tiny_video.yaml", "geo3k_smoke.yaml", "colors_own_data.yaml")
     validate(cfg, world_size=2 if cpu_sized else 8)
 
 
@@ -91,7 +91,7 @@ def test_parse_errors_name_the_key(overrides, message):
         (["data.dataset=files"], 1, r"data\.dataset=files needs data\.train_files: a \.jsonl"),
         (["data.dataset=files", "data.train_files=a.jsonl"], 1, r"needs data\.val_files; set it, or "
                                                                    r"trainer\.eval_every=0"),
-        (["data.dataset=file"], 1, r"'file' is not one of files, geometry3k, math, synthetic, arithmetic \(did you mean"),
+        (["data.dataset=file"], 1, r"'file' is not one of files, geometry3k, math, synthetic, arithmetic, motion \(did you mean"),
         (["data.task=maths"], 1, r"data\.task: 'maths' is not one of math, geometry3k, exact"),
         (["data.max_images=-1"], 1, r"data\.max_images = -1: must be >= 0"),
         (["algorithm.reward_function=my_reward.py"], 1, r"expected path/to/file\.py:function or "

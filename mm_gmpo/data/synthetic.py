@@ -60,14 +60,14 @@ DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 MOTION_QUESTION = "Which way does the shape move? Answer with one word: left, right, up or down."
 
 
-def moving_shape(direction: str, rng: random.Random, n_frames: int = 4, size: int = 56, step: int = 10):
+def moving_shape(direction: str, rng: random.Random, n_frames: int = 4, size: int = 56, step: int = 8):
     """(n_frames, 3, size, size) uint8 frames of one shape (random colour, kind and start) moving ``step`` pixels
     per frame towards ``direction``."""
     import numpy as np
     import torch
 
     dx, dy = DIRECTIONS[direction]
-    r, span = 7, step * (n_frames - 1)
+    r, span = 9, step * (n_frames - 1)
 
     def start(d: int) -> int:
         return rng.randint(r + span, size - r) if d < 0 else rng.randint(r, size - r - span) if d > 0 else \
