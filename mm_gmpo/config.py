@@ -78,8 +78,8 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     dataset: str = f("synthetic", "files (your own data: data.train_files / val_files), geometry3k, math, "
-                                  "synthetic (the built-in shapes task), motion (the built-in video task: which way "
-                                  "does the shape move) or arithmetic (the built-in text-math task)")
+                                  "synthetic (the built-in shapes task), flashes (the built-in video task: how many "
+                                  "times does a square flash) or arithmetic (the built-in text-math task)")
     train_files: str = f("", "files: a .jsonl / .json / .parquet file, a folder of them, or a hub dataset id, "
                              "optionally with @split (hiyouga/geometry3k@train; the hub default is train)")
     val_files: str = f("", "files: validation data, same forms (e.g. hiyouga/geometry3k@test); needed when "
@@ -279,7 +279,7 @@ CHOICES = {
     "model.load": ("auto", "sharded", "full"),
     "trainer.save_errors": ("error", "warn"),
     "model.vision_attention": ("auto", "transformers", "grouped"),
-    "data.dataset": ("files", "geometry3k", "math", "synthetic", "arithmetic", "motion"),
+    "data.dataset": ("files", "geometry3k", "math", "synthetic", "arithmetic", "flashes"),
     "data.task": ("math", "geometry3k", "exact"),
     "algorithm.reward_type": ("auto", "batch", "item"),
     "data.on_bad_sample": ("error", "skip"),

@@ -12,7 +12,7 @@ from mm_gmpo.config import Config, ConfigError, validate
 from mm_gmpo.data.images import ImageFit, ImageStore
 from mm_gmpo.data.processing import EncodedPrompt, encode_prompts, load_processor
 from mm_gmpo.data.prompts import DataError, Prompt, limit_images
-from mm_gmpo.data.synthetic import COLORS, DIGITS, DIRECTIONS, single_token_ids
+from mm_gmpo.data.synthetic import COLORS, DIGITS, FLASH_COUNTS, single_token_ids
 from mm_gmpo.data.videos import ClipStore, VideoFit
 from mm_gmpo.models import check_model_source, processor_source
 from mm_gmpo.rewards.custom import RewardFunction, probe, resolve_spec
@@ -84,10 +84,10 @@ def load_prompts(cfg: Config, split: str, images: ImageStore | None = None, clip
         from mm_gmpo.data.synthetic import synthetic_prompts
 
         prompts = synthetic_prompts(512 if split == "train" else 64, seed=cfg.trainer.seed, split=split)
-    elif d.dataset == "motion":
-        from mm_gmpo.data.synthetic import motion_prompts
+    elif d.dataset == "flashes":
+        from mm_gmpo.data.synthetic import flash_prompts
 
-        prompts = motion_prompts(512 if split == "train" else 64, clips.fit, seed=cfg.trainer.seed, split=split)
+        prompts = flash_prompts(512 if split == "train" else 64, clips.fit, seed=cfg.trainer.seed, split=split)
     elif d.dataset == "arithmetic":
         from mm_gmpo.data.synthetic import arithmetic_prompts
 
@@ -163,9 +163,9 @@ def prepare_inputs(cfg: Config, layout: RolloutLayout) -> Inputs:
     if clips.count and os.environ.get("RANK", "0") == "0":
         print(f"data: {clips.count} clips held, {clips.nbytes / 2**20:.1f} MiB (sampled, at the processor's size)")
     allowed = None
-    builtin = {"synthetic": list(COLORS), "arithmetic": list(DIGITS), "motion": list(DIRECTIONS)}.get(cfg.data.dataset,
-                                                                                                   [])
-    words = list(cfg.rollout.allowed_tokens) or builtin
+    builtin = {"synthetic": list(COLORS), "arithmetic": list(DIGITS), "flashes": list(FLASH_COUNTS)}
+    builtin_words = builtin.get(cfg.data.dataset, [])
+    words = list(cfg.rollout.allowed_tokens) or builtin_words
     if words:
         try:
             allowed = tuple(single_token_ids(tokenizer, words))

@@ -91,7 +91,7 @@ def test_parse_errors_name_the_key(overrides, message):
         (["data.dataset=files"], 1, r"data\.dataset=files needs data\.train_files: a \.jsonl"),
         (["data.dataset=files", "data.train_files=a.jsonl"], 1, r"needs data\.val_files; set it, or "
                                                                    r"trainer\.eval_every=0"),
-        (["data.dataset=file"], 1, r"'file' is not one of files, geometry3k, math, synthetic, arithmetic, motion \(did you mean"),
+        (["data.dataset=file"], 1, r"'file' is not one of files, geometry3k, math, synthetic, arithmetic, flashes \(did you mean"),
         (["data.task=maths"], 1, r"data\.task: 'maths' is not one of math, geometry3k, exact"),
         (["data.max_images=-1"], 1, r"data\.max_images = -1: must be >= 0"),
         (["algorithm.reward_function=my_reward.py"], 1, r"expected path/to/file\.py:function or "

@@ -56,44 +56,38 @@ def synthetic_prompts(n: int, seed: int = 0, split: str = "train") -> list[Promp
 
 # ---------------------------------------------------------------- the built-in video task
 
-DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
-MOTION_QUESTION = "Which way does the shape move? Answer with one word: left, right, up or down."
+FLASH_COUNTS = ("1", "2", "3", "4")
+FLASH_QUESTION = "How many times does the screen flash blue? Answer with one digit: 1, 2, 3 or 4."
 
 
-def moving_shape(direction: str, rng: random.Random, n_frames: int = 4, size: int = 56, step: int = 8):
-    """(n_frames, 3, size, size) uint8 frames of one shape (random colour, kind and start) moving ``step`` pixels
-    per frame towards ``direction``."""
+def flashing_screen(count: int, rng: random.Random, n_frames: int = 8, size: int = 56):
+    """(n_frames, 3, size, size) uint8 frames, white, ``count`` of them (chosen at random) blue: no single frame
+    tells the count, the clip does. (A smaller flashing square, 16 or 40 pixels wide at a random place, was not
+    learnt by the tiny model within 100 supervised steps; the whole screen is.)"""
     import numpy as np
     import torch
 
-    dx, dy = DIRECTIONS[direction]
-    r, span = 9, step * (n_frames - 1)
-
-    def start(d: int) -> int:
-        return rng.randint(r + span, size - r) if d < 0 else rng.randint(r, size - r - span) if d > 0 else \
-            rng.randint(r, size - r)
-
-    x, y = start(dx), start(dy)
-    color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
-    pictures = [np.asarray(draw_at(color, shape, x + dx * step * k, y + dy * step * k, r, size))
-                for k in range(n_frames)]
-    return torch.from_numpy(np.stack(pictures)).permute(0, 3, 1, 2).contiguous()
+    shown = set(rng.sample(range(n_frames), count))
+    pictures = np.full((n_frames, size, size, 3), 255, dtype=np.uint8)
+    for k in shown:
+        pictures[k] = COLORS["blue"]
+    return torch.from_numpy(pictures).permute(0, 3, 1, 2).contiguous()
 
 
-def motion_prompts(n: int, fit, seed: int = 0, split: str = "train") -> list[Prompt]:
-    """The built-in video task: n prompts "Which way does the shape move?" on 4-frame clips made here (``fit``:
-    the run's ``VideoFit``), directions balanced; the answer is the direction word (one token each; rollouts
+def flash_prompts(n: int, fit, seed: int = 0, split: str = "train") -> list[Prompt]:
+    """The built-in video task: n prompts "How many times does the screen flash blue?" on 8-frame clips made here
+    (``fit``: the run's ``VideoFit``), counts 1-4 balanced; the answer is the digit (one token each; rollouts
     restrict sampling to the four, chance 0.25). Deterministic in (seed, split)."""
     from mm_gmpo.data.videos import clip_from_frames
 
-    rng = random.Random(f"motion-{seed}-{split}")
+    rng = random.Random(f"flashes-{seed}-{split}")
     out = []
     for i in range(n):
-        direction = list(DIRECTIONS)[i % len(DIRECTIONS)]
-        clip = clip_from_frames(moving_shape(direction, rng), fit, f"motion/{split}/{i}")
-        out.append(Prompt(id=f"motion/{split}/{i}", task="exact", messages=build_messages(MOTION_QUESTION, 0, "plain",
-                                                                                            n_videos=1),
-                          images=[], ground_truth=direction, videos=[clip]))
+        count = i % len(FLASH_COUNTS) + 1
+        clip = clip_from_frames(flashing_screen(count, rng), fit, f"flashes/{split}/{i}")
+        out.append(Prompt(id=f"flashes/{split}/{i}", task="exact", messages=build_messages(FLASH_QUESTION, 0, "plain",
+                                                                                             n_videos=1),
+                          images=[], ground_truth=str(count), videos=[clip]))
     rng.shuffle(out)
     return out
 
