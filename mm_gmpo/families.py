@@ -59,6 +59,11 @@ class VisionFeatures:
 
         return VisionFeatures(pick(self.embeds), [pick(d) for d in self.deepstack])
 
+    def split(self, sizes: list[int]) -> list[VisionFeatures]:
+        """Consecutive pieces of ``sizes`` tokens (pictures' and clips' features from one tower call)."""
+        pieces = [torch.split(t, sizes) for t in (self.embeds, *self.deepstack)]
+        return [VisionFeatures(p[0], list(p[1:])) for p in zip(*pieces, strict=True)]
+
     @staticmethod
     def interleave(a: VisionFeatures, a_rows: torch.Tensor, b: VisionFeatures, b_rows: torch.Tensor) -> VisionFeatures:
         """Two sets of features (pictures', clips') merged into token order: ``a_rows`` / ``b_rows`` (bool, one per

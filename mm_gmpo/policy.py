@@ -446,28 +446,39 @@ class Policy(nn.Module):
         return pos.to(batch.input_ids.device)
 
     def image_features(self, batch: PolicyBatch) -> VisionFeatures:
-        """Vision features (image tokens, hidden) of every image in batch order: the vision tower runs once over
-        the batch's distinct pictures (``pixel_values``), and the images that show the same picture (the n
-        samples of a prompt) share its features (and DeepStack features), forward and backward."""
-        return self._features(batch.pixel_values, batch.image_grid_thw, batch.image_keys)
+        """Vision features (image tokens, hidden) of every image in batch order (see :meth:`vision_features`)."""
+        return self.vision_features(batch)[0]
 
     def video_features(self, batch: PolicyBatch) -> VisionFeatures:
-        """The same for clips: the tower runs once per distinct clip, shared by the prompts that show it."""
-        return self._features(batch.pixel_values_videos, batch.video_grid_thw, batch.video_keys)
+        """The same for clips (see :meth:`vision_features`)."""
+        return self.vision_features(batch)[1]
 
-    def _features(self, pv: torch.Tensor, grid: torch.Tensor, item_keys: list[int]) -> VisionFeatures:
-        keys = _item_keys(grid, item_keys)
-        distinct = _first_items(keys)
+    def vision_features(self, batch: PolicyBatch) -> tuple[VisionFeatures | None, VisionFeatures | None]:
+        """(pictures', clips') features, each in batch order. The vision tower runs once per forward, over the
+        batch's distinct pictures and distinct clips together (one call: under FSDP every rank gathers the tower's
+        shards the same number of times, whatever mix of pictures and clips it holds), and the images (videos)
+        that show the same picture (clip), such as the n samples of a prompt, share its features (and DeepStack
+        features), forward and backward."""
         visual = self.model.model.visual
-        feats = self.family.encode(visual, pv, grid if len(distinct) == len(keys) else grid[distinct])
-        self.vision_patches += int(pv.shape[0])
-        row = pv.shape[-1] * pv.element_size()
-        self.pixel_bytes_in += pv.shape[0] * row
-        self.pixel_bytes_saved += (int(grid.prod(-1).sum()) - pv.shape[0]) * row  # vs a copy per image
-        if keys == list(range(len(keys))):
-            return feats
         merge = visual.spatial_merge_size ** 2
-        return feats.regroup([int(grid[j].prod()) // merge for j in distinct], keys)
+        kinds = [(batch.pixel_values, batch.image_grid_thw, batch.image_keys),
+                 (batch.pixel_values_videos, batch.video_grid_thw, batch.video_keys)]
+        present = [(pv, grid, _item_keys(grid, keys)) for pv, grid, keys in kinds if pv is not None]
+        firsts = [_first_items(keys) for _, _, keys in present]
+        pixels = torch.cat([pv for pv, _, _ in present])
+        grids = torch.cat([grid[first] for (_, grid, _), first in zip(present, firsts, strict=True)])
+        feats = self.family.encode(visual, pixels, grids)
+        row = pixels.shape[-1] * pixels.element_size()
+        self.vision_patches += int(pixels.shape[0])
+        self.pixel_bytes_in += pixels.shape[0] * row
+        self.pixel_bytes_saved += sum(int(grid.prod(-1).sum()) for _, grid, _ in present) * row - pixels.shape[0] * row
+        sizes = [[int(grid[j].prod()) // merge for j in first] for (_, grid, _), first in zip(present, firsts,
+                                                                                             strict=True)]
+        parts = feats.split([sum(x) for x in sizes])
+        out = [part if keys == list(range(len(keys))) else part.regroup(size, keys)
+               for part, size, (_, _, keys) in zip(parts, sizes, present, strict=True)]
+        it = iter(out)
+        return tuple(next(it) if pv is not None else None for pv, _, _ in kinds)  # type: ignore[return-value]
 
     def blank_vision_features(self) -> VisionFeatures:
         """The vision tower on one blank merged patch: text-only micro-batches under FSDP use it (weighted 0), so
@@ -488,11 +499,10 @@ class Policy(nn.Module):
             if self.always_run_vision and self.is_vlm:
                 embeds = embeds + 0.0 * self.blank_vision_features().total().to(embeds.dtype)
             return embeds, {}
-        parts = []
-        if batch.pixel_values is not None:
-            parts.append((ids == self.image_token_id, self.image_features(batch), "image"))
-        if batch.pixel_values_videos is not None:
-            parts.append((ids == self.video_token_id, self.video_features(batch), "video"))
+        image_feats, video_feats = self.vision_features(batch)
+        parts = [(ids == token, feats, kind) for token, feats, kind in
+                 ((self.image_token_id, image_feats, "image"), (self.video_token_id, video_feats, "video"))
+                 if feats is not None]
         for mask, feats, kind in parts:
             if int(mask.sum()) != feats.embeds.shape[0]:
                 raise ValueError(f"{int(mask.sum())} {kind} tokens in the batch but {feats.embeds.shape[0]} {kind} "
