@@ -409,3 +409,21 @@ def test_bad_clip_entries_in_rows(tmp_path):
     for row, says in cases:
         with pytest.raises(DataError, match=says.replace("(", r"\(").replace(")", r"\)").replace("|", r"\|")):
             load(rows_file(tmp_path, [row]))
+
+
+@pytest.mark.parametrize("family", ["tiny-random", "tiny-random-qwen3-vl"])
+def test_the_vision_tower_runs_once_per_forward_over_pictures_and_clips(family):
+    """Under FSDP every rank must gather the tower's shards the same number of times in each micro-batch: a batch
+    with pictures and clips calls the tower once (as one with either alone, or the blank pass for text only)."""
+    processor = load_processor(processor_source(family))
+    model = tiny(family, torch.float32)
+    calls = []
+    model.model.visual.register_forward_hook(lambda *a: calls.append(1))
+    encs, resp = mixed_batch(processor, seed=4)
+    policy = Policy(model)
+    policy.always_run_vision = True
+    for idx in ([0, 1, 2, 3, 4], [1], [0], [3], [2]):  # both kinds, clip + pictures, clip, pictures, text only
+        calls.clear()
+        with torch.no_grad():
+            policy(batch_of([encs[i] for i in idx], [resp[i] for i in idx], torch.float32))
+        assert len(calls) == 1, idx

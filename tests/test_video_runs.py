@@ -74,17 +74,17 @@ def test_easyr1_rows_with_video_files_train_on_two_ranks_and_evaluate(tmp_path):
 @pytest.mark.slow
 def test_the_builtin_video_task_learns_on_two_ranks(tmp_path):
     """configs/tiny_video.yaml (how many times the screen flashes blue in 8-frame clips; chance 0.25), shortened to
-    90 steps: the reward rises from chance and the greedy eval on 64 held-out clips ends far above it (the full
-    300-step run, benchmarks/RESULTS.md: reward >= 0.9 from about step 110, eval 1.0 from step 100)."""
+    70 steps: the reward rises from chance and the greedy eval on 64 held-out clips ends far above it (measured:
+    0.243 -> 0.691, eval 1.0; the full 300-step run, benchmarks/RESULTS.md: 10-step mean >= 0.9 from step 95)."""
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "scripts" / "train_mm.py"), "--config", str(ROOT / "configs" / "tiny_video.yaml"),
-           "trainer.total_steps=90", "trainer.eval_every=90", "trainer.save_every=0", "trainer.export_hf=false",
+           "trainer.total_steps=70", "trainer.eval_every=70", "trainer.save_every=0", "trainer.export_hf=false",
            "logging.tensorboard=false", f"trainer.output_dir={out}"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=ENV, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     reward = [x["reward/mean"] for x in rows]
     first, last = sum(reward[:10]) / 10, sum(reward[-10:]) / 10
-    print(f"\ntiny_video, 90 steps: reward first 10 {first:.3f}, last 10 {last:.3f}, eval {rows[-1]['eval/accuracy']:.3f}")
-    assert first < 0.4 and last > 0.7 and rows[-1]["eval/accuracy"] > 0.7
+    print(f"\ntiny_video, 70 steps: reward first 10 {first:.3f}, last 10 {last:.3f}, eval {rows[-1]['eval/accuracy']:.3f}")
+    assert first < 0.4 and last > 0.6 and rows[-1]["eval/accuracy"] >= 0.9
