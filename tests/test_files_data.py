@@ -146,9 +146,9 @@ def bad_rows(tmp_path: Path) -> list[tuple[dict | str, str]]:
          "2 <image> placeholder(s) but 1 image(s)"),
         ({"problem": "p <|image_pad|>", "answer": "1"}, "special token <|image_pad|>"),
         ({"problem": "<video> what moves?", "answer": "1", "videos": ["clip.mp4"]},
-         "field 'videos' holds video clips, which mm_gmpo does not read yet"),
-        ({"problem": "<video> what moves?", "answer": "1"}, "field 'problem' marks a video with <video>"),
-        ({"problem": "what moves?", "answer": "1", "videos": "clip.mp4"}, "field 'videos' holds video clips"),
+         "field 'videos': video "),
+        ({"problem": "<video> what moves?", "answer": "1"}, "1 <video> placeholder(s) but 0 video(s)"),
+        ({"problem": "what moves?", "answer": "1", "videos": "clip.mp4"}, "clip.mp4 not found"),
         ("[1, 2]", "a row must be a JSON object"),
         ("{not json", "not valid JSON"),
     ]

@@ -136,13 +136,14 @@ def limit_images(prompts: list[Prompt], max_images: int, source: str, max_videos
     if len(kept) < len(prompts):
         warnings.warn(f"{source}: dropped {len(prompts) - len(kept)} prompt(s) with more than data.max_images="
                       f"{max_images} images", stacklevel=2)
+    if not kept:
+        raise DataError(f"{source}: data.max_images={max_images} drops every prompt; raise it")
     if max_videos is not None:
         before = len(kept)
         kept = [p for p in kept if p.n_videos <= max_videos]
         if len(kept) < before:
             warnings.warn(f"{source}: dropped {before - len(kept)} prompt(s) with more than data.max_videos="
                           f"{max_videos} clips", stacklevel=2)
-    if not kept:
-        raise DataError(f"{source}: data.max_images={max_images} / data.max_videos={max_videos} drop every prompt; "
-                        "raise them")
+        if not kept:
+            raise DataError(f"{source}: data.max_videos={max_videos} drops every prompt; raise it")
     return kept
