@@ -111,3 +111,20 @@ def test_eval_math_with_the_vllm_backend_on_a_text_model(tmp_path):
          "--dataset", "math500", "--limit", "3", "--max-tokens", "8", "--out", str(tmp_path / "math")])
     gens = [json.loads(x) for x in (tmp_path / "math" / "generations.jsonl").read_text().splitlines()]
     assert len(gens) == 3
+
+
+def test_eval_files_with_the_vllm_backend_on_clips(trained, tmp_path):
+    """The trainer's export (Qwen2.5-VL), evaluated by vLLM on EasyR1-style rows with video files, a frame folder,
+    a picture beside a clip and text: every problem answered, 2 samples each (mean@2, pass@2)."""
+    from test_video_runs import video_rows
+
+    _, out, _ = trained
+    data = video_rows(tmp_path / "data")
+    run([sys.executable, str(ROOT / "scripts" / "eval_files.py"), "--model", str(out / "hf_export"),
+         "--backend", "vllm", "--data", str(data), "--n", "2", "--temperature", "1.0", "--max-tokens", "4",
+         "--video-min-pixels", "3136", "--video-max-pixels", "3136", "--min-pixels", "3136",
+         "--max-pixels", "12544", "--out", str(tmp_path / "clips")])
+    res = json.loads((tmp_path / "clips" / "results.json").read_text())
+    gens = [json.loads(x) for x in (tmp_path / "clips" / "generations.jsonl").read_text().splitlines()]
+    assert res["n_problems"] == 11 and res["k"] == 2 and res["settings"]["backend"] == "vllm"
+    assert len(gens) == 22 and all(g["response"] is not None for g in gens)

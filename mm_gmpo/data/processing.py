@@ -8,6 +8,11 @@ the trainer and the rollout engine use, so train- and inference-time vision toke
 The count of ``<|image_pad|>`` tokens is checked against ``image_grid_thw`` for every prompt, so the transformers
 error "Image features and image tokens do not match" cannot happen later in a training step; a mismatch raises a
 DataError naming the prompt.
+
+Video clips (``mm_gmpo.data.videos``: sampled and sized when read) go through the family's video processor as they
+are, and the prompt ids of a prompt with clips are written here (:func:`video_placeholder`), in one form whatever
+the installed transformers writes: the trainer and the engine get the same ids (the engine the template's
+unexpanded ids, ``engine_ids``, which its own expansion must turn into ``input_ids``).
 """
 
 from __future__ import annotations
@@ -190,11 +195,16 @@ def video_placeholder(processor, clip: Clip, grid: torch.Tensor) -> str:
     processor, transformers 4.57, and of vLLM; transformers 5.x keeps the outer pair as well)."""
     merge = getattr(processor.video_processor, "merge_size", 2)
     per_frame = int(grid[1:].prod()) // (merge * merge)
-    if type(processor.video_processor).__name__.startswith("Qwen3VL"):
+    if timestamped(processor):
         temporal = getattr(processor.video_processor, "temporal_patch_size", 2)
         times = clip.timestamps(temporal)[:int(grid[0])]
         return "".join(f"<{t:.1f} seconds><|vision_start|>{'<|video_pad|>' * per_frame}<|vision_end|>" for t in times)
     return f"<|vision_start|>{'<|video_pad|>' * (per_frame * int(grid[0]))}<|vision_end|>"
+
+
+def timestamped(processor) -> bool:
+    """Whether the family writes a clip as timestamped one-patch groups (Qwen3-VL) rather than one run of pads."""
+    return type(processor.video_processor).__name__.startswith("Qwen3VL")
 
 
 def encode_clip(processor, clip: Clip) -> tuple[torch.Tensor, torch.Tensor]:
@@ -241,7 +251,7 @@ def _encode_with_clips(prompt: Prompt, processor, text: str, min_pixels: int, ma
         text = _fill(text, "<|image_pad|>", ["<|image_pad|>" * (int(g.prod()) // (merge * merge)) for g in grid_img])
         keys = [image_key(im) for im in images]
     ids = list(tok(text, add_special_tokens=False)["input_ids"])
-    per_frame = type(vp).__name__.startswith("Qwen3VL")  # Qwen3-VL: a run of pads per temporal patch
+    per_frame = timestamped(processor)  # Qwen3-VL: a run of pads per temporal patch
     want_video = [n for g in video_grid for n in ([int(g[1:].prod()) // merge ** 2] * int(g[0]) if per_frame
                                                   else [int(g.prod()) // merge ** 2])]
     want_image = [] if grid_img is None else [int(g.prod()) // merge ** 2 for g in grid_img]
