@@ -427,3 +427,21 @@ def test_the_vision_tower_runs_once_per_forward_over_pictures_and_clips(family):
         with torch.no_grad():
             policy(batch_of([encs[i] for i in idx], [resp[i] for i in idx], torch.float32))
         assert len(calls) == 1, idx
+
+
+def test_frame_lists_keep_their_times_when_thinned_or_padded(tmp_path):
+    """A frame list longer than data.video_max_frames keeps evenly spaced frames at their own times (indices into
+    the list, the list's length as the total); an odd count gets its last frame twice at the same rate."""
+    from PIL import Image
+
+    from mm_gmpo.data.videos import read_frame_images
+
+    paths = []
+    for i in range(9):
+        paths.append(tmp_path / f"f{i}.png")
+        Image.new("RGB", (56, 56), (i * 25, 0, 0)).save(paths[-1])
+    thin = read_frame_images(paths, VideoFit(max_frames=4), "row 1")
+    assert thin.indices == (0, 3, 5, 8) and thin.total_frames == 9 and thin.frames[:, 0, 0, 0].tolist() == [0, 75, 125, 200]
+    assert thin.sample_fps == pytest.approx(4 / 9 * 2.0) and thin.timestamps() == [0.75, 3.25]
+    odd = read_frame_images(paths[:3], VideoFit(), "row 2")
+    assert odd.indices == (0, 1, 2, 2) and odd.sample_fps == 2.0 and odd.frames[:, 0, 0, 0].tolist() == [0, 25, 50, 50]

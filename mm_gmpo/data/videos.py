@@ -132,19 +132,29 @@ def _even(frames: list, where: str) -> list:
     return frames
 
 
-def clip_from_frames(frames: torch.Tensor, fit: VideoFit, where: str = "clip",
-                     fps: float | None = None) -> Clip:
-    """A clip from frames already sampled (T, 3, H, W) uint8, taken at ``fps`` (default ``fit.fps``)."""
+def _spread(total: int, max_frames: int) -> list[int]:
+    """Evenly spaced indices of at most ``max_frames`` (even) of ``total`` frames, as qwen-vl-utils spaces them."""
+    if total <= max_frames:
+        return list(range(total))
+    n = max(max_frames // FRAME_FACTOR * FRAME_FACTOR, FRAME_FACTOR)
+    return torch.linspace(0, total - 1, n).round().long().tolist()
+
+
+def clip_from_frames(frames: torch.Tensor, fit: VideoFit, where: str = "clip", fps: float | None = None,
+                     indices: list[int] | None = None, total: int | None = None) -> Clip:
+    """A clip from frames already sampled at ``fps`` (default ``fit.fps``), (T, 3, H, W) uint8: all of them, or
+    evenly spaced ones when there are more than ``fit.max_frames``. ``indices`` / ``total``: the frames given are
+    those of a longer sequence of ``total`` (their times stay right)."""
     if frames.dim() != 4 or frames.shape[1] != 3 or frames.dtype != torch.uint8:
         raise DataError(f"{where}: frames must be a (T, 3, H, W) uint8 tensor, got {tuple(frames.shape)} "
                         f"{frames.dtype}")
+    if indices is None:
+        indices, total = _spread(int(frames.shape[0]), fit.max_frames), int(frames.shape[0])
+        frames = frames[indices]
     kept = _even(list(frames), where)
-    if len(kept) > fit.max_frames:  # more frames than allowed: evenly spaced ones, as qwen-vl-utils samples
-        n = max(fit.max_frames // FRAME_FACTOR * FRAME_FACTOR, FRAME_FACTOR)
-        idx = torch.linspace(0, len(kept) - 1, n).round().long().tolist()
-        kept = [kept[i] for i in idx]
-    rate = float(fps or fit.fps)
-    return Clip(fit_frames(torch.stack(kept), fit), rate, tuple(range(len(kept))), len(kept))
+    pad = len(kept) - len(indices)  # an odd count gets its last frame twice, counted as one more frame of the
+    indices = list(indices) + [indices[-1]] * pad  # sequence (qwen-vl-utils' frame lists: the rate stays fps)
+    return Clip(fit_frames(torch.stack(kept), fit), float(fps or fit.fps), tuple(indices), int(total) + pad)
 
 
 def _natural(name: str) -> list:
@@ -152,22 +162,25 @@ def _natural(name: str) -> list:
 
 
 def read_frame_images(paths: list[Path], fit: VideoFit, where: str) -> Clip:
-    """A clip from frame image files (in the order given), taken at ``fit.fps``."""
+    """A clip from frame image files (in the order given), taken at ``fit.fps``: only the frames the clip keeps are
+    decoded, and their decoded size counts against :data:`MAX_CLIP_BYTES`."""
     import numpy as np
 
     if not paths:
         raise DataError(f"{where}: the clip has no frames; give at least one image")
-    if len(paths) > fit.max_frames:
-        idx = torch.linspace(0, len(paths) - 1, max(fit.max_frames // FRAME_FACTOR * FRAME_FACTOR, 2))
-        paths = [paths[i] for i in idx.round().long().tolist()]
-    frames = []
-    for p in paths:
-        im = read_image_file(p, where).convert("RGB")
+    indices = _spread(len(paths), fit.max_frames)
+    frames, held = [], 0
+    for i in indices:
+        im = read_image_file(paths[i], where).convert("RGB")
         if frames and (im.height, im.width) != tuple(frames[0].shape[1:]):
-            raise DataError(f"{where}: frame {p} is {im.width}x{im.height}, the clip's first frame "
+            raise DataError(f"{where}: frame {paths[i]} is {im.width}x{im.height}, the clip's first frame "
                             f"{frames[0].shape[2]}x{frames[0].shape[1]}; frames of one clip must be the same size")
+        held += im.width * im.height * 3
+        if held > MAX_CLIP_BYTES:
+            raise DataError(f"{where}: the clip's frames would take over the {MAX_CLIP_BYTES >> 30} GiB cap decoded; "
+                            "lower data.video_max_frames or shrink the frames")
         frames.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1))
-    return clip_from_frames(torch.stack(_even(frames, where)), fit, where)
+    return clip_from_frames(torch.stack(frames), fit, where, indices=indices, total=len(paths))
 
 
 def read_frame_folder(folder: Path, fit: VideoFit, where: str) -> Clip:
