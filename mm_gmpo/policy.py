@@ -445,14 +445,6 @@ class Policy(nn.Module):
                                         second_per_grid_ts=host(batch.video_seconds), attention_mask=attn.cpu())
         return pos.to(batch.input_ids.device)
 
-    def image_features(self, batch: PolicyBatch) -> VisionFeatures:
-        """Vision features (image tokens, hidden) of every image in batch order (see :meth:`vision_features`)."""
-        return self.vision_features(batch)[0]
-
-    def video_features(self, batch: PolicyBatch) -> VisionFeatures:
-        """The same for clips (see :meth:`vision_features`)."""
-        return self.vision_features(batch)[1]
-
     def vision_features(self, batch: PolicyBatch) -> tuple[VisionFeatures | None, VisionFeatures | None]:
         """(pictures', clips') features, each in batch order. The vision tower runs once per forward, over the
         batch's distinct pictures and distinct clips together (one call: under FSDP every rank gathers the tower's

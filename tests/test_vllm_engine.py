@@ -321,6 +321,22 @@ def test_text_only_model_on_the_real_engine(tmp_path):
     assert before > 0.1 and 0 < after < PARITY_FP32
 
 
+def in_own_process(function: str, family: str, folder: Path):
+    """``function(family, folder)`` of this module run in a fresh Python process (one engine per process, as a
+    trainer rank holds one), its JSON result returned."""
+    import json
+    import subprocess
+    import sys
+
+    code = (f"import json, test_vllm_engine as t; print('RESULT', json.dumps(t.{function}({family!r}, "
+            f"{str(folder)!r})))")
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "PYTHONPATH": str(Path(__file__).parent)}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env,
+                       cwd=Path(__file__).parents[1])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    return json.loads(r.stdout.split("RESULT ", 1)[1])
+
+
 def family_parity(family: str, folder: str) -> tuple[float, float]:
     """(max log-prob gap before, after a sync) of a tiny model of ``family`` on a fresh real engine, over prompts
     with 1, 3 and 0 pictures; the prompt ids vLLM expands must equal the trainer's (checked inside generate)."""
@@ -355,17 +371,7 @@ def test_each_model_family_generates_and_scores_like_the_trainer_after_a_sync(tm
     template and processor) on the real engine, each in a process of its own (as a trainer rank holds one engine;
     vLLM sets up expert parallelism only for a process's first engine): after a sync the sampled tokens'
     log-probs agree with the trainer's."""
-    import json
-    import subprocess
-    import sys
-
-    code = (f"import json, test_vllm_engine as t; print('RESULT', json.dumps(t.family_parity({family!r}, "
-            f"{str(tmp_path / 'model')!r})))")
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "PYTHONPATH": str(Path(__file__).parent)}
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env,
-                       cwd=Path(__file__).parents[1])
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    before, after = json.loads(r.stdout.split("RESULT ", 1)[1])
+    before, after = in_own_process("family_parity", family, tmp_path / "model")
     print(f"\n{family} fp32 max |logp_vllm - logp_trainer|: before sync {before:.3g}, after {after:.3g}")
     assert before > 0.1 and 0 < after < PARITY_FP32
 
@@ -491,17 +497,7 @@ def video_parity(family: str, folder: str) -> dict:
 def test_clips_generate_with_the_trainers_ids_and_score_like_the_trainer_after_a_sync(tmp_path, family):
     """Qwen2.5-VL (second_per_grid_ts) and Qwen3-VL (timestamps in the text; vLLM writes the released processor's
     form, as the trainer does) on the real engine, each in a process of its own."""
-    import json
-    import subprocess
-    import sys
-
-    code = (f"import json, test_vllm_engine as t; print('RESULT', json.dumps(t.video_parity({family!r}, "
-            f"{str(tmp_path / 'model')!r})))")
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "PYTHONPATH": str(Path(__file__).parent)}
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env,
-                       cwd=Path(__file__).parents[1])
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    res = json.loads(r.stdout.split("RESULT ", 1)[1])
+    res = in_own_process("video_parity", family, tmp_path / "model")
     print(f"\n{family} clips, fp32 max |logp_vllm - logp_trainer|: before sync {res['before']:.3g}, after "
           f"{res['after']:.3g}; video tokens {res['video_tokens']}")
     assert res["same_ids"] == [True, True, True] and res["video_tokens"][0] > 0
